@@ -1,0 +1,120 @@
+"""Image decode/encode with the metadata rules of the job (EXIF orientation applied, EXIF stripped).
+
+Decoding gives an RGB uint8 array plus what is needed to write the image back in its own mode
+(grey stays grey, alpha is re-attached). Nothing from the input's metadata is carried into the
+output except the ICC colour profile, and EXIF only when the job explicitly keeps it (never the
+embedded thumbnail, which is an unanonymized copy of the photo).
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Formats we read, by PIL name, and the file extension each is written with.
+FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+EXT_FORMAT = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+_EXIF_THUMBNAIL_TAGS = (0x0201, 0x0202)  # JPEGInterchangeFormat / ...Length: the IFD1 thumbnail
+
+
+class DecodeError(ValueError):
+    pass
+
+
+@dataclass
+class DecodedImage:
+    rgb: np.ndarray  # HxWx3 uint8, EXIF orientation applied
+    alpha: np.ndarray | None  # HxW uint8 when the input had transparency
+    mode: str  # "RGB" | "L" | "RGBA" | "LA": how to write it back
+    format: str  # PIL format name of the input
+    icc_profile: bytes | None
+    exif: bytes | None  # only kept when the job asks for it; thumbnail and orientation removed
+
+
+def decode_image(data: bytes, max_pixels: int, keep_exif: bool = False) -> DecodedImage:
+    if not data:
+        raise DecodeError("empty image (0 bytes)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+            fmt = img.format
+            w, h = img.size
+            if w * h > max_pixels:
+                raise DecodeError(
+                    f"image of {w}x{h} pixels exceeds input.max_pixels={max_pixels}; raise it if the image is genuine"
+                )
+            if fmt not in FORMAT_EXT:
+                raise DecodeError(f"unsupported image format {fmt}; supported: JPEG, PNG, WebP")
+            img.load()
+            icc = img.info.get("icc_profile")
+            img = ImageOps.exif_transpose(img)
+        except DecodeError:
+            raise
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise DecodeError(f"cannot decode image: {type(e).__name__}: {e}") from None
+    exif = None
+    if keep_exif:
+        ex = img.getexif()
+        for tag in _EXIF_THUMBNAIL_TAGS:
+            ex.pop(tag, None)
+        ex.pop(0x0112, None)  # orientation has been applied to the pixels
+        exif = ex.tobytes() if len(ex) else None
+    alpha = None
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        alpha = np.asarray(rgba)[:, :, 3].copy()
+        out_mode = "LA" if img.mode == "LA" else "RGBA"
+        rgb = np.ascontiguousarray(np.asarray(rgba)[:, :, :3])
+    elif img.mode in ("L", "1", "I;16", "I"):
+        out_mode = "L"
+        rgb = np.asarray(img.convert("L").convert("RGB"))
+    else:
+        out_mode = "RGB"
+        rgb = np.asarray(img.convert("RGB"))
+    return DecodedImage(np.ascontiguousarray(rgb), alpha, out_mode, fmt, icc, exif)
+
+
+def encode_image(
+    rgb: np.ndarray,
+    alpha: np.ndarray | None,
+    mode: str,
+    fmt: str,
+    jpeg_quality: int,
+    icc_profile: bytes | None = None,
+    exif: bytes | None = None,
+) -> bytes:
+    """Encode deterministically; nothing but ICC (and EXIF when given) is written as metadata."""
+    img = Image.fromarray(rgb, "RGB")
+    if mode == "L":
+        img = img.convert("L")
+    elif mode in ("RGBA", "LA") and alpha is not None and fmt != "JPEG":
+        img.putalpha(Image.fromarray(alpha, "L"))
+        if mode == "LA":
+            img = img.convert("LA")
+    kwargs: dict = {}
+    if icc_profile:
+        kwargs["icc_profile"] = icc_profile
+    if exif:
+        kwargs["exif"] = exif
+    if fmt == "JPEG":
+        kwargs.update(quality=jpeg_quality, optimize=False, progressive=False)
+    elif fmt == "PNG":
+        kwargs.update(compress_level=6)
+    elif fmt == "WEBP":
+        kwargs.update(quality=jpeg_quality, method=4)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def output_format(input_format: str, image_format: str) -> str:
+    """PIL format to write: the input's ('keep') or the job's."""
+    if image_format == "keep":
+        return input_format
+    return {"png": "PNG", "jpeg": "JPEG"}[image_format]

@@ -1,0 +1,226 @@
+"""Run a job: resolve shards and keys, plan (skip finished shards), execute, write run.json."""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from . import storage
+from .keys import create_master_key, load_master_key, pseudonym_key
+from .models import verify_mtcnn_weights
+from .shard_worker import OutputLayout, ShardWorker
+from .spec import JobSpec, JobSpecError, spec_fingerprint, spec_to_dict
+
+_VERSIONED = ("g2face-pipe", "torch", "torchvision", "ray", "facenet-pytorch", "numpy", "pillow",
+              "opencv-python-headless", "pyarrow", "cryptography")
+
+
+@dataclass
+class ShardPlan:
+    url: str
+    name: str
+    done: bool
+
+
+@dataclass
+class KeyMaterial:
+    pseudonym_key: bytes | None
+    key_id: str | None
+    demo_key_path: str | None = None
+
+
+def demo_key_path(output_dir: str) -> Path:
+    p = Path(output_dir)
+    return p.parent / f"{p.name}.DEMO-ONLY-master.key"
+
+
+def resolve_keys(spec: JobSpec) -> KeyMaterial:
+    """Master key -> derived keys; refuses to start when the job needs a key it does not have."""
+    path = spec.keys.master
+    demo = None
+    if path is None and spec.keys.create_demo_key:
+        if "://" in spec.output.dir:
+            raise JobSpecError("keys.create_demo_key works with a local output.dir only; set keys.master instead")
+        demo = demo_key_path(spec.output.dir)
+        if not demo.exists():
+            create_master_key(demo, note="DEMO ONLY: created by keys.create_demo_key; never use for real data")
+        path = str(demo)
+    if path is None:
+        if spec.output.keys == "pseudonymize":
+            raise JobSpecError(
+                "output.keys is 'pseudonymize' but keys.master is not set: create a key with "
+                "`g2face-pipe keys init --out PATH` and set keys.master: PATH (or set output.keys: keep)"
+            )
+        return KeyMaterial(None, None)
+    master, kid = load_master_key(path)
+    pkey = pseudonym_key(master, spec.dataset.id) if spec.output.keys == "pseudonymize" else None
+    return KeyMaterial(pkey, kid, str(demo) if demo else None)
+
+
+def plan_shards(spec: JobSpec, fingerprint: str, key_id: str | None) -> list[ShardPlan]:
+    urls = storage.list_shards(spec.input.paths)
+    layout = OutputLayout(spec.output.dir)
+    seen: dict[str, str] = {}
+    plans = []
+    for url in urls:
+        name = storage.shard_name(url)
+        if name in seen:
+            raise JobSpecError(
+                f"input.paths: shards {seen[name]} and {url} share the name {name!r}; outputs are named after "
+                "input shards, so rename one or run them as separate jobs"
+            )
+        seen[name] = url
+        done_url = layout.done(name)
+        done = False
+        if storage.exists(done_url):
+            marker = json.loads(storage.read_bytes(done_url))
+            if marker.get("fingerprint") != fingerprint or marker.get("key_id") != key_id:
+                raise JobSpecError(
+                    f"output.dir {spec.output.dir} already holds shard {name} from a different job configuration "
+                    "or key; use a new output.dir, or delete the old outputs to redo them"
+                )
+            done = True
+        plans.append(ShardPlan(url, name, done))
+    return plans
+
+
+def remove_stale_temp_files(output_dir: str) -> int:
+    """Temp files of a killed run (never published: names start with '.' and end in '.tmp')."""
+    fs, root = storage.url_to_fs(output_dir)
+    if not storage.is_local(fs):
+        return 0
+    removed = 0
+    for sub in ("shards", "manifests", "private", "done", ""):
+        d = Path(root) / sub
+        if d.is_dir():
+            for f in d.glob(".*.tmp"):
+                f.unlink()
+                removed += 1
+    return removed
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _sum_counts(counts: list[dict]) -> dict:
+    total: dict = {}
+    for c in counts:
+        for k, v in c.items():
+            if isinstance(v, dict):
+                total[k] = dict(sorted((Counter(total.get(k, {})) + Counter(v)).items()))
+            else:
+                total[k] = total.get(k, 0) + v
+    return total
+
+
+def dry_run_text(spec: JobSpec, plans: list[ShardPlan]) -> str:
+    layout = OutputLayout(spec.output.dir)
+    lines = ["# resolved job spec", yaml.safe_dump(spec_to_dict(spec), sort_keys=False).rstrip(), "", "# shard plan"]
+    for p in plans:
+        lines.append(f"{'skip (done)' if p.done else 'run':12s} {p.url} -> {layout.shard(p.name)}")
+    pending = sum(not p.done for p in plans)
+    lines.append(f"# {len(plans)} shard(s): {pending} to run, {len(plans) - pending} already done")
+    return "\n".join(lines)
+
+
+def run_job(spec: JobSpec, dry_run: bool = False, echo: Callable[[str], None] = print) -> dict:
+    t_start = time.perf_counter()
+    keys = resolve_keys(spec) if not dry_run else KeyMaterial(None, None)
+    fingerprint = spec_fingerprint(spec)
+    if dry_run:
+        key_id = None
+        if spec.keys.master:
+            key_id = load_master_key(spec.keys.master)[1]
+        elif spec.keys.create_demo_key and demo_key_path(spec.output.dir).exists():
+            key_id = load_master_key(demo_key_path(spec.output.dir))[1]
+        echo(dry_run_text(spec, plan_shards(spec, fingerprint, key_id)))
+        return {}
+    if keys.demo_key_path:
+        echo(f"using DEMO master key {keys.demo_key_path} (keys.create_demo_key); never use it for real data")
+    plans = plan_shards(spec, fingerprint, keys.key_id)
+    storage.check_writable(spec.output.dir)
+    remove_stale_temp_files(spec.output.dir)
+    # Build (but do not run) one worker here so that a bad anonymizer or weights fail before any actor starts.
+    probe = ShardWorker(spec, keys.pseudonym_key, keys.key_id, fingerprint)
+    from .anonymizers import build_anonymizer
+
+    an = spec.anonymizer
+    model_id = build_anonymizer(an.method, an.resolution, an.blur_sigma, an.pixelate_blocks, an.checkpoint).model_id
+    model_hashes = {} if spec.input.aligned else verify_mtcnn_weights()
+    pending = [p for p in plans if not p.done]
+    echo(f"{len(plans)} shard(s): {len(pending)} to run, {len(plans) - len(pending)} already done")
+    timings: dict[str, float] = {}
+
+    def on_result(res: dict) -> None:
+        timings[res["shard"]] = round(res["seconds"], 3)
+        c = res["counts"]
+        if spec.runtime.progress:
+            echo(f"  done {res['shard']}: {c['samples']} samples, {c['faces']} faces, status {c['status']}")
+
+    t_exec = time.perf_counter()
+    if pending:
+        if spec.runtime.executor == "ray":
+            from .ray_adapter import run_shards
+
+            run_shards(spec, [p.url for p in pending], keys.pseudonym_key, keys.key_id, fingerprint, on_result)
+        else:
+            probe.torch_threads = spec.runtime.torch_threads
+            for p in pending:
+                on_result(probe.process_shard(p.url))
+    exec_seconds = time.perf_counter() - t_exec
+
+    layout = OutputLayout(spec.output.dir)
+    shard_counts = []
+    for p in plans:
+        marker = json.loads(storage.read_bytes(layout.done(p.name)))
+        shard_counts.append(marker["counts"])
+    totals = _sum_counts(shard_counts)
+    run_doc = {
+        "run_format": 1,
+        "spec": spec_to_dict(spec),
+        "fingerprint": fingerprint,
+        "key_id": keys.key_id,
+        "anonymizer_model_id": model_id,
+        "model_hashes": model_hashes,
+        "versions": package_versions(),
+        "inputs": [{"shard": p.name, "url": p.url} for p in plans],
+        "counts": totals,
+    }
+    storage.atomic_write_bytes(
+        storage.join(spec.output.dir, "run.json"), (json.dumps(run_doc, indent=2, sort_keys=True) + "\n").encode()
+    )
+    timing_doc = {
+        "shard_seconds": timings,
+        "execute_seconds": round(exec_seconds, 3),
+        "total_seconds": round(time.perf_counter() - t_start, 3),
+        "executor": spec.runtime.executor,
+        "images_per_second": round(sum(c["samples"] for c in shard_counts) / exec_seconds, 3) if pending and exec_seconds else None,
+    }
+    storage.atomic_write_bytes(
+        storage.join(spec.output.dir, "run_timings.json"), (json.dumps(timing_doc, indent=2, sort_keys=True) + "\n").encode()
+    )
+    st = totals.get("status", {})
+    echo(
+        f"anonymized {totals.get('faces_anonymized', 0)} face(s) in {totals.get('published', 0)} published image(s) "
+        f"of {totals.get('samples', 0)} sample(s); status: "
+        + ", ".join(f"{k} {v}" for k, v in st.items())
+    )
+    echo(f"outputs: {storage.join(spec.output.dir, 'shards')}  manifests: {storage.join(spec.output.dir, 'manifests')}")
+    if keys.demo_key_path:
+        echo(f"demo key (keep it out of shared outputs): {keys.demo_key_path}")
+    return run_doc

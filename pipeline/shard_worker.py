@@ -1,0 +1,279 @@
+"""One whole input shard -> one output shard + public and private manifests + done marker.
+
+The worker is Ray-free: the Ray adapter wraps it in an actor, the local executor calls it directly.
+Writes are atomic and the done marker is written last, so a killed run leaves either a finished
+shard (skipped on resume) or one that is redone from scratch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import pyarrow as pa
+import torch
+
+from . import storage
+from .anonymizers import build_anonymizer
+from .imaging import EXT_FORMAT, FORMAT_EXT
+from .keys import pseudonymize
+from .manifest import PRIVATE_SCHEMA, PUBLIC_SCHEMA, check_status
+from .shardio import RawSample, read_parquet, read_webdataset, write_parquet, write_webdataset
+from .spec import JobSpec
+from .stages import AlignStage, AnonymizeStage, DecodeStage, DetectStage, PasteEncodeStage, Sample
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """Where one shard's outputs go under output.dir."""
+
+    root: str
+
+    def shard(self, name: str) -> str:
+        return storage.join(self.root, "shards", name)
+
+    def manifest(self, name: str) -> str:
+        return storage.join(self.root, "manifests", name + ".parquet")
+
+    def private(self, name: str) -> str:
+        return storage.join(self.root, "private", name + ".parquet")
+
+    def done(self, name: str) -> str:
+        return storage.join(self.root, "done", name + ".json")
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runtime.device is 'cuda' but no CUDA device is visible to this worker; use 'auto' or 'cpu'")
+    return requested
+
+
+class ShardWorker:
+    """Processes whole shards. ``setup()`` loads the models once; ``process_shard`` is called per shard.
+
+    Args:
+        spec: the validated job.
+        pseudonym_key: HMAC key for output keys (None when output.keys is 'keep').
+        key_id: id of the master key, recorded in done markers (never the key).
+        fingerprint: spec fingerprint, recorded in done markers so that a resumed run with another config is refused.
+        torch_threads: intra-op threads for this worker (0 leaves torch's default).
+    """
+
+    def __init__(self, spec: JobSpec, pseudonym_key: bytes | None, key_id: str | None, fingerprint: str, torch_threads: int = 0):
+        self.spec = spec
+        self.pseudonym_key = pseudonym_key
+        self.key_id = key_id
+        self.fingerprint = fingerprint
+        self.torch_threads = torch_threads
+        self.layout = OutputLayout(spec.output.dir)
+        self.stages = None
+
+    def setup(self) -> None:
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
+        spec = self.spec
+        device = resolve_device(spec.runtime.device)
+        fail_fast = spec.policy.on_error == "fail"
+        an = spec.anonymizer
+        methods = {an.method} | ({an.fallback} if an.fallback != "withhold" else set())
+        anonymizers = {
+            m: build_anonymizer(m, an.resolution, an.blur_sigma, an.pixelate_blocks, an.checkpoint) for m in sorted(methods)
+        }
+        self.model_id = anonymizers[an.method].model_id
+        det = spec.detection
+        self.stages = [
+            DecodeStage(spec.input.max_pixels, spec.output.metadata.exif == "keep", fail_fast),
+            DetectStage(
+                det.min_face_size,
+                det.stage_thresholds,
+                det.scale_factor,
+                det.low_score_threshold,
+                det.max_side,
+                spec.input.aligned,
+                an.resolution,
+                device,
+                fail_fast,
+            ),
+            AlignStage(
+                an.resolution, an.method, an.fallback, an.min_size, det.score_threshold, spec.seed,
+                spec.policy.on_no_face, fail_fast,
+            ),
+            AnonymizeStage(anonymizers, spec.resources.anonymize.batch_size, device, fail_fast),
+            PasteEncodeStage(spec.output.image_format, spec.output.jpeg_quality, spec.policy.on_no_face, fail_fast),
+        ]
+        for st in self.stages:
+            st.setup()
+
+    # -- keys and fields ---------------------------------------------------------------------------
+
+    def output_key(self, original: str | None) -> str | None:
+        if original is None or self.pseudonym_key is None:
+            return original
+        return pseudonymize(self.pseudonym_key, original)
+
+    def _allowed_tar_fields(self, raw: RawSample) -> list[tuple[str, bytes]]:
+        allow = self.spec.output.metadata.fields
+        out = []
+        for ext in sorted(raw.fields):
+            if ext == raw.image_field:
+                continue
+            if ext in allow:
+                out.append((ext, raw.fields[ext]))
+                continue
+            subkeys = [a.split(".", 1)[1] for a in allow if a.startswith(ext + ".")]
+            if subkeys and ext == "json":
+                try:
+                    doc = json.loads(raw.fields[ext])
+                except ValueError:
+                    continue  # unreadable JSON is dropped, never passed through
+                kept = {k: doc[k] for k in subkeys if isinstance(doc, dict) and k in doc}
+                out.append((ext, json.dumps(kept, sort_keys=True).encode("utf-8")))
+        return out
+
+    # -- the shard -----------------------------------------------------------------------------------
+
+    def _samples(self, url: str, name: str):
+        inp = self.spec.input
+        if inp.format == "webdataset":
+            return None, read_webdataset(url, inp.image_column)
+        stem = name.rsplit(".", 1)[0]
+        return read_parquet(url, inp.image_column, inp.key_column, stem)
+
+    def _run_stages(self, batch: list[Sample]) -> list[Sample]:
+        for st in self.stages:
+            batch = st.process(batch)
+        return batch
+
+    def process_shard(self, url: str) -> dict:
+        if self.stages is None:
+            self.setup()
+        t0 = time.perf_counter()
+        name = storage.shard_name(url)
+        schema, samples = self._samples(url, name)
+        self._image_struct = schema is not None and pa.types.is_struct(schema.field(self.spec.input.image_column).type)
+        batch_size = self.spec.resources.detect.batch_size
+        public_rows: list[dict] = []
+        private_rows: list[dict] = []
+        records: list[tuple[str, list[tuple[str, bytes]]]] = []
+        parquet_rows: list[dict] = []
+
+        def flush(batch: list[Sample]) -> None:
+            for s in self._run_stages(batch):
+                self._collect(s, name, public_rows, private_rows, records, parquet_rows)
+
+        batch: list[Sample] = []
+        for raw in samples:
+            batch.append(Sample(raw))
+            if len(batch) >= batch_size:
+                flush(batch)
+                batch = []
+        if batch:
+            flush(batch)
+
+        if self.spec.input.format == "webdataset":
+            storage.atomic_write_file(self.layout.shard(name), lambda f: write_webdataset(f, records))
+        else:
+            out_schema = self._parquet_out_schema(schema)
+            if out_schema is not None:
+                storage.atomic_write_file(self.layout.shard(name), lambda f: write_parquet(f, parquet_rows, out_schema))
+        storage.atomic_write_file(self.layout.manifest(name), lambda f: write_parquet(f, public_rows, PUBLIC_SCHEMA))
+        storage.atomic_write_file(self.layout.private(name), lambda f: write_parquet(f, private_rows, PRIVATE_SCHEMA))
+        counts = shard_counts(public_rows)
+        done = {"shard": name, "fingerprint": self.fingerprint, "key_id": self.key_id, "counts": counts}
+        storage.atomic_write_bytes(self.layout.done(name), (json.dumps(done, indent=2, sort_keys=True) + "\n").encode())
+        return {"shard": name, "counts": counts, "seconds": time.perf_counter() - t0, "pid": os.getpid()}
+
+    def _parquet_out_schema(self, in_schema: pa.Schema | None) -> pa.Schema | None:
+        if in_schema is None:
+            return None
+        inp = self.spec.input
+        keep = set(self.spec.output.metadata.fields) | {inp.image_column} | ({inp.key_column} if inp.key_column else set())
+        fields = [f for f in in_schema if f.name in keep]
+        if not inp.key_column:
+            fields.insert(0, pa.field("key", pa.string()))
+        fields = [pa.field(f.name, pa.string()) if f.name == inp.key_column else f for f in fields]
+        return pa.schema(fields)
+
+    def _collect(self, s: Sample, shard: str, public_rows, private_rows, records, parquet_rows) -> None:
+        raw = s.raw
+        out_key = self.output_key(raw.key)
+        published = s.out_bytes is not None
+        h, w = (s.image.rgb.shape[:2]) if s.image is not None else (None, None)
+        faces = [
+            {
+                "box": [float(v) for v in f.box],
+                "score": f.score,
+                "landmarks": [float(v) for v in f.landmarks.reshape(-1)],
+                "method": f.method or None,
+                "fallback_reason": f.fallback_reason,
+                "size_class": f.size_class or None,
+                "paste_box": list(f.paste_box) if f.paste_box else None,
+            }
+            for f in s.faces
+        ]
+        public_rows.append(
+            {
+                "shard": shard,
+                "index": raw.index,
+                "key": out_key,
+                "status": check_status(s.status),
+                "error": s.error,
+                "published": published,
+                "width": w,
+                "height": h,
+                "image_format": s.out_format if published else (s.image.format if s.image else None),
+                "n_faces": len(s.faces),
+                "faces": faces,
+                "model_id": self.model_id if s.faces else None,
+            }
+        )
+        private_rows.append(
+            {
+                "shard": shard,
+                "index": raw.index,
+                "key": out_key,
+                "original_key": raw.key,
+                "input_sha256": s.input_sha256,
+                "status": s.status,
+                "transforms": [[float(v) for v in f.transform.reshape(-1)] for f in s.faces if f.transform is not None],
+            }
+        )
+        if not published:
+            return
+        if self.spec.input.format == "webdataset":
+            in_ext = raw.image_field
+            ext = in_ext if EXT_FORMAT.get(in_ext) == s.out_format else FORMAT_EXT[s.out_format]
+            records.append((out_key, [(ext, s.out_bytes)] + self._allowed_tar_fields(raw)))
+        else:
+            inp = self.spec.input
+            row = {k: v for k, v in raw.fields.items() if k in self.spec.output.metadata.fields}
+            row[inp.image_column] = {"bytes": s.out_bytes, "path": None} if self._image_struct else s.out_bytes
+            row[inp.key_column or "key"] = out_key
+            parquet_rows.append(row)
+
+
+def shard_counts(public_rows: list[dict]) -> dict:
+    status = Counter(r["status"] for r in public_rows)
+    faces_method: Counter = Counter()
+    faces_size: Counter = Counter()
+    fallback: Counter = Counter()
+    for r in public_rows:
+        for f in r["faces"]:
+            faces_method[f["method"] or "none"] += 1
+            faces_size[f["size_class"] or "unknown"] += 1
+            if f["fallback_reason"]:
+                fallback[f["fallback_reason"]] += 1
+    return {
+        "samples": len(public_rows),
+        "published": sum(1 for r in public_rows if r["published"]),
+        "status": dict(sorted(status.items())),
+        "faces": sum(r["n_faces"] for r in public_rows),
+        "faces_anonymized": sum(r["n_faces"] for r in public_rows if r["published"]),
+        "faces_by_method": dict(sorted(faces_method.items())),
+        "faces_by_size": dict(sorted(faces_size.items())),
+        "fallback_reasons": dict(sorted(fallback.items())),
+    }

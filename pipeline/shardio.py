@@ -1,0 +1,146 @@
+"""Reading and writing shards (WebDataset tars and Parquet files) as plain samples.
+
+A :class:`RawSample` is what a shard holds for one key: its fields (member extension or column ->
+value). Readers never raise for a bad sample or a truncated shard: they yield a sample carrying the
+read error so that it reaches the manifest.
+"""
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .imaging import IMAGE_EXTS
+from .storage import url_to_fs
+
+# WebDataset's rule: the key is everything up to the first dot of the file's basename.
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+
+
+@dataclass
+class RawSample:
+    index: int
+    key: str | None
+    fields: dict[str, object] = field(default_factory=dict)
+    image_field: str | None = None
+    read_error: str | None = None
+
+
+def _pick_image_field(fields: dict, wanted: str | None) -> str | None:
+    if wanted:
+        return wanted if wanted in fields else None
+    for ext in IMAGE_EXTS:
+        if ext in fields:
+            return ext
+    return None
+
+
+def read_webdataset(url: str, image_field: str | None) -> Iterator[RawSample]:
+    fs, p = url_to_fs(url)
+    index = 0
+    current: RawSample | None = None
+    members = 0
+    try:
+        with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                members += 1
+                m = _KEY_EXT.match(info.name)
+                if m is None:
+                    key, ext = info.name, ""
+                else:
+                    key, ext = m.group(1), m.group(2).lower()
+                if current is None or current.key != key:
+                    if current is not None:
+                        current.image_field = _pick_image_field(current.fields, image_field)
+                        yield current
+                        index += 1
+                    current = RawSample(index=index, key=key)
+                data = tar.extractfile(info).read()
+                current.fields[ext] = data
+    except (tarfile.TarError, OSError, EOFError) as e:
+        if current is not None:
+            current.image_field = _pick_image_field(current.fields, image_field)
+            current.read_error = f"shard truncated inside this sample: {type(e).__name__}: {e}"
+            yield current
+            index += 1
+            current = None
+        yield RawSample(
+            index=index,
+            key=None,
+            read_error=f"shard unreadable after {members} members: {type(e).__name__}: {e}",
+        )
+        return
+    if current is not None:
+        current.image_field = _pick_image_field(current.fields, image_field)
+        yield current
+
+
+def _parquet_image_bytes(value) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, dict) and "bytes" in value:  # Hugging Face-style {bytes, path} struct
+        return value["bytes"]
+    raise TypeError(f"unsupported image cell type {type(value).__name__}; expected bytes or a {{bytes, path}} struct")
+
+
+def read_parquet(
+    url: str, image_column: str, key_column: str | None, stem: str
+) -> tuple[pa.Schema | None, list[RawSample]]:
+    """Whole Parquet shard as samples plus its schema (None when the shard cannot be read)."""
+    fs, p = url_to_fs(url)
+    try:
+        with fs.open(p, "rb") as f:
+            table = pq.read_table(f)
+    except Exception as e:
+        return None, [RawSample(index=0, key=None, read_error=f"shard unreadable: {type(e).__name__}: {e}")]
+    if image_column not in table.column_names:
+        err = (
+            f"input.image_column {image_column!r} is not a column of this shard "
+            f"(columns: {', '.join(table.column_names)})"
+        )
+        return None, [RawSample(index=0, key=None, read_error=err)]
+    if key_column and key_column not in table.column_names:
+        err = f"input.key_column {key_column!r} is not a column of this shard (columns: {', '.join(table.column_names)})"
+        return None, [RawSample(index=0, key=None, read_error=err)]
+    samples = []
+    for i, row in enumerate(table.to_pylist()):
+        key = str(row[key_column]) if key_column else f"{stem}/{i}"
+        s = RawSample(index=i, key=key, fields=row, image_field=image_column)
+        try:
+            row[image_column] = _parquet_image_bytes(row[image_column])
+        except TypeError as e:
+            s.read_error = str(e)
+        samples.append(s)
+    return table.schema, samples
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size = size
+    ti.mtime = 0
+    ti.mode = 0o644
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    return ti
+
+
+def write_webdataset(fileobj, records: list[tuple[str, list[tuple[str, bytes]]]]) -> None:
+    """records: (key, [(extension, bytes), ...]) in output order. Deterministic headers."""
+    with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for key, members in records:
+            for ext, data in members:
+                tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+
+
+def write_parquet(fileobj, rows: list[dict], schema: pa.Schema) -> None:
+    table = pa.Table.from_pylist(rows, schema=schema)
+    pq.write_table(table, fileobj, compression="zstd")

@@ -1,0 +1,301 @@
+"""Job spec: YAML -> validated once here -> frozen dataclasses used everywhere else.
+
+Every field is documented in its ``Field(description=...)``; the JSON Schema in
+``schemas/job.schema.json`` is generated from these classes (``python -m pipeline.spec``) and a test
+keeps the two in sync. Errors name the dotted key and say how to fix it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
+
+SPEC_VERSION = 1
+_STRICT = ConfigDict(extra="forbid")
+
+
+class JobSpecError(ValueError):
+    """A job spec that cannot run; the message names each bad key and the fix."""
+
+
+@dataclass(config=_STRICT, frozen=True)
+class DatasetSpec:
+    id: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="Stable identifier of the corpus; bound into payloads, keys and manifests.",
+    )
+
+
+@dataclass(config=_STRICT, frozen=True)
+class InputSpec:
+    format: Literal["webdataset", "parquet"] = Field(description="Shard format of the input corpus.")
+    paths: str | list[str] = Field(
+        description="A glob, a list of paths/globs, or fsspec URIs (file://, memory://, s3://...) of the shards."
+    )
+    image_column: str | None = Field(
+        default=None,
+        description="Parquet: column holding encoded image bytes (or a {bytes, path} struct). WebDataset: the "
+        "member extension of the image (default: the first of jpg, jpeg, png, webp in each sample).",
+    )
+    key_column: str | None = Field(
+        default=None, description="Parquet: column with the sample key (default: '<shard stem>/<row index>')."
+    )
+    aligned: bool = Field(
+        default=False,
+        description="True for FFHQ/CelebA-HQ-aligned corpora: skip detection and treat each whole image as one "
+        "face under the fixed template transform.",
+    )
+    max_pixels: int = Field(
+        default=80_000_000, ge=1, description="Images with more pixels are rejected as errors (decompression bombs)."
+    )
+
+
+@dataclass(config=_STRICT, frozen=True)
+class MetadataSpec:
+    exif: Literal["strip", "keep"] = Field(
+        default="strip",
+        description="'strip' removes EXIF/XMP/comments (GPS, maker notes, thumbnails). 'keep' keeps EXIF but still "
+        "drops the embedded thumbnail, which may hold an unanonymized face.",
+    )
+    fields: list[str] = Field(
+        default_factory=list,
+        description="Allow-list of non-image fields copied to the output: WebDataset member extensions or Parquet "
+        "columns; 'json.<key>' keeps one key of a JSON member. Everything else is dropped.",
+    )
+
+
+@dataclass(config=_STRICT, frozen=True)
+class OutputSpec:
+    dir: str = Field(description="Output root (local path or fsspec URI): shards/, manifests/, private/, done/.")
+    image_format: Literal["keep", "png", "jpeg"] = Field(
+        default="keep", description="'keep' re-encodes in the input's format; 'png' is lossless; 'jpeg' uses jpeg_quality."
+    )
+    jpeg_quality: int = Field(default=95, ge=1, le=100, description="JPEG quality when a JPEG is written.")
+    metadata: MetadataSpec = Field(default_factory=MetadataSpec, description="What metadata survives.")
+    keys: Literal["keep", "pseudonymize"] = Field(
+        default="pseudonymize",
+        description="'pseudonymize' replaces sample keys (which often carry names) by a keyed HMAC; the mapping "
+        "is only in the private manifest. Needs keys.master (or keys.create_demo_key).",
+    )
+
+
+@dataclass(config=_STRICT, frozen=True)
+class AnonymizerSpec:
+    method: Literal["g2face", "blur", "pixelate"] = Field(
+        default="g2face", description="How each aligned face is replaced."
+    )
+    resolution: Literal[64, 128, 256] = Field(default=128, description="Side of the aligned face crop in pixels.")
+    min_size: int = Field(
+        default=32, ge=0, description="Faces whose box side is below this many pixels get `fallback` instead."
+    )
+    fallback: Literal["pixelate", "blur", "withhold"] = Field(
+        default="pixelate",
+        description="Method for faces below min_size or between the detection score thresholds; 'withhold' "
+        "withholds the whole image instead.",
+    )
+    blur_sigma: float = Field(default=0.08, gt=0, le=1, description="Gaussian sigma as a fraction of the crop side.")
+    pixelate_blocks: int = Field(default=8, ge=2, le=64, description="Pixel blocks across the aligned crop.")
+    checkpoint: str | None = Field(default=None, description="Path of a G2Face inference artifact (method g2face).")
+
+
+@dataclass(config=_STRICT, frozen=True)
+class DetectionSpec:
+    min_face_size: int = Field(default=16, ge=8, description="MTCNN minimum face size in (detection-scale) pixels.")
+    score_threshold: float = Field(
+        default=0.95, gt=0, le=1, description="Faces at or above this score get the job's method."
+    )
+    low_score_threshold: float = Field(
+        default=0.80,
+        gt=0,
+        le=1,
+        description="Faces between this and score_threshold get the fallback; lower scores are not faces.",
+    )
+    max_side: int = Field(
+        default=1280, ge=64, description="Images with a longer side are detected on a downscaled copy."
+    )
+    stage_thresholds: tuple[float, float, float] = Field(
+        default=(0.6, 0.7, 0.7), description="MTCNN P/R/O-net thresholds."
+    )
+    scale_factor: float = Field(default=0.709, gt=0.3, lt=0.95, description="MTCNN image pyramid factor.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "DetectionSpec":
+        if self.low_score_threshold > self.score_threshold:
+            raise ValueError(
+                f"low_score_threshold ({self.low_score_threshold}) must not exceed score_threshold "
+                f"({self.score_threshold}); lower detection.low_score_threshold"
+            )
+        return self
+
+
+@dataclass(config=_STRICT, frozen=True)
+class PolicySpec:
+    on_no_face: Literal["pass", "withhold"] = Field(
+        default="pass", description="Images without a detected face: publish unchanged ('pass') or withhold."
+    )
+    on_error: Literal["withhold", "fail"] = Field(
+        default="withhold",
+        description="A sample that fails: 'withhold' records it and goes on; 'fail' stops the job (debugging).",
+    )
+
+
+@dataclass(config=_STRICT, frozen=True)
+class StageResources:
+    actors: int = Field(default=1, ge=1, description="Actors for this stage.")
+    num_cpus: float = Field(default=0.5, ge=0, description="Logical CPUs per actor (fractions allowed).")
+    num_gpus: float = Field(default=0, ge=0, description="GPUs per actor (fractions allowed).")
+    batch_size: int = Field(default=16, ge=1, description="Images (decode/detect/encode) or faces (anonymize) per batch.")
+
+
+@dataclass(config=_STRICT, frozen=True)
+class ResourcesSpec:
+    decode: StageResources = Field(default_factory=StageResources, description="Read and decode.")
+    detect: StageResources = Field(default_factory=StageResources, description="MTCNN detection and alignment.")
+    anonymize: StageResources = Field(default_factory=StageResources, description="Face model (GPU when there is one).")
+    encode: StageResources = Field(default_factory=StageResources, description="Paste-back, encode and write.")
+
+
+@dataclass(config=_STRICT, frozen=True)
+class KeysSpec:
+    master: str | None = Field(
+        default=None, description="Master key file made by `g2face-pipe keys init --out PATH`."
+    )
+    create_demo_key: bool = Field(
+        default=False,
+        description="Demo only: create a clearly named demo master key next to the run when keys.master is unset.",
+    )
+
+
+@dataclass(config=_STRICT, frozen=True)
+class RuntimeSpec:
+    executor: Literal["ray", "local"] = Field(
+        default="ray", description="'ray' runs shard workers as Ray actors; 'local' is a single-process loop."
+    )
+    address: str | None = Field(default=None, description="Ray address; unset starts a local Ray.")
+    num_cpus: int | None = Field(default=None, ge=1, description="Logical CPUs of a local Ray (default: the machine's).")
+    torch_threads: int = Field(default=0, ge=0, description="Torch threads per worker; 0 picks from the CPU share.")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Device of the model stages.")
+    progress: bool = Field(default=True, description="Print per-shard progress.")
+
+
+@dataclass(config=_STRICT, frozen=True)
+class JobSpec:
+    dataset: DatasetSpec
+    input: InputSpec
+    output: OutputSpec
+    version: Literal[1] = Field(default=SPEC_VERSION, description="Job spec format version.")
+    anonymizer: AnonymizerSpec = Field(default_factory=AnonymizerSpec)
+    detection: DetectionSpec = Field(default_factory=DetectionSpec)
+    policy: PolicySpec = Field(default_factory=PolicySpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    keys: KeysSpec = Field(default_factory=KeysSpec)
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    seed: int = Field(default=0, ge=0, lt=2**63, description="Job seed; each face's seed derives from it.")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "JobSpec":
+        if self.input.format == "parquet" and not self.input.image_column:
+            raise ValueError("input.image_column is required for parquet input: name the column with image bytes")
+        return self
+
+
+_ADAPTER = TypeAdapter(JobSpec)
+
+_FIX_HINTS = {
+    "extra_forbidden": "remove it or check its spelling against schemas/job.schema.json",
+    "unexpected_keyword_argument": "remove it or check its spelling against schemas/job.schema.json",
+    "missing": "add it",
+    "literal_error": "use one of the allowed values",
+}
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid job spec {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after")) or "(top level)"
+        # pydantic puts union branches in the location path; keep the key the user wrote
+        loc = loc.replace(".str", "").replace(".list[str]", "")
+        msg = e["msg"].removeprefix("Value error, ")
+        hint = _FIX_HINTS.get(e["type"], "")
+        if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            msg = "unknown key"
+        lines.append(f"  {loc}: {msg}" + (f" ({hint})" if hint else ""))
+    return "\n".join(lines)
+
+
+def set_override(tree: dict, dotted: str, raw_value: str) -> None:
+    """Apply one ``--set a.b.c=value`` override; the value is parsed as YAML."""
+    keys = dotted.split(".")
+    if not all(keys):
+        raise JobSpecError(f"--set {dotted}: empty key segment; write it as section.key=value")
+    node = tree
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise JobSpecError(f"--set {dotted}: '{k}' is a value, not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(raw_value)
+
+
+def parse_spec(tree: Any, source: str = "<dict>") -> JobSpec:
+    if not isinstance(tree, dict):
+        raise JobSpecError(f"invalid job spec {source}: the top level must be a mapping of sections")
+    try:
+        return _ADAPTER.validate_python(tree)
+    except ValidationError as err:
+        raise JobSpecError(_format_errors(err, source)) from None
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
+    """Read a YAML job file, apply ``key=value`` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise JobSpecError(f"job file {path} does not exist; pass the path of a YAML job spec (see jobs/)")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise JobSpecError(f"job file {path} is not valid YAML: {err}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise JobSpecError(f"--set {item!r}: expected key=value, e.g. --set output.dir=/tmp/out")
+        key, value = item.split("=", 1)
+        set_override(tree, key.strip(), value)
+    return parse_spec(tree, str(path))
+
+
+def spec_to_dict(spec: JobSpec) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(spec)))
+
+
+def spec_fingerprint(spec: JobSpec) -> str:
+    """Hash of everything that shapes the output bytes (not where they go, nor runtime/resources)."""
+    d = spec_to_dict(spec)
+    for volatile in ("runtime", "resources"):
+        d.pop(volatile, None)
+    d["output"].pop("dir", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def json_schema() -> dict:
+    schema = _ADAPTER.json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "g2face-pipe job spec"
+    schema["$comment"] = "Generated by `python -m pipeline.spec`; do not edit by hand."
+    return schema
+
+
+def schema_text() -> str:
+    return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+
+
+if __name__ == "__main__":
+    out = Path(__file__).resolve().parent.parent / "schemas" / "job.schema.json"
+    out.write_text(schema_text(), encoding="utf-8")
+    print(f"wrote {out}", file=sys.stderr)

@@ -1,0 +1,372 @@
+"""Pipeline stages: small Ray-free classes with ``setup()`` (load models once) and ``process(batch)``.
+
+A batch is a list of :class:`Sample`; each stage fills in its part and leaves failed samples alone.
+A sample that fails gets status ``error`` (or ``withheld``) and a reason; it is never dropped.
+Faces are batched across the images of a batch wherever a model runs.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+
+from schemas import load_json
+
+from . import align
+from .imaging import DecodedImage, DecodeError, decode_image, encode_image, output_format
+from .shardio import RawSample
+
+_SIZE_CLASSES = load_json("status.json")["size_class"]
+
+
+def size_class(side: float) -> str:
+    for name, (lo, hi) in _SIZE_CLASSES.items():
+        if side >= lo and (hi is None or side < hi):
+            return name
+    raise AssertionError(side)
+
+
+def face_seed(job_seed: int, sample_key: str, face_index: int) -> int:
+    """Deterministic per-face seed from (job seed, sample key, face index)."""
+    h = hashlib.sha256(f"{job_seed}\x00{sample_key}\x00{face_index}".encode("utf-8")).digest()
+    return int.from_bytes(h[:8], "little") & (2**63 - 1)
+
+
+@dataclass
+class Face:
+    box: np.ndarray  # (4,) x1, y1, x2, y2 in image pixels
+    score: float
+    landmarks: np.ndarray  # (5, 2)
+    method: str = ""
+    fallback_reason: str | None = None
+    size_class: str = ""
+    seed: int = 0
+    transform: np.ndarray | None = None  # (2, 3) image -> aligned crop
+    crop: np.ndarray | None = None  # aligned crop, later the anonymized crop (R, R, 3) uint8
+    paste_box: tuple[int, int, int, int] | None = None
+
+
+@dataclass
+class Sample:
+    raw: RawSample
+    status: str = "ok"
+    error: str | None = None
+    input_sha256: str | None = None
+    image: DecodedImage | None = None
+    faces: list[Face] = field(default_factory=list)
+    out_bytes: bytes | None = None
+    out_format: str | None = None
+
+    @property
+    def live(self) -> bool:
+        """Still being processed (not failed, not withheld)."""
+        return self.status in ("ok", "no_face") and self.image is not None
+
+    def fail(self, status: str, reason: str) -> None:
+        self.status = status
+        self.error = reason
+        self.out_bytes = None
+
+
+class StageError(RuntimeError):
+    """Raised instead of recording a failure when the job's policy.on_error is 'fail'."""
+
+
+class _Stage:
+    def __init__(self, fail_fast: bool):
+        self.fail_fast = fail_fast
+
+    def setup(self) -> None:
+        pass
+
+    def _record(self, sample: Sample, status: str, reason: str) -> None:
+        if self.fail_fast and status == "error":
+            raise StageError(f"sample {sample.raw.index}: {reason}")
+        sample.fail(status, reason)
+
+
+class DecodeStage(_Stage):
+    """Bytes -> RGB array (EXIF orientation applied), with input hash for the private manifest.
+
+    Args:
+        max_pixels: images with more pixels are errors.
+        keep_exif: keep EXIF (minus thumbnail and orientation) for the encoder.
+        fail_fast: raise instead of recording errors.
+    """
+
+    def __init__(self, max_pixels: int, keep_exif: bool, fail_fast: bool = False):
+        super().__init__(fail_fast)
+        self.max_pixels = max_pixels
+        self.keep_exif = keep_exif
+
+    def process(self, batch: list[Sample]) -> list[Sample]:
+        for s in batch:
+            raw = s.raw
+            if raw.read_error:
+                self._record(s, "error", raw.read_error)
+                continue
+            if raw.image_field is None:
+                self._record(s, "error", f"no image field in sample (fields: {', '.join(sorted(raw.fields)) or 'none'})")
+                continue
+            data = raw.fields.get(raw.image_field)
+            if not data:
+                self._record(s, "error", f"empty image field '{raw.image_field}' (0 bytes)")
+                continue
+            s.input_sha256 = hashlib.sha256(data).hexdigest()
+            try:
+                s.image = decode_image(data, self.max_pixels, self.keep_exif)
+            except DecodeError as e:
+                self._record(s, "error", str(e))
+        return batch
+
+
+class DetectStage(_Stage):
+    """MTCNN on every live image; images of equal size run as one batch.
+
+    Args:
+        min_face_size, stage_thresholds, scale_factor: MTCNN parameters.
+        low_score_threshold: detections below it are discarded.
+        max_side: longer images are detected on a downscaled copy.
+        aligned: the corpus is already aligned: one face per image under the fixed template.
+        resolution: aligned crop side (for the aligned case's synthetic landmarks).
+        device: torch device for MTCNN.
+    """
+
+    def __init__(
+        self,
+        min_face_size: int,
+        stage_thresholds: tuple[float, float, float],
+        scale_factor: float,
+        low_score_threshold: float,
+        max_side: int,
+        aligned: bool,
+        resolution: int,
+        device: str,
+        fail_fast: bool = False,
+    ):
+        super().__init__(fail_fast)
+        self.min_face_size = min_face_size
+        self.stage_thresholds = list(stage_thresholds)
+        self.scale_factor = scale_factor
+        self.low_score_threshold = low_score_threshold
+        self.max_side = max_side
+        self.aligned = aligned
+        self.resolution = resolution
+        self.device = device
+        self.mtcnn = None
+
+    def setup(self) -> None:
+        if self.aligned:
+            return
+        from facenet_pytorch import MTCNN
+
+        from .models import verify_mtcnn_weights
+
+        verify_mtcnn_weights()
+        self.mtcnn = MTCNN(
+            min_face_size=self.min_face_size,
+            thresholds=self.stage_thresholds,
+            factor=self.scale_factor,
+            keep_all=True,
+            post_process=False,
+            select_largest=False,
+            device=torch.device(self.device),
+        )
+
+    def process(self, batch: list[Sample]) -> list[Sample]:
+        live = [s for s in batch if s.live]
+        if self.aligned:
+            for s in live:
+                h, w = s.image.rgb.shape[:2]
+                m = align.aligned_image_transform(w, h, self.resolution)
+                lms = align.apply_transform(cv2.invertAffineTransform(m), align.template(self.resolution))
+                s.faces = [Face(np.array([0, 0, w, h], dtype=np.float64), 1.0, lms, transform=m)]
+            return batch
+        groups: dict[tuple[int, int], list[tuple[Sample, np.ndarray, float]]] = defaultdict(list)
+        for s in live:
+            img = s.image.rgb
+            h, w = img.shape[:2]
+            scale = min(1.0, self.max_side / max(h, w))
+            if scale < 1.0:
+                img = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+            groups[img.shape[:2]].append((s, img, scale))
+        for _, members in sorted(groups.items()):
+            try:
+                with torch.inference_mode():
+                    boxes, probs, points = self.mtcnn.detect([m[1] for m in members], landmarks=True)
+            except Exception as e:  # a model failure fails these samples, not the shard
+                for s, _, _ in members:
+                    self._record(s, "error", f"face detection failed: {type(e).__name__}: {e}")
+                continue
+            for (s, _, scale), b, p, lm in zip(members, boxes, probs, points):
+                faces = []
+                if b is not None:
+                    for bi, pi, li in zip(b, p, lm):
+                        if pi is None or float(pi) < self.low_score_threshold:
+                            continue
+                        faces.append(
+                            Face(np.asarray(bi, np.float64) / scale, float(pi), np.asarray(li, np.float64) / scale)
+                        )
+                # Stable order: top-to-bottom, left-to-right, so face indices (and seeds) are reproducible.
+                faces.sort(key=lambda f: (round(f.box[1], 3), round(f.box[0], 3)))
+                s.faces = faces
+        return batch
+
+
+class AlignStage(_Stage):
+    """Choose each face's method (job method or fallback) and warp it to the aligned crop.
+
+    Args:
+        resolution: aligned crop side.
+        method: the job's anonymizer method.
+        fallback: method for small / low-score faces, or 'withhold'.
+        min_size: faces with a box side below it get the fallback.
+        score_threshold: faces scoring below it get the fallback.
+        seed: job seed for per-face seeds.
+        on_no_face: 'pass' publishes images without faces, 'withhold' withholds them.
+    """
+
+    def __init__(
+        self,
+        resolution: int,
+        method: str,
+        fallback: str,
+        min_size: int,
+        score_threshold: float,
+        seed: int,
+        on_no_face: str,
+        fail_fast: bool = False,
+    ):
+        super().__init__(fail_fast)
+        self.resolution = resolution
+        self.method = method
+        self.fallback = fallback
+        self.min_size = min_size
+        self.score_threshold = score_threshold
+        self.seed = seed
+        self.on_no_face = on_no_face
+
+    def process(self, batch: list[Sample]) -> list[Sample]:
+        for s in batch:
+            if not s.live:
+                continue
+            if not s.faces:
+                s.status = "no_face"
+                continue
+            needs_fallback = 0
+            for i, f in enumerate(s.faces):
+                w, h = f.box[2] - f.box[0], f.box[3] - f.box[1]
+                side = float(max(w, h))
+                f.size_class = size_class(side)
+                f.seed = face_seed(self.seed, s.raw.key or str(s.raw.index), i)
+                if side < self.min_size:
+                    f.fallback_reason = "too_small"
+                elif f.score < self.score_threshold:
+                    f.fallback_reason = "low_score"
+                f.method = self.fallback if f.fallback_reason else self.method
+                needs_fallback += f.fallback_reason is not None
+            if needs_fallback and self.fallback == "withhold":
+                reasons = sorted({f.fallback_reason for f in s.faces if f.fallback_reason})
+                s.fail(
+                    "withheld",
+                    f"{needs_fallback} face(s) need the fallback ({', '.join(reasons)}) and anonymizer.fallback is 'withhold'",
+                )
+                continue
+            try:
+                for f in s.faces:
+                    if f.transform is None:
+                        f.transform = align.landmark_transform(f.landmarks, self.resolution)
+                    f.crop = align.warp_to_crop(s.image.rgb, f.transform, self.resolution)
+            except Exception as e:
+                # A face we cannot align cannot be anonymized: never publish the image as it is.
+                self._record(s, "error", f"face alignment failed: {type(e).__name__}: {e}")
+        return batch
+
+
+class AnonymizeStage(_Stage):
+    """Run each method on all of its faces across the batch, ``batch_size`` faces at a time.
+
+    Args:
+        anonymizers: method name -> anonymizer (``pipeline.anonymizers`` interface).
+        batch_size: faces per forward pass.
+        device: torch device the crops are moved to.
+    """
+
+    def __init__(self, anonymizers: dict, batch_size: int, device: str, fail_fast: bool = False):
+        super().__init__(fail_fast)
+        self.anonymizers = anonymizers
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+
+    def setup(self) -> None:
+        for a in self.anonymizers.values():
+            a.setup(self.device)
+
+    def process(self, batch: list[Sample]) -> list[Sample]:
+        by_method: dict[str, list[tuple[Sample, Face]]] = defaultdict(list)
+        for s in batch:
+            if s.live:
+                for f in s.faces:
+                    by_method[f.method].append((s, f))
+        for method, items in by_method.items():
+            model = self.anonymizers[method]
+            for start in range(0, len(items), self.batch_size):
+                chunk = items[start : start + self.batch_size]
+                crops = np.stack([f.crop for _, f in chunk])
+                x = torch.from_numpy(crops).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
+                try:
+                    with torch.inference_mode():
+                        y = model.anonymize(x, [f.seed for _, f in chunk])
+                except Exception as e:
+                    if self.fail_fast:
+                        raise
+                    for s, _ in chunk:
+                        if s.live:
+                            s.fail("withheld", f"anonymizer {method} failed: {type(e).__name__}: {e}")
+                    continue
+                assert y.shape == x.shape, (y.shape, x.shape)
+                out = y.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+                for (_, f), crop in zip(chunk, out):
+                    f.crop = np.ascontiguousarray(crop)
+        return batch
+
+
+class PasteEncodeStage(_Stage):
+    """Paste anonymized crops back (feathered, inverse transform) and encode the output image.
+
+    Args:
+        image_format: 'keep' | 'png' | 'jpeg'.
+        jpeg_quality: quality of JPEG/WebP output.
+        on_no_face: 'pass' or 'withhold' for images without faces.
+    """
+
+    def __init__(self, image_format: str, jpeg_quality: int, on_no_face: str, fail_fast: bool = False):
+        super().__init__(fail_fast)
+        self.image_format = image_format
+        self.jpeg_quality = jpeg_quality
+        self.on_no_face = on_no_face
+
+    def process(self, batch: list[Sample]) -> list[Sample]:
+        for s in batch:
+            if not s.live:
+                continue
+            if s.status == "no_face" and self.on_no_face == "withhold":
+                s.error = "no face detected and policy.on_no_face is 'withhold'"
+                continue
+            img = s.image
+            rgb = img.rgb.copy()
+            try:
+                for f in s.faces:
+                    f.paste_box = align.paste_back(rgb, f.crop, f.transform)
+                    if f.paste_box is None:
+                        raise ValueError("face lies outside the image after alignment")
+                fmt = output_format(img.format, self.image_format)
+                s.out_bytes = encode_image(rgb, img.alpha, img.mode, fmt, self.jpeg_quality, img.icc_profile, img.exif)
+                s.out_format = fmt
+            except Exception as e:
+                self._record(s, "error", f"paste-back/encode failed: {type(e).__name__}: {e}")
+        return batch

@@ -1,0 +1,105 @@
+"""Bad samples and bad shards complete the job and are accounted for in the manifests."""
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import DEMO_SHARDS, job_tree
+from helpers import encode, no_face_image, read_tar, write_tar
+from pipeline.runner import run_job
+from pipeline.spec import parse_spec
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _portrait() -> bytes:
+    return read_tar(DEMO_SHARDS[0])["nasa_Christina_Koch"]["jpg"]
+
+
+def _bad_shard(path):
+    good = _portrait()
+    return write_tar(
+        path,
+        [
+            ("s0_good.jpg", good),
+            ("s1_corrupt.jpg", good[:200] + b"\x00garbage" * 50),
+            ("s2_empty.jpg", b""),
+            ("s3_noface.png", encode(no_face_image(), "PNG")),
+            ("s4_noimage.json", b'{"note": "no image member"}'),
+            ("s5_good.jpg", good),
+        ],
+    )
+
+
+def test_bad_samples_are_recorded_not_dropped(tmp_path):
+    shard = _bad_shard(tmp_path / "bad-000000.tar")
+    out = tmp_path / "out"
+    lines = []
+    run = run_job(parse_spec(job_tree(out, shard, output={"image_format": "keep"})), echo=lines.append)
+    rows = {r["key"]: r for r in pq.read_table(out / "manifests" / "bad-000000.tar.parquet").to_pylist()}
+    assert list(rows) == ["s0_good", "s1_corrupt", "s2_empty", "s3_noface", "s4_noimage", "s5_good"]
+    assert rows["s0_good"]["status"] == "ok" and rows["s5_good"]["status"] == "ok"
+    assert rows["s1_corrupt"]["status"] == "error" and "cannot decode" in rows["s1_corrupt"]["error"]
+    assert rows["s2_empty"]["status"] == "error" and "0 bytes" in rows["s2_empty"]["error"]
+    assert rows["s3_noface"]["status"] == "no_face" and rows["s3_noface"]["published"]
+    assert rows["s4_noimage"]["status"] == "error" and "no image field" in rows["s4_noimage"]["error"]
+    published = read_tar(out / "shards" / "bad-000000.tar")
+    assert set(published) == {"s0_good", "s3_noface", "s5_good"}
+    assert set(published["s3_noface"]) == {"png"}
+    assert run["counts"]["status"] == {"error": 3, "no_face": 1, "ok": 2}
+    assert any("error 3" in line and "no_face 1" in line and "ok 2" in line for line in lines), lines
+    private = pq.read_table(out / "private" / "bad-000000.tar.parquet").to_pylist()
+    assert len(private) == 6 and private[0]["input_sha256"] and private[2]["input_sha256"] is None
+
+
+def test_truncated_shard_completes_and_reports_the_tail(tmp_path):
+    whole = _bad_shard(tmp_path / "whole.tar").read_bytes()
+    cut = tmp_path / "cut-000000.tar"
+    cut.write_bytes(whole[: len(whole) // 2 + 100])
+    out = tmp_path / "out"
+    run_job(parse_spec(job_tree(out, cut)), echo=lambda *_: None)
+    rows = pq.read_table(out / "manifests" / "cut-000000.tar.parquet").to_pylist()
+    assert rows[0]["status"] == "ok"
+    assert rows[-1]["status"] == "error" and "shard unreadable after" in rows[-1]["error"]
+    assert json.loads((out / "done" / "cut-000000.tar.json").read_text())["counts"]["samples"] == len(rows)
+
+
+def test_policies_withhold_no_face_and_fallback(tmp_path):
+    shard = _bad_shard(tmp_path / "bad-000000.tar")
+    out = tmp_path / "out"
+    tree = job_tree(out, shard, policy={"on_no_face": "withhold"}, anonymizer={"method": "blur", "min_size": 10_000, "fallback": "withhold"})
+    run_job(parse_spec(tree), echo=lambda *_: None)
+    rows = {r["key"]: r for r in pq.read_table(out / "manifests" / "bad-000000.tar.parquet").to_pylist()}
+    assert rows["s0_good"]["status"] == "withheld" and "fallback" in rows["s0_good"]["error"]
+    assert rows["s0_good"]["faces"][0]["fallback_reason"] == "too_small"
+    assert rows["s3_noface"]["status"] == "no_face" and not rows["s3_noface"]["published"]
+    assert read_tar(out / "shards" / "bad-000000.tar") == {}, "withheld samples must be absent from the shard"
+    private = pq.read_table(out / "private" / "bad-000000.tar.parquet").to_pylist()
+    assert [r["original_key"] for r in private][0] == "s0_good" and private[0]["status"] == "withheld"
+
+
+def test_small_faces_get_the_fallback_method(tmp_path):
+    out = tmp_path / "out"
+    run_job(parse_spec(job_tree(out, DEMO_SHARDS[0], anonymizer={"method": "blur", "min_size": 10_000})), echo=lambda *_: None)
+    rows = pq.read_table(out / "manifests" / f"{DEMO_SHARDS[0].name}.parquet").to_pylist()
+    faces = [f for r in rows for f in r["faces"]]
+    assert faces and all(f["method"] == "pixelate" and f["fallback_reason"] == "too_small" for f in faces)
+    assert all(r["status"] == "ok" and r["published"] for r in rows)
+
+
+def test_fail_policy_stops_the_job(tmp_path):
+    from pipeline.stages import StageError
+
+    shard = _bad_shard(tmp_path / "bad-000000.tar")
+    with pytest.raises(StageError, match="cannot decode"):
+        run_job(parse_spec(job_tree(tmp_path / "out", shard, policy={"on_error": "fail"})), echo=lambda *_: None)
+    assert not (tmp_path / "out" / "done" / "bad-000000.tar.json").exists()
+
+
+def test_unwritable_output_and_missing_input_fail_fast(tmp_path):
+    with pytest.raises(FileNotFoundError, match="input.paths"):
+        run_job(parse_spec(job_tree(tmp_path / "out", tmp_path / "nothing-*.tar")), echo=lambda *_: None)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(PermissionError, match="output.dir"):
+        run_job(parse_spec(job_tree(blocker / "out", DEMO_SHARDS[0])), echo=lambda *_: None)

@@ -1,0 +1,87 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import DEMO_SHARDS, ROOT, job_tree
+from pipeline import manifest, spec as spec_mod
+from pipeline.spec import JobSpecError, load_spec, parse_spec
+
+
+def test_job_schema_file_matches_the_spec_classes():
+    committed = (ROOT / "schemas" / "job.schema.json").read_text()
+    assert committed == spec_mod.schema_text(), "schemas/job.schema.json is stale: run `make schemas`"
+
+
+def test_manifest_schema_file_matches_the_code():
+    committed = (ROOT / "schemas" / "manifest.schema.json").read_text()
+    assert committed == manifest.schema_text(), "schemas/manifest.schema.json is stale: run `make schemas`"
+
+
+def test_demo_job_is_valid():
+    s = load_spec(ROOT / "jobs" / "demo.yaml")
+    assert s.anonymizer.method in ("blur", "pixelate", "g2face")
+    assert s.input.format == "webdataset"
+
+
+def test_unknown_key_is_named_with_its_path(tmp_path):
+    tree = job_tree(tmp_path, DEMO_SHARDS)
+    tree["output"]["dirr"] = "x"
+    with pytest.raises(JobSpecError, match=r"output\.dirr: unknown key"):
+        parse_spec(tree)
+
+
+def test_bad_values_name_the_field_and_the_allowed_values(tmp_path):
+    tree = job_tree(tmp_path, DEMO_SHARDS, anonymizer={"method": "swap"}, resources={"detect": {"actors": 0}})
+    with pytest.raises(JobSpecError) as err:
+        parse_spec(tree)
+    text = str(err.value)
+    assert "anonymizer.method" in text and "'g2face', 'blur' or 'pixelate'" in text
+    assert "resources.detect.actors" in text
+
+
+def test_threshold_order_and_parquet_columns_are_checked(tmp_path):
+    tree = job_tree(tmp_path, DEMO_SHARDS, detection={"score_threshold": 0.5, "low_score_threshold": 0.9})
+    with pytest.raises(JobSpecError, match="low_score_threshold"):
+        parse_spec(tree)
+    tree = job_tree(tmp_path, DEMO_SHARDS, input={"format": "parquet", "paths": "x.parquet"})
+    with pytest.raises(JobSpecError, match="input.image_column is required"):
+        parse_spec(tree)
+
+
+def test_set_overrides_parse_yaml_values(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(job_tree(tmp_path / "out", DEMO_SHARDS)))
+    s = load_spec(job, ["seed=7", "detection.stage_thresholds=[0.5, 0.6, 0.7]", "output.image_format=png"])
+    assert s.seed == 7 and s.detection.stage_thresholds == (0.5, 0.6, 0.7) and s.output.image_format == "png"
+    with pytest.raises(JobSpecError, match="anonymizer.nope: unknown key"):
+        load_spec(job, ["anonymizer.nope=1"])
+    with pytest.raises(JobSpecError, match="expected key=value"):
+        load_spec(job, ["seed"])
+
+
+def test_spec_is_frozen(tmp_path):
+    s = parse_spec(job_tree(tmp_path, DEMO_SHARDS))
+    with pytest.raises(Exception):
+        s.seed = 3
+
+
+def test_dry_run_prints_spec_and_plan_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    res = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "jobs" / "demo.yaml"), "--dry-run", "--set", f"output.dir={out}"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "# resolved job spec" in res.stdout and "create_demo_key: true" in res.stdout
+    assert res.stdout.count("run          ") == 2 and "2 to run, 0 already done" in res.stdout
+    assert not out.exists()
+
+
+def test_cli_reports_spec_errors_without_traceback(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("dataset: {id: x}\ninput: {format: tar, paths: a}\noutput: {dir: o}\n")
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(job)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert "input.format" in res.stderr and "Traceback" not in res.stderr
