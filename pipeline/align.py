@@ -94,9 +94,9 @@ def paste_mask(resolution: int) -> np.ndarray:
     ax, ay = _MASK_AXES[0] * resolution, _MASK_AXES[1] * resolution
     r = np.sqrt(((xs - cx) / ax) ** 2 + ((ys - cy) / ay) ** 2)
     t = np.clip((1.0 - r) / _MASK_FEATHER, 0.0, 1.0)
-    mask = t * t * (3.0 - 2.0 * t)  # smoothstep
-    mask.setflags(write=False)
-    return mask.astype(np.float32)
+    mask = (t * t * (3.0 - 2.0 * t)).astype(np.float32)  # smoothstep
+    mask.setflags(write=False)  # cached and shared by every caller
+    return mask
 
 
 def paste_region(m: np.ndarray, resolution: int, width: int, height: int) -> tuple[int, int, int, int] | None:

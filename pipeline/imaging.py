@@ -39,8 +39,11 @@ class DecodedImage:
 def decode_image(data: bytes, max_pixels: int, keep_exif: bool = False) -> DecodedImage:
     if not data:
         raise DecodeError("empty image (0 bytes)")
+    # The job's own pixel cap replaces Pillow's global one (checked below, before any pixel is decoded).
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             img = Image.open(io.BytesIO(data))
             fmt = img.format
@@ -56,7 +59,7 @@ def decode_image(data: bytes, max_pixels: int, keep_exif: bool = False) -> Decod
             img = ImageOps.exif_transpose(img)
         except DecodeError:
             raise
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise DecodeError(f"cannot decode image: {type(e).__name__}: {e}") from None
     exif = None
     if keep_exif:
@@ -71,7 +74,14 @@ def decode_image(data: bytes, max_pixels: int, keep_exif: bool = False) -> Decod
         alpha = np.asarray(rgba)[:, :, 3].copy()
         out_mode = "LA" if img.mode == "LA" else "RGBA"
         rgb = np.ascontiguousarray(np.asarray(rgba)[:, :, :3])
-    elif img.mode in ("L", "1", "I;16", "I"):
+    elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grey: scale to 8 bits (Pillow's convert("L") would clip everything above 255 to white).
+        wide = np.asarray(img).astype(np.int64)
+        shift = 8 if img.mode.startswith("I;16") or wide.max(initial=0) > 255 else 0
+        grey = np.clip(wide >> shift, 0, 255).astype(np.uint8)
+        out_mode = "L"
+        rgb = np.repeat(grey[:, :, None], 3, axis=2)
+    elif img.mode in ("L", "1"):
         out_mode = "L"
         rgb = np.asarray(img.convert("L").convert("RGB"))
     else:

@@ -46,7 +46,7 @@ def read_webdataset(url: str, image_field: str | None) -> Iterator[RawSample]:
     current: RawSample | None = None
     members = 0
     try:
-        with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
@@ -64,10 +64,15 @@ def read_webdataset(url: str, image_field: str | None) -> Iterator[RawSample]:
                     current = RawSample(index=index, key=key)
                 data = tar.extractfile(info).read()
                 current.fields[ext] = data
+            # tarfile takes a cut-off header for the end of the archive: insist on the end-of-archive block,
+            # or a shard truncated between members would silently lose its tail.
+            tar.fileobj.seek(tar.offset)
+            if tar.fileobj.read(512) != bytes(512):
+                raise tarfile.ReadError("missing end-of-archive marker (file truncated?)")
     except (tarfile.TarError, OSError, EOFError) as e:
         if current is not None:
             current.image_field = _pick_image_field(current.fields, image_field)
-            current.read_error = f"shard truncated inside this sample: {type(e).__name__}: {e}"
+            current.read_error = f"shard truncated in or after this sample: {type(e).__name__}: {e}"
             yield current
             index += 1
             current = None

@@ -119,11 +119,6 @@ def test_paste_mask_is_zero_on_the_border_and_one_at_the_centre(resolution):
     assert ramp.any() and np.all((mask[ramp] > 0) & (mask[ramp] < 1))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: paste_mask sets write=False on the float64 intermediate but returns mask.astype(float32), a fresh "
-    "WRITABLE array that lru_cache then hands to every caller; one caller mutating it corrupts all later paste_back",
-)
 def test_paste_mask_cached_array_is_read_only():
     mask = paste_mask(96)
     assert mask is paste_mask(96)  # the cache hands out one shared object ...

@@ -156,11 +156,6 @@ def test_palette_png_with_transparency_gets_alpha():
     assert np.all(d.rgb[:, :4] == (255, 0, 0))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: 16-bit grey PNGs (mode I;16) go through img.convert('L'), which CLIPS values above 255 instead of "
-    "scaling: an ordinary 16-bit scan decodes (and is re-encoded) almost entirely white",
-)
 def test_sixteen_bit_grey_png_is_scaled_not_clipped():
     a16 = (np.arange(32 * 64).reshape(32, 64) * 32).astype(np.uint16)  # 0 .. 65504
     buf = io.BytesIO()
@@ -232,12 +227,6 @@ def test_decode_error_is_a_value_error():
     assert issubclass(DecodeError, ValueError)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: decode_image turns PIL's own DecompressionBombWarning (Image.MAX_IMAGE_PIXELS, ~89.5 MP by default) "
-    "into an error regardless of input.max_pixels, so raising max_pixels (as the error message advises) cannot "
-    "admit genuine images above PIL's limit (e.g. 100 MP photos)",
-)
 def test_max_pixels_above_pils_own_limit_is_honoured(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)  # stands in for the ~89.5 MP default
     data = encode(np.zeros((40, 40, 3), np.uint8), "PNG")  # 1600 px: over PIL's limit, under the job's
