@@ -8,6 +8,7 @@ embedded thumbnail, which is an unanonymized copy of the photo).
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ EXT_FORMAT = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 _EXIF_THUMBNAIL_TAGS = (0x0201, 0x0202)  # JPEGInterchangeFormat / ...Length: the IFD1 thumbnail
+_EXIF_MAKERNOTE = 0x927C
 
 
 class DecodeError(ValueError):
@@ -52,6 +54,8 @@ def decode_image(data: bytes, max_pixels: int, keep_exif: bool = False) -> Decod
                 raise DecodeError(
                     f"image of {w}x{h} pixels exceeds input.max_pixels={max_pixels}; raise it if the image is genuine"
                 )
+            if fmt == "MPO":  # multi-picture JPEG from phones: the first frame is the photo
+                fmt = "JPEG"
             if fmt not in FORMAT_EXT:
                 raise DecodeError(f"unsupported image format {fmt}; supported: JPEG, PNG, WebP")
             img.load()
@@ -59,15 +63,14 @@ def decode_image(data: bytes, max_pixels: int, keep_exif: bool = False) -> Decod
             img = ImageOps.exif_transpose(img)
         except DecodeError:
             raise
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise DecodeError(f"cannot decode image: {type(e).__name__}: {e}") from None
+        except Exception as e:  # corrupt files raise all sorts (struct.error, TypeError, ...): all are per-sample
+            raise DecodeError(f"cannot decode image: {type(e).__name__}: {_public_message(e)}") from None
     exif = None
     if keep_exif:
-        ex = img.getexif()
-        for tag in _EXIF_THUMBNAIL_TAGS:
-            ex.pop(tag, None)
-        ex.pop(0x0112, None)  # orientation has been applied to the pixels
-        exif = ex.tobytes() if len(ex) else None
+        try:
+            exif = _kept_exif(img)
+        except Exception as e:
+            raise DecodeError(f"cannot read EXIF (output.metadata.exif is 'keep'): {type(e).__name__}") from None
     alpha = None
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
@@ -88,6 +91,24 @@ def decode_image(data: bytes, max_pixels: int, keep_exif: bool = False) -> Decod
         out_mode = "RGB"
         rgb = np.asarray(img.convert("RGB"))
     return DecodedImage(np.ascontiguousarray(rgb), alpha, out_mode, fmt, icc, exif)
+
+
+_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def _public_message(e: Exception) -> str:
+    """Exception text safe for the public manifest: no object addresses (they break byte-identical reruns)."""
+    return _ADDRESS.sub("<stream>", str(e))[:200]
+
+
+def _kept_exif(img: Image.Image) -> bytes | None:
+    ex = img.getexif()
+    for tag in _EXIF_THUMBNAIL_TAGS + (_EXIF_MAKERNOTE, 0x0112):  # orientation is applied to the pixels
+        ex.pop(tag, None)
+    sub = ex.get_ifd(0x8769)  # Exif sub-IFD: maker notes often embed a full preview JPEG
+    sub.pop(_EXIF_MAKERNOTE, None)
+    # Pillow writes IFD0 and its sub-IFDs only, never IFD1 (the thumbnail), so the thumbnail cannot survive.
+    return ex.tobytes() if len(ex) else None
 
 
 def encode_image(

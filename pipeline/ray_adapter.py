@@ -19,10 +19,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 class _ShardActor:
     """Ray Data callable class: holds one ShardWorker for its lifetime."""
 
-    def __init__(self, spec: JobSpec, pseudonym_key, key_id, fingerprint, torch_threads):
+    def __init__(self, spec: JobSpec, pseudonym_key, key_id, fingerprint, torch_threads, device):
         from .shard_worker import ShardWorker
 
-        self.worker = ShardWorker(spec, pseudonym_key, key_id, fingerprint, torch_threads)
+        self.worker = ShardWorker(spec, pseudonym_key, key_id, fingerprint, torch_threads, device)
         self.worker.setup()
 
     def __call__(self, batch: dict) -> dict:
@@ -38,6 +38,23 @@ def fused_resources(spec: JobSpec) -> tuple[int, float, float]:
     """
     stages = [spec.resources.decode, spec.resources.detect, spec.resources.anonymize, spec.resources.encode]
     return max(s.actors for s in stages), max(s.num_cpus for s in stages), max(s.num_gpus for s in stages)
+
+
+def check_feasible(cpus: float, gpus: float, cluster: dict) -> None:
+    """Refuse actor shapes that no node can host (Ray Data would wait for them forever)."""
+    from .spec import JobSpecError
+
+    have_cpu, have_gpu = cluster.get("CPU", 0), cluster.get("GPU", 0)
+    if cpus > have_cpu:
+        raise JobSpecError(
+            f"resources.<stage>.num_cpus asks {cpus} CPUs per shard worker but the Ray cluster has {have_cpu}; "
+            "lower num_cpus (fractions such as 0.5 are allowed)"
+        )
+    if gpus > have_gpu:
+        raise JobSpecError(
+            f"resources.<stage>.num_gpus asks {gpus} GPUs per shard worker but the Ray cluster has {have_gpu}; "
+            "set num_gpus: 0 on a CPU-only cluster"
+        )
 
 
 def ensure_ray(spec: JobSpec) -> None:
@@ -69,6 +86,11 @@ def run_shards(
     ctx.enable_progress_bars = spec.runtime.progress
     actors, cpus, gpus = fused_resources(spec)
     actors = min(actors, len(urls))
+    check_feasible(cpus, gpus, ray.cluster_resources())
+    if hasattr(ctx, "wait_for_min_actors_s"):
+        ctx.wait_for_min_actors_s = 600  # fail instead of waiting forever for actors that cannot be placed
+    # An actor that asked for no GPU must not use one (Ray leaves CUDA visible to such actors).
+    device = "cpu" if gpus == 0 and spec.runtime.device == "auto" else None
     threads = spec.runtime.torch_threads or max(1, int(cpus))
     ds = ray.data.from_items([{"url": u} for u in urls], override_num_blocks=len(urls))
     ds = ds.map_batches(
@@ -79,6 +101,7 @@ def run_shards(
             "key_id": key_id,
             "fingerprint": fingerprint,
             "torch_threads": threads,
+            "device": device,
         },
         batch_size=1,
         batch_format="numpy",

@@ -14,6 +14,7 @@ from typing import Callable
 import yaml
 
 from . import storage
+from .anonymizers import build_anonymizer
 from .keys import create_master_key, load_master_key, pseudonym_key
 from .models import verify_mtcnn_weights
 from .shard_worker import OutputLayout, ShardWorker
@@ -89,7 +90,29 @@ def plan_shards(spec: JobSpec, fingerprint: str, key_id: str | None) -> list[Sha
                 )
             done = True
         plans.append(ShardPlan(url, name, done))
+    if spec.input.format == "parquet":
+        check_parquet_columns(spec, [p.url for p in plans if not p.done])
     return plans
+
+
+def check_parquet_columns(spec: JobSpec, urls: list[str]) -> None:
+    """A wrong column name is a job error, found before anything is written (footers only are read)."""
+    import pyarrow.parquet as pq
+
+    wanted = {"input.image_column": spec.input.image_column, "input.key_column": spec.input.key_column}
+    for url in urls:
+        fs, path = storage.url_to_fs(url)
+        try:
+            with fs.open(path, "rb") as f:
+                names = pq.read_schema(f).names
+        except Exception:
+            continue  # an unreadable shard is recorded per shard by the worker, not a job error
+        for field, column in wanted.items():
+            if column and column not in names:
+                raise JobSpecError(
+                    f"{field} {column!r} is not a column of {storage.shard_name(url)} (columns: {', '.join(names)}); "
+                    f"fix {field}"
+                )
 
 
 def remove_stale_temp_files(output_dir: str) -> int:
@@ -140,6 +163,9 @@ def dry_run_text(spec: JobSpec, plans: list[ShardPlan]) -> str:
 
 def run_job(spec: JobSpec, dry_run: bool = False, echo: Callable[[str], None] = print) -> dict:
     t_start = time.perf_counter()
+    # Build (but do not run) the anonymizer first so that an unavailable method fails before anything is written.
+    an = spec.anonymizer
+    model_id = build_anonymizer(an.method, an.resolution, an.blur_sigma, an.pixelate_blocks, an.checkpoint).model_id
     keys = resolve_keys(spec) if not dry_run else KeyMaterial(None, None)
     fingerprint = spec_fingerprint(spec)
     if dry_run:
@@ -155,12 +181,6 @@ def run_job(spec: JobSpec, dry_run: bool = False, echo: Callable[[str], None] = 
     plans = plan_shards(spec, fingerprint, keys.key_id)
     storage.check_writable(spec.output.dir)
     remove_stale_temp_files(spec.output.dir)
-    # Build (but do not run) one worker here so that a bad anonymizer or weights fail before any actor starts.
-    probe = ShardWorker(spec, keys.pseudonym_key, keys.key_id, fingerprint)
-    from .anonymizers import build_anonymizer
-
-    an = spec.anonymizer
-    model_id = build_anonymizer(an.method, an.resolution, an.blur_sigma, an.pixelate_blocks, an.checkpoint).model_id
     model_hashes = {} if spec.input.aligned else verify_mtcnn_weights()
     pending = [p for p in plans if not p.done]
     echo(f"{len(plans)} shard(s): {len(pending)} to run, {len(plans) - len(pending)} already done")
@@ -179,9 +199,9 @@ def run_job(spec: JobSpec, dry_run: bool = False, echo: Callable[[str], None] = 
 
             run_shards(spec, [p.url for p in pending], keys.pseudonym_key, keys.key_id, fingerprint, on_result)
         else:
-            probe.torch_threads = spec.runtime.torch_threads
+            worker = ShardWorker(spec, keys.pseudonym_key, keys.key_id, fingerprint, spec.runtime.torch_threads)
             for p in pending:
-                on_result(probe.process_shard(p.url))
+                on_result(worker.process_shard(p.url))
     exec_seconds = time.perf_counter() - t_exec
 
     layout = OutputLayout(spec.output.dir)

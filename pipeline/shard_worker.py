@@ -61,14 +61,24 @@ class ShardWorker:
         key_id: id of the master key, recorded in done markers (never the key).
         fingerprint: spec fingerprint, recorded in done markers so that a resumed run with another config is refused.
         torch_threads: intra-op threads for this worker (0 leaves torch's default).
+        device: overrides runtime.device (the Ray adapter pins GPU-less actors to the CPU).
     """
 
-    def __init__(self, spec: JobSpec, pseudonym_key: bytes | None, key_id: str | None, fingerprint: str, torch_threads: int = 0):
+    def __init__(
+        self,
+        spec: JobSpec,
+        pseudonym_key: bytes | None,
+        key_id: str | None,
+        fingerprint: str,
+        torch_threads: int = 0,
+        device: str | None = None,
+    ):
         self.spec = spec
         self.pseudonym_key = pseudonym_key
         self.key_id = key_id
         self.fingerprint = fingerprint
         self.torch_threads = torch_threads
+        self.device = device
         self.layout = OutputLayout(spec.output.dir)
         self.stages = None
 
@@ -76,7 +86,7 @@ class ShardWorker:
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
         spec = self.spec
-        device = resolve_device(spec.runtime.device)
+        device = resolve_device(self.device or spec.runtime.device)
         fail_fast = spec.policy.on_error == "fail"
         an = spec.anonymizer
         methods = {an.method} | ({an.fallback} if an.fallback != "withhold" else set())

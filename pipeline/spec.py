@@ -219,9 +219,9 @@ _FIX_HINTS = {
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid job spec {source}:"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after")) or "(top level)"
-        # pydantic puts union branches in the location path; keep the key the user wrote
-        loc = loc.replace(".str", "").replace(".list[str]", "")
+        # pydantic puts validators and union branches in the location path; keep the keys the user wrote
+        parts = [str(p) for p in e["loc"] if not str(p).startswith("function-after") and str(p) not in ("str", "list[str]")]
+        loc = ".".join(parts) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         hint = _FIX_HINTS.get(e["type"], "")
         if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
@@ -275,11 +275,21 @@ def spec_to_dict(spec: JobSpec) -> dict:
 
 
 def spec_fingerprint(spec: JobSpec) -> str:
-    """Hash of everything that shapes the output bytes (not where they go, nor runtime/resources)."""
+    """Hash of what shapes the output bytes of a shard.
+
+    Left out: where inputs and outputs live (adding shards later must not refuse a resume), the key file's
+    path (the key id is checked separately), the failure policy, and actor counts. Kept: the detection
+    batch size and device, because MTCNN's float results depend on batch composition and hardware.
+    """
     d = spec_to_dict(spec)
-    for volatile in ("runtime", "resources"):
-        d.pop(volatile, None)
+    d.pop("runtime", None)
+    d.pop("resources", None)
     d["output"].pop("dir", None)
+    d["input"].pop("paths", None)
+    d["keys"].pop("master", None)
+    d["policy"].pop("on_error", None)
+    d["detect_batch_size"] = spec.resources.detect.batch_size
+    d["device"] = spec.runtime.device
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

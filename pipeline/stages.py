@@ -110,7 +110,9 @@ class DecodeStage(_Stage):
                 self._record(s, "error", raw.read_error)
                 continue
             if raw.image_field is None:
-                self._record(s, "error", f"no image field in sample (fields: {', '.join(sorted(raw.fields)) or 'none'})")
+                # Field names are not echoed: with WebDataset's first-dot rule they can hold parts of a name.
+                self._record(s, "error", f"no image field in sample ({len(raw.fields)} other member(s); expected "
+                             "jpg, jpeg, png or webp, or set input.image_column)")
                 continue
             data = raw.fields.get(raw.image_field)
             if not data:
@@ -121,6 +123,8 @@ class DecodeStage(_Stage):
                 s.image = decode_image(data, self.max_pixels, self.keep_exif)
             except DecodeError as e:
                 self._record(s, "error", str(e))
+            except Exception as e:  # anything else a hostile file triggers stays this sample's problem
+                self._record(s, "error", f"cannot decode image: {type(e).__name__}")
         return batch
 
 
@@ -193,6 +197,9 @@ class DetectStage(_Stage):
             scale = min(1.0, self.max_side / max(h, w))
             if scale < 1.0:
                 img = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+            if min(img.shape[:2]) < self.min_face_size:
+                s.faces = []  # smaller than the smallest detectable face (MTCNN would raise on it)
+                continue
             groups[img.shape[:2]].append((s, img, scale))
         for _, members in sorted(groups.items()):
             try:
@@ -316,11 +323,13 @@ class AnonymizeStage(_Stage):
             model = self.anonymizers[method]
             for start in range(0, len(items), self.batch_size):
                 chunk = items[start : start + self.batch_size]
-                crops = np.stack([f.crop for _, f in chunk])
-                x = torch.from_numpy(crops).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
                 try:
+                    crops = np.stack([f.crop for _, f in chunk])
+                    x = torch.from_numpy(crops).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
                     with torch.inference_mode():
                         y = model.anonymize(x, [f.seed for _, f in chunk])
+                    if y.shape != x.shape:
+                        raise RuntimeError(f"anonymizer returned shape {tuple(y.shape)} for input {tuple(x.shape)}")
                 except Exception as e:
                     if self.fail_fast:
                         raise
@@ -328,7 +337,6 @@ class AnonymizeStage(_Stage):
                         if s.live:
                             s.fail("withheld", f"anonymizer {method} failed: {type(e).__name__}: {e}")
                     continue
-                assert y.shape == x.shape, (y.shape, x.shape)
                 out = y.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
                 for (_, f), crop in zip(chunk, out):
                     f.crop = np.ascontiguousarray(crop)

@@ -103,3 +103,45 @@ def test_unwritable_output_and_missing_input_fail_fast(tmp_path):
     blocker.write_text("x")
     with pytest.raises(PermissionError, match="output.dir"):
         run_job(parse_spec(job_tree(blocker / "out", DEMO_SHARDS[0])), echo=lambda *_: None)
+
+
+def test_public_errors_carry_no_names_or_addresses_and_rerun_identically(tmp_path):
+    shard = write_tar(
+        tmp_path / "names-000000.tar",
+        [("Barack.Obama.json", b"{}"), ("Barack.Obama.txt", b"x"), ("junk.jpg", b"this is not an image at all"),
+         ("tiny.png", encode(no_face_image(8, 8), "PNG"))],
+    )
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"out{i}"
+        run_job(parse_spec(job_tree(out, shard)), echo=lambda *_: None)
+        outs.append((out / "manifests" / "names-000000.tar.parquet").read_bytes())
+    assert outs[0] == outs[1], "error texts must not contain run-dependent details (object addresses)"
+    rows = {r["key"]: r for r in pq.read_table(tmp_path / "out0" / "manifests" / "names-000000.tar.parquet").to_pylist()}
+    assert "obama" not in rows["Barack"]["error"].lower() and "no image field" in rows["Barack"]["error"]
+    assert rows["junk"]["status"] == "error" and " at 0x" not in rows["junk"]["error"]
+    assert rows["tiny"]["status"] == "no_face", "an image smaller than any detectable face has no face"
+
+
+def test_wrong_parquet_column_is_a_job_error_before_anything_is_written(tmp_path):
+    import pyarrow as pa
+
+    from pipeline.spec import JobSpecError
+
+    shard = tmp_path / "t-000000.parquet"
+    pq.write_table(pa.table({"img": [b"x"], "id": ["a"]}), shard)
+    tree = job_tree(tmp_path / "out", shard, input={"format": "parquet", "paths": str(shard), "image_column": "image"})
+    with pytest.raises(JobSpecError, match=r"input.image_column 'image' is not a column of t-000000.parquet"):
+        run_job(parse_spec(tree), echo=lambda *_: None)
+    assert not (tmp_path / "out" / "done").exists()
+
+
+def test_actor_shapes_no_node_can_host_are_refused():
+    from pipeline.ray_adapter import check_feasible
+    from pipeline.spec import JobSpecError
+
+    check_feasible(0.5, 0, {"CPU": 2.0})
+    with pytest.raises(JobSpecError, match="num_cpus"):
+        check_feasible(4, 0, {"CPU": 2.0})
+    with pytest.raises(JobSpecError, match="num_gpus"):
+        check_feasible(0.5, 1, {"CPU": 2.0})

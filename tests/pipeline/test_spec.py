@@ -85,3 +85,34 @@ def test_cli_reports_spec_errors_without_traceback(tmp_path):
     res = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(job)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert "input.format" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("job", sorted((ROOT / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_job_validates(job):
+    load_spec(job)
+
+
+def test_g2face_method_stops_with_a_clear_message_until_the_model_ships(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "jobs" / "demo.yaml"),
+         "--set", f"output.dir={tmp_path / 'out'}", "--set", "anonymizer.method=g2face"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+    assert res.returncode == 2
+    assert "anonymizer.method 'g2face'" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("*.key"))
+
+
+def test_error_location_keeps_key_names_intact(tmp_path):
+    tree = job_tree(tmp_path, DEMO_SHARDS)
+    tree["output"]["strip_exif"] = True
+    with pytest.raises(JobSpecError, match=r"output\.strip_exif: unknown key"):
+        parse_spec(tree)
+
+
+def test_fingerprint_ignores_locations_but_not_detection_batching(tmp_path):
+    base = parse_spec(job_tree(tmp_path / "a", DEMO_SHARDS))
+    moved = parse_spec(job_tree(tmp_path / "b", DEMO_SHARDS[:1]))
+    rebatched = parse_spec(job_tree(tmp_path / "a", DEMO_SHARDS, resources={"detect": {"batch_size": 3}}))
+    assert spec_mod.spec_fingerprint(base) == spec_mod.spec_fingerprint(moved)
+    assert spec_mod.spec_fingerprint(base) != spec_mod.spec_fingerprint(rebatched)
