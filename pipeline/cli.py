@@ -37,6 +37,86 @@ def run(
         _fail(str(e))
 
 
+@app.command()
+def submit(
+    job: Path = typer.Argument(..., help="YAML job spec."),
+    address: str = typer.Option(..., "--address", help="Ray dashboard address of the cluster, e.g. http://HEAD:8265."),
+    wait: bool = typer.Option(False, "--wait", help="Wait for the job to finish and print its final status."),
+    timeout: float = typer.Option(24 * 3600, "--timeout", help="With --wait: give up waiting after this many seconds."),
+    python: str = typer.Option("python", "--python", help="Python of the cluster's environment (has the dependencies)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key (YAML value), as for `run`."),
+) -> None:
+    """Submit a job to a Ray cluster through the Ray Jobs API; prints the submission id."""
+    import shutil
+
+    from .ray_adapter import TERMINAL_STATES, submit as submit_job, wait_for
+    from .spec import JobSpecError
+    from .submit import stage_submission
+
+    try:
+        stage, spec = stage_submission(job, set_ or [])
+    except (JobSpecError, FileNotFoundError) as e:
+        _fail(str(e))
+    try:
+        sid = submit_job(
+            address,
+            f"{python} -m pipeline.cli run job.yaml",
+            str(stage),
+            metadata={"g2face-pipe.dataset": spec.dataset.id, "g2face-pipe.job": job.name},
+            env_vars={"RAY_USAGE_STATS_ENABLED": "0"},
+        )
+    except ConnectionError as e:
+        _fail(str(e))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    typer.echo(sid)
+    typer.echo(f"follow: g2face-pipe logs {sid} --address {address} --follow", err=True)
+    if wait:
+        st = wait_for(address, sid, timeout)
+        typer.echo(f"{sid}: {st['status']}" + (f": {st['message']}" if st["message"] and st["status"] != "SUCCEEDED" else ""))
+        if st["status"] not in TERMINAL_STATES:
+            _fail(f"job {sid} still {st['status']} after {timeout:.0f} s", 1)
+        if st["status"] != "SUCCEEDED":
+            raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    submission_id: str = typer.Argument(..., help="Submission id printed by `submit`."),
+    address: str = typer.Option(..., "--address", help="Ray dashboard address, e.g. http://HEAD:8265."),
+) -> None:
+    """Status of a submitted job (and its error, when it failed)."""
+    from .ray_adapter import job_status
+
+    try:
+        st = job_status(address, submission_id)
+    except (ConnectionError, LookupError) as e:
+        _fail(str(e))
+    typer.echo(f"{submission_id}: {st['status']}")
+    if st["message"]:
+        typer.echo(st["message"])
+    if st["status"] == "FAILED":
+        raise typer.Exit(1)
+
+
+@app.command()
+def logs(
+    submission_id: str = typer.Argument(..., help="Submission id printed by `submit`."),
+    address: str = typer.Option(..., "--address", help="Ray dashboard address, e.g. http://HEAD:8265."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends."),
+) -> None:
+    """Logs of a submitted job."""
+    from .ray_adapter import follow_logs, job_logs
+
+    try:
+        if follow:
+            follow_logs(address, submission_id, lambda text: typer.echo(text, nl=False))
+        else:
+            typer.echo(job_logs(address, submission_id), nl=False)
+    except ConnectionError as e:
+        _fail(str(e))
+
+
 @keys_app.command("init")
 def keys_init(out: Path = typer.Option(..., "--out", help="Where to write the new master key (mode 0600).")) -> None:
     """Create a new master key file. Keep it secret; only its key id appears in outputs."""
@@ -47,6 +127,22 @@ def keys_init(out: Path = typer.Option(..., "--out", help="Where to write the ne
     except KeyFileError as e:
         _fail(str(e))
     typer.echo(f"created master key {kid} at {out} (mode 0600); set keys.master: {out} in your job")
+
+
+@keys_app.command("export")
+def keys_export(
+    master: Path = typer.Option(..., "--master", help="Master key file."),
+    shard: str = typer.Option(..., "--shard", help="Output shard name, e.g. celeba-hq-000003.tar."),
+    dataset: str = typer.Option(..., "--dataset", help="dataset.id of the job that wrote the shard."),
+    out: Path = typer.Option(..., "--out", help="Where to write the shard key (mode 0600)."),
+) -> None:
+    """Export the key of one shard for an authorized user (it opens that shard only)."""
+    from .keys import KeyFileError, keys_export_command
+
+    try:
+        typer.echo(keys_export_command(master, shard, dataset, out))
+    except KeyFileError as e:
+        _fail(str(e))
 
 
 def main() -> None:

@@ -1,73 +1,196 @@
-"""The one module that imports Ray: maps shard workers onto a Ray Data actor pool.
+"""The one module that imports Ray: shard workers on a Ray Data actor pool, the GPU model pool, and the
+Ray Jobs client behind ``submit`` / ``status`` / ``logs``.
 
-Pattern (measured in ray_facts.md): a dataset of shard URLs -> ``map_batches`` with one shard per
-call on an ``ActorPoolStrategy`` of shard-worker actors. Each call writes its own output shard
-atomically, so shards stay 1:1 with the input and a resumed run can skip finished ones.
+Execution pattern (measured in ray_facts.md): a dataset of shard URLs -> ``map_batches`` with one shard
+per call on an ``ActorPoolStrategy`` of shard-worker actors. Each call writes its own output shard
+atomically, so shards stay 1:1 with the input and a resumed run skips finished ones. When the model
+stage asks for GPUs it runs in its own pool of GPU actors that the (CPU) shard workers call with
+batches of aligned faces; on a CPU-only cluster every stage runs fused in the shard worker.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-from typing import Callable, Iterable
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
 
-from .spec import JobSpec
+import numpy as np
+import torch
+
+from .spec import JobSpec, JobSpecError
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+# -- starting or joining Ray --------------------------------------------------------------------------------
+
+
+def _cluster_address(spec: JobSpec) -> str | None:
+    return spec.runtime.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def ensure_ray(spec: JobSpec) -> None:
+    """Join the cluster named by runtime.address (or RAY_ADDRESS, set inside a Ray job) or start a local Ray."""
+    address = _cluster_address(spec)
+    if (address is None or _is_loopback(address)) and "ray" not in sys.modules:
+        # A single-machine Ray stays on loopback: without this Ray advertises the external interface even
+        # for a 127.0.0.1 head, and a driver that does so cannot be called back by actors of a loopback head.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict = {"log_to_driver": False, "logging_level": logging.ERROR}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=spec.runtime.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+
+
+# -- resource plan ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    """How a job maps onto the cluster: shard workers (CPU stages), and the model stage fused or split out."""
+
+    shard_actors: int
+    shard_cpus: float
+    shard_gpus: float
+    model_actors: int  # 0: the model runs fused inside the shard workers
+    model_cpus: float
+    model_gpus: float
+
+
+def plan_resources(spec: JobSpec, cluster: dict, n_shards: int) -> ResourcePlan:
+    r = spec.resources
+    model_gpus = r.anonymize.num_gpus
+    if model_gpus in ("auto", None):
+        model_gpus = 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
+    cpu_stages = [r.decode, r.detect, r.encode]
+    if model_gpus > 0:
+        # No more model actors than the cluster's GPUs can hold: an actor that cannot be placed waits forever.
+        fits = int(cluster.get("GPU", 0) // model_gpus) if cluster.get("GPU", 0) >= model_gpus else 1
+        plan = ResourcePlan(
+            shard_actors=min(max(s.actors for s in cpu_stages), n_shards),
+            shard_cpus=max(s.num_cpus for s in cpu_stages),
+            shard_gpus=0.0,
+            model_actors=max(1, min(r.anonymize.actors, fits)),
+            model_cpus=r.anonymize.num_cpus,
+            model_gpus=float(model_gpus),
+        )
+    else:
+        # CPU-only: every stage fused in one actor, which asks for what its hungriest stage needs.
+        stages = cpu_stages + [r.anonymize]
+        plan = ResourcePlan(min(max(s.actors for s in stages), n_shards), max(s.num_cpus for s in stages), 0.0, 0, 0.0, 0.0)
+    check_feasible(plan, cluster)
+    return plan
+
+
+def check_feasible(plan: ResourcePlan, cluster: dict) -> None:
+    """Refuse actor shapes that no node can host (Ray Data would otherwise wait for them forever)."""
+    have_cpu, have_gpu = cluster.get("CPU", 0), cluster.get("GPU", 0)
+    if plan.shard_cpus > have_cpu:
+        raise JobSpecError(
+            f"resources.<stage>.num_cpus asks {plan.shard_cpus} CPUs per shard worker but the Ray cluster has "
+            f"{have_cpu}; lower num_cpus (fractions such as 0.5 are allowed)"
+        )
+    if plan.model_actors and plan.model_gpus > have_gpu:
+        raise JobSpecError(
+            f"resources.anonymize.num_gpus asks {plan.model_gpus} GPUs per model actor but the Ray cluster has "
+            f"{have_gpu}; set it to 0 (or 'auto') on a CPU-only cluster"
+        )
+    if plan.model_actors and plan.model_cpus + plan.shard_cpus > have_cpu:
+        raise JobSpecError(
+            f"a model actor ({plan.model_cpus} CPUs) and a shard worker ({plan.shard_cpus} CPUs) do not fit in the "
+            f"cluster's {have_cpu} CPUs; lower resources.anonymize.num_cpus or the other stages' num_cpus"
+        )
+
+
+# -- the GPU model pool -------------------------------------------------------------------------------------
+
+
+class _ModelServer:
+    """Holds one anonymizer on its device; called with uint8 crops so transfers stay small and exact."""
+
+    def __init__(self, method: str, spec: JobSpec):
+        from .anonymizers import build_anonymizer
+        from .shard_worker import resolve_device
+
+        an = spec.anonymizer
+        self.model = build_anonymizer(method, an.resolution, an.blur_sigma, an.pixelate_blocks, an.checkpoint)
+        self.device = torch.device(resolve_device(spec.runtime.device))
+        self.model.setup(self.device)
+
+    def anonymize(self, crops: np.ndarray, seeds: list[int]) -> np.ndarray:
+        x = torch.from_numpy(np.array(crops)).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
+        with torch.inference_mode():
+            y = self.model.anonymize(x, seeds)
+        return y.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+    def device_name(self) -> str:
+        return str(self.device)
+
+
+class RemoteAnonymizer:
+    """FaceAnonymizer interface over the model pool: the shard worker's AnonymizeStage calls it like a local one.
+
+    Args:
+        handles: Ray actor handles of ``_ModelServer`` actors.
+        model_id: id of the model they hold.
+        resolution: aligned crop side.
+        offset: which actor this worker starts with, so that workers spread over the pool.
+    """
+
+    def __init__(self, handles: list, model_id: str, resolution: int, offset: int = 0):
+        self.handles = handles
+        self.model_id = model_id
+        self.resolution = resolution
+        self.calls = offset
+
+    def setup(self, device: torch.device) -> None:
+        pass
+
+    def anonymize(self, faces: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        import ray
+
+        # Inputs came from uint8 crops, so this round trip through uint8 is exact.
+        crops = faces.mul(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        handle = self.handles[self.calls % len(self.handles)]
+        self.calls += 1
+        out = ray.get(handle.anonymize.remote(crops, list(seeds)))
+        return torch.from_numpy(np.array(out)).to(faces.device).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+# -- running shards -----------------------------------------------------------------------------------------
 
 
 class _ShardActor:
     """Ray Data callable class: holds one ShardWorker for its lifetime."""
 
-    def __init__(self, spec: JobSpec, pseudonym_key, key_id, fingerprint, torch_threads, device):
+    def __init__(self, spec: JobSpec, pseudonym_key, key_id, fingerprint, torch_threads, device, model_handles, model_id):
         from .shard_worker import ShardWorker
 
-        self.worker = ShardWorker(spec, pseudonym_key, key_id, fingerprint, torch_threads, device)
+        remote = {}
+        if model_handles:
+            offset = os.getpid()
+            remote[spec.anonymizer.method] = RemoteAnonymizer(model_handles, model_id, spec.anonymizer.resolution, offset)
+        self.worker = ShardWorker(spec, pseudonym_key, key_id, fingerprint, torch_threads, device, remote)
         self.worker.setup()
 
     def __call__(self, batch: dict) -> dict:
         results = [json.dumps(self.worker.process_shard(str(url))) for url in batch["url"]]
         return {"result": results}
-
-
-def fused_resources(spec: JobSpec) -> tuple[int, float, float]:
-    """Actors, CPUs and GPUs of one fused shard worker.
-
-    All stages of a shard run in one actor (the 1:1 shard pattern), so the actor asks for what its
-    hungriest stage needs and the pool is as large as the largest stage's actor count.
-    """
-    stages = [spec.resources.decode, spec.resources.detect, spec.resources.anonymize, spec.resources.encode]
-    return max(s.actors for s in stages), max(s.num_cpus for s in stages), max(s.num_gpus for s in stages)
-
-
-def check_feasible(cpus: float, gpus: float, cluster: dict) -> None:
-    """Refuse actor shapes that no node can host (Ray Data would wait for them forever)."""
-    from .spec import JobSpecError
-
-    have_cpu, have_gpu = cluster.get("CPU", 0), cluster.get("GPU", 0)
-    if cpus > have_cpu:
-        raise JobSpecError(
-            f"resources.<stage>.num_cpus asks {cpus} CPUs per shard worker but the Ray cluster has {have_cpu}; "
-            "lower num_cpus (fractions such as 0.5 are allowed)"
-        )
-    if gpus > have_gpu:
-        raise JobSpecError(
-            f"resources.<stage>.num_gpus asks {gpus} GPUs per shard worker but the Ray cluster has {have_gpu}; "
-            "set num_gpus: 0 on a CPU-only cluster"
-        )
-
-
-def ensure_ray(spec: JobSpec) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    kwargs: dict = {"log_to_driver": False, "logging_level": logging.ERROR, "configure_logging": True}
-    if spec.runtime.address:
-        ray.init(address=spec.runtime.address, **kwargs)
-    else:
-        # A local Ray stays on loopback: nothing of a single-machine run listens on external interfaces.
-        ray.init(num_cpus=spec.runtime.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
 
 
 def run_shards(
@@ -76,22 +199,36 @@ def run_shards(
     pseudonym_key: bytes | None,
     key_id: str | None,
     fingerprint: str,
+    model_id: str,
     on_result: Callable[[dict], None],
-) -> None:
+    echo: Callable[[str], None] = lambda *_: None,
+) -> ResourcePlan:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
     ensure_ray(spec)
+    plan = plan_resources(spec, ray.cluster_resources(), len(urls))
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = spec.runtime.progress
-    actors, cpus, gpus = fused_resources(spec)
-    actors = min(actors, len(urls))
-    check_feasible(cpus, gpus, ray.cluster_resources())
     if hasattr(ctx, "wait_for_min_actors_s"):
         ctx.wait_for_min_actors_s = 600  # fail instead of waiting forever for actors that cannot be placed
-    # An actor that asked for no GPU must not use one (Ray leaves CUDA visible to such actors).
-    device = "cpu" if gpus == 0 and spec.runtime.device == "auto" else None
-    threads = spec.runtime.torch_threads or max(1, int(cpus))
+    handles = []
+    if plan.model_actors:
+        server = ray.remote(num_cpus=plan.model_cpus, num_gpus=plan.model_gpus)(_ModelServer)
+        handles = [server.remote(spec.anonymizer.method, spec) for _ in range(plan.model_actors)]
+        ready, pending = ray.wait([h.device_name.remote() for h in handles], num_returns=len(handles), timeout=600)
+        if pending:
+            for h in handles:
+                ray.kill(h)
+            raise RuntimeError(
+                f"{len(pending)} of {len(handles)} model actor(s) could not start within 600 s; check "
+                "resources.anonymize (num_gpus, num_cpus, actors) against the cluster"
+            )
+        devices = ray.get(ready)
+        echo(f"model stage: {plan.model_actors} actor(s) x {plan.model_gpus} GPU on {', '.join(sorted(set(devices)))}")
+    # A shard worker that asked for no GPU must not use one (Ray leaves CUDA visible to such actors).
+    device = "cpu" if spec.runtime.device == "auto" else None
+    threads = spec.runtime.torch_threads or max(1, int(plan.shard_cpus))
     ds = ray.data.from_items([{"url": u} for u in urls], override_num_blocks=len(urls))
     ds = ds.map_batches(
         _ShardActor,
@@ -102,16 +239,84 @@ def run_shards(
             "fingerprint": fingerprint,
             "torch_threads": threads,
             "device": device,
+            "model_handles": handles,
+            "model_id": model_id,
         },
         batch_size=1,
         batch_format="numpy",
-        compute=ActorPoolStrategy(size=actors),
-        num_cpus=cpus,
-        num_gpus=gpus,
+        compute=ActorPoolStrategy(size=plan.shard_actors),
+        num_cpus=plan.shard_cpus,
+        num_gpus=plan.shard_gpus,
     )
-    for row in _iter_rows(ds):
-        on_result(json.loads(row["result"]))
+    try:
+        for row in ds.iter_rows():
+            on_result(json.loads(row["result"]))
+    finally:
+        for h in handles:
+            ray.kill(h)
+    return plan
 
 
-def _iter_rows(ds) -> Iterable[dict]:
-    yield from ds.iter_rows()
+# -- Ray Jobs: submit / status / logs -----------------------------------------------------------------------
+
+
+def jobs_client(address: str, timeout_s: float = 10.0):
+    """A JobSubmissionClient, or a clear error within ``timeout_s`` when the address does not answer."""
+    import urllib.error
+    import urllib.request
+
+    from ray.job_submission import JobSubmissionClient
+
+    url = address.rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    try:
+        urllib.request.urlopen(url + "/api/version", timeout=timeout_s).read()
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise ConnectionError(
+            f"no Ray dashboard answers at {address} ({reason}); check --address (http://HEAD:8265) and that the "
+            "head is running (`ray start --head --dashboard-host 0.0.0.0`)"
+        ) from None
+    return JobSubmissionClient(url)
+
+
+def submit(address: str, entrypoint: str, working_dir: str, metadata: dict, env_vars: dict) -> str:
+    client = jobs_client(address)
+    runtime_env = {"working_dir": working_dir, "env_vars": env_vars}
+    return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata=metadata)
+
+
+def job_status(address: str, submission_id: str) -> dict:
+    client = jobs_client(address)
+    try:
+        info = client.get_job_info(submission_id)
+    except RuntimeError as e:
+        raise LookupError(f"no job {submission_id!r} on {address}: {e}") from None
+    return {"submission_id": submission_id, "status": str(info.status.value if hasattr(info.status, "value") else info.status),
+            "message": info.message or "", "entrypoint": info.entrypoint}
+
+
+def job_logs(address: str, submission_id: str) -> str:
+    return jobs_client(address).get_job_logs(submission_id)
+
+
+def follow_logs(address: str, submission_id: str, write: Callable[[str], None]) -> None:
+    import asyncio
+
+    client = jobs_client(address)
+
+    async def _tail() -> None:
+        async for lines in client.tail_job_logs(submission_id):
+            write(lines)
+
+    asyncio.run(_tail())
+
+
+def wait_for(address: str, submission_id: str, timeout_s: float, poll_s: float = 1.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        st = job_status(address, submission_id)
+        if st["status"] in TERMINAL_STATES or time.monotonic() > deadline:
+            return st
+        time.sleep(poll_s)

@@ -43,6 +43,14 @@ def demo_key_path(output_dir: str) -> Path:
     return p.parent / f"{p.name}.DEMO-ONLY-master.key"
 
 
+def check_key_configured(spec: JobSpec) -> None:
+    if spec.output.keys == "pseudonymize" and not spec.keys.master and not spec.keys.create_demo_key:
+        raise JobSpecError(
+            "output.keys is 'pseudonymize' but keys.master is not set: create a key with "
+            "`g2face-pipe keys init --out PATH` and set keys.master: PATH (or set output.keys: keep)"
+        )
+
+
 def resolve_keys(spec: JobSpec) -> KeyMaterial:
     """Master key -> derived keys; refuses to start when the job needs a key it does not have."""
     path = spec.keys.master
@@ -55,11 +63,7 @@ def resolve_keys(spec: JobSpec) -> KeyMaterial:
             create_master_key(demo, note="DEMO ONLY: created by keys.create_demo_key; never use for real data")
         path = str(demo)
     if path is None:
-        if spec.output.keys == "pseudonymize":
-            raise JobSpecError(
-                "output.keys is 'pseudonymize' but keys.master is not set: create a key with "
-                "`g2face-pipe keys init --out PATH` and set keys.master: PATH (or set output.keys: keep)"
-            )
+        check_key_configured(spec)
         return KeyMaterial(None, None)
     master, kid = load_master_key(path)
     pkey = pseudonym_key(master, spec.dataset.id) if spec.output.keys == "pseudonymize" else None
@@ -166,6 +170,12 @@ def run_job(spec: JobSpec, dry_run: bool = False, echo: Callable[[str], None] = 
     # Build (but do not run) the anonymizer first so that an unavailable method fails before anything is written.
     an = spec.anonymizer
     model_id = build_anonymizer(an.method, an.resolution, an.blur_sigma, an.pixelate_blocks, an.checkpoint).model_id
+    if not dry_run:
+        check_key_configured(spec)  # fail fast, in order: a missing key, ...
+        if spec.keys.master:
+            load_master_key(spec.keys.master)
+        storage.list_shards(spec.input.paths)  # ... unreadable input ...
+        storage.check_writable(spec.output.dir)  # ... or unwritable output, before anything is created
     keys = resolve_keys(spec) if not dry_run else KeyMaterial(None, None)
     fingerprint = spec_fingerprint(spec)
     if dry_run:
@@ -179,7 +189,6 @@ def run_job(spec: JobSpec, dry_run: bool = False, echo: Callable[[str], None] = 
     if keys.demo_key_path:
         echo(f"using DEMO master key {keys.demo_key_path} (keys.create_demo_key); never use it for real data")
     plans = plan_shards(spec, fingerprint, keys.key_id)
-    storage.check_writable(spec.output.dir)
     remove_stale_temp_files(spec.output.dir)
     model_hashes = {} if spec.input.aligned else verify_mtcnn_weights()
     pending = [p for p in plans if not p.done]
@@ -197,7 +206,7 @@ def run_job(spec: JobSpec, dry_run: bool = False, echo: Callable[[str], None] = 
         if spec.runtime.executor == "ray":
             from .ray_adapter import run_shards
 
-            run_shards(spec, [p.url for p in pending], keys.pseudonym_key, keys.key_id, fingerprint, on_result)
+            run_shards(spec, [p.url for p in pending], keys.pseudonym_key, keys.key_id, fingerprint, model_id, on_result, echo)
         else:
             worker = ShardWorker(spec, keys.pseudonym_key, keys.key_id, fingerprint, spec.runtime.torch_threads)
             for p in pending:

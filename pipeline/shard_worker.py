@@ -62,6 +62,8 @@ class ShardWorker:
         fingerprint: spec fingerprint, recorded in done markers so that a resumed run with another config is refused.
         torch_threads: intra-op threads for this worker (0 leaves torch's default).
         device: overrides runtime.device (the Ray adapter pins GPU-less actors to the CPU).
+        remote_anonymizers: method -> anonymizer that runs elsewhere (the Ray adapter's GPU model pool); other
+            methods are built locally.
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class ShardWorker:
         fingerprint: str,
         torch_threads: int = 0,
         device: str | None = None,
+        remote_anonymizers: dict | None = None,
     ):
         self.spec = spec
         self.pseudonym_key = pseudonym_key
@@ -79,6 +82,7 @@ class ShardWorker:
         self.fingerprint = fingerprint
         self.torch_threads = torch_threads
         self.device = device
+        self.remote_anonymizers = remote_anonymizers or {}
         self.layout = OutputLayout(spec.output.dir)
         self.stages = None
 
@@ -91,7 +95,8 @@ class ShardWorker:
         an = spec.anonymizer
         methods = {an.method} | ({an.fallback} if an.fallback != "withhold" else set())
         anonymizers = {
-            m: build_anonymizer(m, an.resolution, an.blur_sigma, an.pixelate_blocks, an.checkpoint) for m in sorted(methods)
+            m: self.remote_anonymizers.get(m) or build_anonymizer(m, an.resolution, an.blur_sigma, an.pixelate_blocks, an.checkpoint)
+            for m in sorted(methods)
         }
         self.model_id = anonymizers[an.method].model_id
         det = spec.detection

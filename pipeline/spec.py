@@ -150,7 +150,11 @@ class PolicySpec:
 class StageResources:
     actors: int = Field(default=1, ge=1, description="Actors for this stage.")
     num_cpus: float = Field(default=0.5, ge=0, description="Logical CPUs per actor (fractions allowed).")
-    num_gpus: float = Field(default=0, ge=0, description="GPUs per actor (fractions allowed).")
+    num_gpus: float | Literal["auto"] | None = Field(
+        default=None,
+        description="GPUs per actor (fractions allowed). Unset: 'auto' for the anonymize stage (1 when the Ray "
+        "cluster reports GPUs, else 0) and 0 for the others. A model stage with GPUs runs in its own actor pool.",
+    )
     batch_size: int = Field(default=16, ge=1, description="Images (decode/detect/encode) or faces (anonymize) per batch.")
 
 
@@ -201,6 +205,13 @@ class JobSpec:
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "JobSpec":
+        for name in ("decode", "detect", "encode"):
+            gpus = getattr(self.resources, name).num_gpus
+            if gpus is not None and (gpus == "auto" or gpus < 0):
+                raise ValueError(f"resources.{name}.num_gpus must be a number >= 0 ('auto' is for resources.anonymize)")
+        gpus = self.resources.anonymize.num_gpus
+        if gpus not in (None, "auto") and gpus < 0:
+            raise ValueError("resources.anonymize.num_gpus must be >= 0 or 'auto'")
         if self.input.format == "parquet" and not self.input.image_column:
             raise ValueError("input.image_column is required for parquet input: name the column with image bytes")
         return self

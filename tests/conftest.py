@@ -9,6 +9,9 @@ import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+# Ray otherwise advertises the machine's external interface even when told 127.0.0.1; tests stay on loopback.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_SHARDS = sorted((ROOT / "data" / "demo").glob("nasa-*.tar"))

@@ -135,13 +135,3 @@ def test_wrong_parquet_column_is_a_job_error_before_anything_is_written(tmp_path
         run_job(parse_spec(tree), echo=lambda *_: None)
     assert not (tmp_path / "out" / "done").exists()
 
-
-def test_actor_shapes_no_node_can_host_are_refused():
-    from pipeline.ray_adapter import check_feasible
-    from pipeline.spec import JobSpecError
-
-    check_feasible(0.5, 0, {"CPU": 2.0})
-    with pytest.raises(JobSpecError, match="num_cpus"):
-        check_feasible(4, 0, {"CPU": 2.0})
-    with pytest.raises(JobSpecError, match="num_gpus"):
-        check_feasible(0.5, 1, {"CPU": 2.0})

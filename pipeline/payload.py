@@ -1,0 +1,433 @@
+"""The key-gated payload hidden in each anonymized face (format version 1; spec: schemas/payload.md).
+
+encode: identity embedding -> float16 plaintext with a 4-byte header -> AES-256-GCM-SIV under a key
+derived from the shard key (nonce from job seed, sample key and face index; associated data binds
+dataset, shard, sample, face, model and layout) -> Reed-Solomon over GF(256) -> codewords interleaved
+byte by byte -> the stream repeated cyclically to fill exactly ``capacity_bits`` bits.
+
+decode: bits or bit logits -> copies combined by summing logits -> hard decisions -> RS decoding
+(errors only first, then erasing the least reliable symbols) -> authenticated decryption. Any failure
+returns a result with ok=False and a message; a wrong plaintext is never returned.
+
+This module knows nothing about images or models: the hiding model supplies and consumes the bits.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import reedsolo
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
+
+from .keys import ShardKey
+
+FORMAT_VERSION = 1
+DTYPE_FLOAT16 = 1
+HEADER_BYTES = 4  # version u8 | dtype u8 | dim u16 big-endian
+TAG_BYTES = 16
+NONCE_BYTES = 12
+RS_MAX_N = 255
+MIN_PARITY = 32  # every codeword keeps >= 32 parity symbols, so it corrects >= 16 symbol errors
+GMD_SPARE = 16  # erasure decoding always leaves >= 16 parity symbols unused, to detect miscorrections
+GMD_STEPS = 8  # erasure tries per failed codeword: f = max_f/8, 2 max_f/8, ..., max_f least reliable symbols
+MAX_DIM = 4096
+
+__all__ = [
+    "FORMAT_VERSION",
+    "PayloadError",
+    "PayloadContext",
+    "PayloadLayout",
+    "DecodeResult",
+    "encode",
+    "decode",
+    "minimum_capacity_bits",
+]
+
+
+class PayloadError(ValueError):
+    """A caller error (bad shapes, capacity too small, key for another shard); not a per-face failure."""
+
+
+def _lp(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    return len(raw).to_bytes(4, "big") + raw
+
+
+def _split(total: int, parts: int) -> list[int]:
+    # as even as possible, the longer parts first
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def _ciphertext_bytes(dim: int) -> int:
+    return HEADER_BYTES + 2 * dim + TAG_BYTES
+
+
+def _min_stream_bytes(dim: int) -> int:
+    k = _ciphertext_bytes(dim)
+    c0 = -(-k // (RS_MAX_N - MIN_PARITY))
+    return c0 * (-(-k // c0) + MIN_PARITY)
+
+
+def minimum_capacity_bits(embedding_dim: int) -> int:
+    """Smallest hiding capacity that carries a payload for this embedding size (one copy, minimum parity)."""
+    return 8 * _min_stream_bytes(embedding_dim)
+
+
+@dataclass(frozen=True)
+class PayloadContext:
+    """Where a payload belongs. All of it is bound into the ciphertext; none of it is secret.
+
+    dataset_id: the job's ``dataset.id``; shard: shard name as written in the manifest; sample_key: the
+    sample's key as published in the output shard; face_index: the face's index in the manifest's face
+    order; model_id: id of the hiding model (its capacity and training fix the layout); seed: job seed.
+    """
+
+    dataset_id: str
+    shard: str
+    sample_key: str
+    face_index: int
+    model_id: str
+    seed: int
+
+    def __post_init__(self):
+        for name in ("dataset_id", "shard", "sample_key", "model_id"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not v:
+                raise PayloadError(f"PayloadContext.{name} must be a non-empty string, got {v!r}")
+        if not isinstance(self.face_index, int) or not 0 <= self.face_index < 2**32:
+            raise PayloadError(f"PayloadContext.face_index must be an int in [0, 2^32), got {self.face_index!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
+            raise PayloadError(f"PayloadContext.seed must be an int in [0, 2^64), got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class PayloadLayout:
+    """How one payload fills ``capacity_bits`` bits; a pure function of (capacity, embedding dim).
+
+    capacity_bits: number of bits the hiding model carries per face; embedding_dim: length of the identity
+    embedding (128 for the dlib-based prior, 512 for ArcFace).
+    """
+
+    capacity_bits: int
+    embedding_dim: int
+    ciphertext_bytes: int = field(init=False)
+    copies: int = field(init=False)  # the largest odd r with capacity // (8 r) >= minimum stream length
+    codewords: tuple[tuple[int, int], ...] = field(init=False)  # (n, k) per RS codeword
+    stream_bytes: int = field(init=False)
+
+    def __post_init__(self):
+        c_bits, dim = self.capacity_bits, self.embedding_dim
+        if not isinstance(dim, int) or not 1 <= dim <= MAX_DIM:
+            raise PayloadError(f"embedding_dim must be an int in [1, {MAX_DIM}], got {dim!r}")
+        if not isinstance(c_bits, int) or c_bits < 8 * _min_stream_bytes(dim):
+            raise PayloadError(
+                f"capacity of {c_bits!r} bits is too small for a {dim}-d float16 payload: it needs at least "
+                f"{minimum_capacity_bits(dim)} bits (use a hiding model with more capacity or a shorter embedding)"
+            )
+        k_total, l_min = _ciphertext_bytes(dim), _min_stream_bytes(dim)
+        r = 1
+        while c_bits // (8 * (r + 2)) >= l_min:
+            r += 2
+        length = c_bits // (8 * r)
+        n_cw = -(-length // RS_MAX_N)
+        ns, ks = _split(length, n_cw), _split(k_total, n_cw)
+        if any(n - k < MIN_PARITY for n, k in zip(ns, ks)):
+            # one codeword more would leave too little parity each: keep full-length codewords instead and
+            # let the spare bytes become extra copies (length >= minimum guarantees n_cw - 1 suffices)
+            n_cw -= 1
+            length = RS_MAX_N * n_cw
+            ns, ks = _split(length, n_cw), _split(k_total, n_cw)
+        assert all(n - k >= MIN_PARITY and n <= RS_MAX_N for n, k in zip(ns, ks)), (ns, ks)
+        object.__setattr__(self, "ciphertext_bytes", k_total)
+        object.__setattr__(self, "copies", r)
+        object.__setattr__(self, "codewords", tuple(zip(ns, ks)))
+        object.__setattr__(self, "stream_bytes", length)
+
+    # -- derived figures (all documented in schemas/payload.md) --
+
+    @property
+    def plaintext_bytes(self) -> int:
+        return HEADER_BYTES + 2 * self.embedding_dim
+
+    @property
+    def min_copies(self) -> int:
+        """Copies of the least-repeated stream bit (the first capacity mod 8L bits get one more)."""
+        return self.capacity_bits // (8 * self.stream_bytes)
+
+    @property
+    def correctable_symbols(self) -> tuple[int, ...]:
+        return tuple((n - k) // 2 for n, k in self.codewords)
+
+    @property
+    def guaranteed_bit_errors(self) -> int:
+        """Any pattern of at most this many flipped bits decodes (errors-only RS on hard decisions).
+
+        A symbol goes wrong only when some bit's copies are at least half flipped (a tie may decide
+        wrongly), and a codeword fails only with more than t wrong symbols.
+        """
+        per_symbol = -(-self.min_copies // 2)
+        return (min(self.correctable_symbols) + 1) * per_symbol - 1
+
+    def failure_probability(self, ber: float) -> float:
+        """P(decoding fails) for independent bit flips at rate ``ber``, hard majority decisions, errors-only
+        RS (soft input and erasure decoding only do better)."""
+
+        def wrong_bit(m: int) -> float:
+            s = sum(math.comb(m, j) * ber**j * (1 - ber) ** (m - j) for j in range(m // 2 + 1, m + 1))
+            if m % 2 == 0:  # a tie decides at random
+                s += 0.5 * math.comb(m, m // 2) * (ber * (1 - ber)) ** (m // 2)
+            return s
+
+        m = self.min_copies
+        extra = self.capacity_bits - 8 * self.stream_bytes * m  # bits with m + 1 copies
+        frac = extra / (8 * self.stream_bytes)
+        p_bit = (1 - frac) * wrong_bit(m) + frac * wrong_bit(m + 1)
+        p_sym = 1 - (1 - p_bit) ** 8
+        ok = 1.0
+        for (n, k), t in zip(self.codewords, self.correctable_symbols):
+            ok *= sum(math.comb(n, j) * p_sym**j * (1 - p_sym) ** (n - j) for j in range(t + 1))
+        return 1.0 - ok
+
+    def random_ber_limit(self, failure_probability: float = 1e-3) -> float:
+        """Raw bit error rate (independent flips) at which decoding fails with the given probability."""
+        lo, hi = 0.0, 0.5
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if self.failure_probability(mid) < failure_probability else (lo, mid)
+        return lo
+
+    def describe(self) -> dict:
+        """Public figures of this layout, e.g. for run.json (no secrets)."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "capacity_bits": self.capacity_bits,
+            "embedding_dim": self.embedding_dim,
+            "plaintext_bytes": self.plaintext_bytes,
+            "ciphertext_bytes": self.ciphertext_bytes,
+            "rs_codewords": [list(nk) for nk in self.codewords],
+            "stream_bytes": self.stream_bytes,
+            "copies_min": self.min_copies,
+            "correctable_symbols_per_codeword": list(self.correctable_symbols),
+            "guaranteed_bit_errors": self.guaranteed_bit_errors,
+            "random_ber_limit_1e-3": round(self.random_ber_limit(1e-3), 4),
+            "code_rate": round(8 * self.plaintext_bytes / self.capacity_bits, 4),
+        }
+
+    @functools.cached_property
+    def _interleave(self) -> list[np.ndarray]:
+        # stream byte order: symbol 0 of every codeword, then symbol 1 of every codeword, ... so that a burst
+        # of damaged bits is shared out among the codewords
+        order = [(j, i) for i in range(self.codewords[0][0]) for j, (n, _) in enumerate(self.codewords) if i < n]
+        pos = [np.empty(n, dtype=np.int64) for n, _ in self.codewords]
+        for s, (j, i) in enumerate(order):
+            pos[j][i] = s
+        return pos
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    """Outcome for one face. ``embedding`` (float16) is set only when ok; it never appears in repr().
+
+    status: "ok", "uncorrectable" (too many bit errors for the RS code), "authentication_failed" (wrong key,
+    modified image, or a payload that belongs to another face, sample, shard, dataset, model or seed).
+    raw_ber: fraction of the capacity bits whose own hard decision was wrong. Exact (raw_ber_exact) when RS
+    decoding succeeded; otherwise estimated from disagreeing copies (None with a single copy).
+    corrected_symbols: symbols changed by RS decoding, total (symbol_errors: per codeword).
+    """
+
+    ok: bool
+    status: str
+    message: str
+    embedding: np.ndarray | None = field(default=None, repr=False, compare=False)
+    raw_ber: float | None = None
+    raw_ber_exact: bool = False
+    corrected_symbols: int | None = None
+    symbol_errors: tuple[int, ...] | None = None
+    correctable_symbols: tuple[int, ...] = ()
+    erased_symbols: int = 0
+
+
+def _aad(ctx: PayloadContext, layout: PayloadLayout) -> bytes:
+    return (
+        b"g2face-pipe/payload"
+        + FORMAT_VERSION.to_bytes(1, "big")
+        + layout.capacity_bits.to_bytes(4, "big")
+        + layout.embedding_dim.to_bytes(2, "big")
+        + _lp(ctx.dataset_id)
+        + _lp(ctx.shard)
+        + _lp(ctx.sample_key)
+        + ctx.face_index.to_bytes(4, "big")
+        + _lp(ctx.model_id)
+    )
+
+
+def _nonce(key: ShardKey, ctx: PayloadContext) -> bytes:
+    msg = ctx.seed.to_bytes(8, "big") + _lp(ctx.sample_key) + ctx.face_index.to_bytes(4, "big")
+    return hmac.new(key.derive(b"payload/v1/nonce"), msg, hashlib.sha256).digest()[:NONCE_BYTES]
+
+
+def _check_key(key: ShardKey, ctx: PayloadContext) -> None:
+    if not isinstance(key, ShardKey):
+        raise PayloadError(f"key must be a pipeline.keys.ShardKey (from load_shard_key), got {type(key).__name__}")
+    if (key.dataset_id, key.shard) != (ctx.dataset_id, ctx.shard):
+        raise PayloadError(
+            f"{key!r} opens dataset {key.dataset_id!r} shard {key.shard!r}, but the payload context is dataset "
+            f"{ctx.dataset_id!r} shard {ctx.shard!r}; load the key with load_shard_key(path, dataset_id, shard)"
+        )
+
+
+@functools.lru_cache(maxsize=None)
+def _rs(nsym: int) -> reedsolo.RSCodec:
+    return reedsolo.RSCodec(nsym, nsize=RS_MAX_N)
+
+
+def encode(embedding, ctx: PayloadContext, key: ShardKey, layout: PayloadLayout) -> np.ndarray:
+    """The payload bits of one face: uint8 array of 0/1, shape (layout.capacity_bits,).
+
+    Deterministic: the same (embedding, ctx, key, layout) always gives the same bits.
+    """
+    _check_key(key, ctx)
+    emb = np.asarray(embedding)
+    if emb.shape != (layout.embedding_dim,):
+        raise PayloadError(f"embedding has shape {emb.shape}; this layout carries ({layout.embedding_dim},)")
+    if not np.issubdtype(emb.dtype, np.floating) or not np.all(np.isfinite(emb)):
+        raise PayloadError("embedding must be finite floating-point values")
+    with np.errstate(over="ignore"):
+        half = emb.astype("<f2")
+    if not np.all(np.isfinite(half)):
+        raise PayloadError("embedding has values beyond the float16 range (|x| > 65504); normalise it first")
+    plaintext = (
+        FORMAT_VERSION.to_bytes(1, "big")
+        + DTYPE_FLOAT16.to_bytes(1, "big")
+        + layout.embedding_dim.to_bytes(2, "big")
+        + half.tobytes()
+    )
+    ct = AESGCMSIV(key.derive(b"payload/v1/aead")).encrypt(_nonce(key, ctx), plaintext, _aad(ctx, layout))
+    assert len(ct) == layout.ciphertext_bytes
+    stream = np.empty(layout.stream_bytes, dtype=np.uint8)
+    start = 0
+    for (n, k), pos in zip(layout.codewords, layout._interleave):
+        cw = _rs(n - k).encode(ct[start : start + k])
+        assert len(cw) == n
+        stream[pos] = np.frombuffer(bytes(cw), dtype=np.uint8)
+        start += k
+    bits = np.unpackbits(stream)  # MSB first
+    return bits[np.arange(layout.capacity_bits) % bits.size]
+
+
+def _as_logits(received, capacity: int) -> np.ndarray:
+    if hasattr(received, "detach"):  # a torch tensor from the extractor
+        received = received.detach().cpu().numpy()
+    x = np.asarray(received)
+    if x.size != capacity:
+        raise PayloadError(f"received {x.size} values (shape {x.shape}); this layout has {capacity} bits")
+    x = x.reshape(-1)
+    if x.dtype == np.bool_ or np.issubdtype(x.dtype, np.integer):
+        if x.size and (x.min() < 0 or x.max() > 1):
+            raise PayloadError("integer input must be bits (0/1); pass floating-point logits otherwise")
+        return np.where(x.astype(bool), 1.0, -1.0)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise PayloadError(f"received values of dtype {x.dtype}; expected bits (bool/int) or logits (float)")
+    x = x.astype(np.float64)
+    return np.nan_to_num(x, nan=0.0, posinf=1e6, neginf=-1e6)  # a NaN logit says nothing: weight 0
+
+
+def _rs_decode(received: bytes, nsym: int, reliability: np.ndarray) -> tuple[bytes | None, int]:
+    """Errors-only first; then generalised-minimum-distance tries that erase the least reliable symbols."""
+    rs = _rs(nsym)
+    try:
+        return bytes(rs.decode(bytearray(received))[1]), 0
+    except (reedsolo.ReedSolomonError, ValueError, IndexError, ZeroDivisionError):
+        pass
+    if reliability.max() <= reliability.min():
+        return None, 0  # all symbols equally (un)reliable: erasing some would only lose information
+    order = np.argsort(reliability, kind="stable")
+    max_f = nsym - GMD_SPARE
+    for f in sorted({-(-max_f * i // GMD_STEPS) for i in range(1, GMD_STEPS + 1)}):
+        erase = [int(p) for p in order[:f] if reliability[p] < reliability.max()]
+        if not erase:
+            continue
+        try:
+            return bytes(rs.decode(bytearray(received), erase_pos=erase)[1]), len(erase)
+        except (reedsolo.ReedSolomonError, ValueError, IndexError, ZeroDivisionError):
+            continue
+    return None, 0
+
+
+def decode(received, ctx: PayloadContext, key: ShardKey, layout: PayloadLayout, *, hard: bool = False) -> DecodeResult:
+    """Recover one face's embedding from its extracted bits or bit logits.
+
+    received: capacity_bits values; bool/integer arrays are bits, floating-point arrays are logits
+    (positive means 1; the larger |logit|, the surer), torch tensors are accepted. hard: decide each
+    received bit on its own before combining copies (ignores soft information; for comparison).
+    """
+    _check_key(key, ctx)
+    x = _as_logits(received, layout.capacity_bits)
+    if hard:
+        x = np.where(x > 0, 1.0, -1.0)
+    n_stream_bits = 8 * layout.stream_bytes
+    where = np.arange(layout.capacity_bits) % n_stream_bits
+    combined = np.bincount(where, weights=x, minlength=n_stream_bits)
+    stream = np.packbits(combined > 0)
+    reliability = np.abs(combined).reshape(-1, 8).min(axis=1)  # a symbol is as sure as its weakest bit
+    own = x > 0  # each received bit's own hard decision, for the raw BER
+    t = layout.correctable_symbols
+
+    parts, errors, erased = [], [], 0
+    for j, ((n, k), pos) in enumerate(zip(layout.codewords, layout._interleave)):
+        recv = stream[pos].tobytes()
+        cw, n_erased = _rs_decode(recv, n - k, reliability[pos])
+        if cw is None:
+            ber = None
+            if layout.min_copies >= 2:  # two copies of a bit disagree with probability 2p(1-p)
+                d = float(np.mean(own[: n_stream_bits] != own[n_stream_bits : 2 * n_stream_bits]))
+                ber = (1 - math.sqrt(max(0.0, 1 - 2 * d))) / 2
+            return DecodeResult(
+                ok=False,
+                status="uncorrectable",
+                message=(
+                    f"uncorrectable: too many bit errors (RS codeword {j + 1} of {len(layout.codewords)} has more "
+                    f"than {t[j]} wrong symbols); the face is too degraded or carries no payload of this layout"
+                ),
+                raw_ber=ber,
+                correctable_symbols=t,
+            )
+        erased += n_erased
+        errors.append(int(np.count_nonzero(np.frombuffer(recv, np.uint8) != np.frombuffer(cw, np.uint8))))
+        parts.append(cw[:k])
+        stream[pos] = np.frombuffer(cw, dtype=np.uint8)
+
+    corrected_bits = np.unpackbits(stream)[where]
+    raw_ber = float(np.mean(corrected_bits.astype(bool) != own))
+    common = dict(
+        raw_ber=raw_ber,
+        raw_ber_exact=True,
+        corrected_symbols=sum(errors),
+        symbol_errors=tuple(errors),
+        correctable_symbols=t,
+        erased_symbols=erased,
+    )
+    try:
+        plaintext = AESGCMSIV(key.derive(b"payload/v1/aead")).decrypt(_nonce(key, ctx), b"".join(parts), _aad(ctx, layout))
+    except InvalidTag:
+        return DecodeResult(
+            ok=False,
+            status="authentication_failed",
+            message=(
+                "authentication failed: wrong key or modified image (or the payload belongs to another face, "
+                "sample, shard, dataset, model or seed)"
+            ),
+            **common,
+        )
+    header = (FORMAT_VERSION, DTYPE_FLOAT16, layout.embedding_dim)
+    got = (plaintext[0], plaintext[1], int.from_bytes(plaintext[2:4], "big"))
+    if got != header or len(plaintext) != layout.plaintext_bytes:
+        # authenticated yet inconsistent: only a writer of another format version could produce this
+        raise PayloadError(f"authenticated payload has header {got}, expected {header}; format version mismatch")
+    embedding = np.frombuffer(plaintext[HEADER_BYTES:], dtype="<f2").astype(np.float16)
+    return DecodeResult(ok=True, status="ok", message="ok", embedding=embedding, **common)
