@@ -230,6 +230,7 @@ def load_artifact(path: str | os.PathLike, *, device: torch.device | str = "cpu"
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_keys(f"artifact {path}", expected, obj["state_dict"])
     model.load_state_dict(obj["state_dict"], strict=True)
+    model.artifact_sha256 = digest  # identifies the model in manifests and payload associated data
     return model.to(device, dtype).eval()
 
 

@@ -78,16 +78,27 @@ def _as_rgb_uint8(image) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
+def detect_faces_scored(image, upsample: int = 1, threshold: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """dlib HOG frontal-face boxes and scores, best first: ((N,4) float32 [x0,y0,x1,y1], (N,) float32).
+
+    upsample: times the image is doubled before detection (1 finds faces down to ~40 px).
+    threshold: dlib's adjust_threshold; detections scoring below it are not returned (0 is dlib's default,
+        negative values return weaker candidates too).
+    """
+    image = _as_rgb_uint8(image)
+    rects, scores, _ = _detector().run(image, upsample, float(threshold))
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    boxes = [[rects[i].left(), rects[i].top(), rects[i].right(), rects[i].bottom()] for i in order]
+    return (np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+            np.asarray([scores[i] for i in order], dtype=np.float32).reshape(-1))
+
+
 def detect_faces(image, upsample: int = 1) -> np.ndarray:
     """dlib HOG frontal-face boxes, (N,4) float32 [x0,y0,x1,y1], sorted by detector score (best first).
 
     upsample: times the image is doubled before detection (1 finds faces down to ~40 px).
     """
-    image = _as_rgb_uint8(image)
-    rects, scores, _ = _detector().run(image, upsample, 0.0)
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-    boxes = [[rects[i].left(), rects[i].top(), rects[i].right(), rects[i].bottom()] for i in order]
-    return np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    return detect_faces_scored(image, upsample)[0]
 
 
 def landmarks_68(image, boxes) -> np.ndarray:

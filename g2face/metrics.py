@@ -1,15 +1,29 @@
-"""Evaluation metrics as plain numpy functions: identity, boxes, landmarks, 3DMM shape/expression, pose.
+"""Evaluation metrics as plain numpy functions: identity, detection, boxes, landmarks, 3DMM shape/expression, pose.
 
-Every function takes row-aligned batches (row i of `a` is compared with row i of `b`) and returns one
+Every comparison takes row-aligned batches (row i of `a` is compared with row i of `b`) and returns one
 value per row, so callers can average, take percentiles or threshold as they like. Inputs are
-array-like (numpy arrays, lists, CPU tensors without grad).
+array-like (numpy arrays, lists, CPU tensors without grad). The detectors (MTCNN from facenet-pytorch,
+dlib's HOG) take a list of images and return per image (boxes (N,4) float32 [x0,y0,x1,y1], scores (N,)
+float32), best first; their packages are imported on first use.
 """
 from __future__ import annotations
+
+import hashlib
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from g2face import morphable
+
+# facenet-pytorch 2.5.3's MTCNN files (the same pins as pipeline/models.py; g2face does not import pipeline).
+MTCNN_SHA256 = {
+    "pnet.pt": "a2a71925e0b9996a42f63e47efc1ca19043e69558b5c523b978d611dfae49c8f",
+    "rnet.pt": "bbb937de72efc9ef83b186c49f5f558467a1d7e3453a8ece0d71a886633f6a86",
+    "onet.pt": "165bfbe42940416ccfb977545cf0e976d5bf321f67083ae2aaaa5c764280118d",
+}
 
 # Outer eye corners in the 68-point layout (300-W's "inter-ocular" normaliser); eye centres in the
 # 5-point layout of g2face.landmarks.five_point / pipeline/align.py.
@@ -151,3 +165,119 @@ def rotation_angle(pose_a, pose_b) -> np.ndarray:
     rb = morphable.rotation_matrix(torch.as_tensor(b))
     trace = (ra.transpose(-1, -2) @ rb).diagonal(dim1=-2, dim2=-1).sum(-1).numpy()
     return np.degrees(np.arccos(np.clip((trace - 1.0) / 2.0, -1.0, 1.0)))
+
+
+# --------------------------------------------------------------------------- detection
+
+
+class DetectorWeightsError(RuntimeError):
+    pass
+
+
+@lru_cache(maxsize=1)
+def _verify_mtcnn_files() -> None:
+    spec = importlib.util.find_spec("facenet_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise DetectorWeightsError("package facenet_pytorch is not installed; pip install facenet-pytorch==2.5.3")
+    data = Path(list(spec.submodule_search_locations)[0]) / "data"
+    for name, want in MTCNN_SHA256.items():
+        path = data / name
+        if not path.is_file():
+            raise DetectorWeightsError(f"MTCNN weights {path} are missing; reinstall facenet-pytorch==2.5.3")
+        got = hashlib.sha256(path.read_bytes()).hexdigest()
+        if got != want:
+            raise DetectorWeightsError(f"MTCNN weights {path} have sha256 {got[:16]}..., expected {want[:16]}...; "
+                                       "install facenet-pytorch==2.5.3")
+
+
+@lru_cache(maxsize=4)
+def _mtcnn(device: str, min_face_size: int, thresholds: tuple[float, float, float], factor: float):
+    from facenet_pytorch import MTCNN
+
+    _verify_mtcnn_files()
+    return MTCNN(min_face_size=min_face_size, thresholds=list(thresholds), factor=factor, keep_all=True,
+                 post_process=False, select_largest=False, device=torch.device(device))
+
+
+def _image_list(images) -> list[np.ndarray]:
+    if isinstance(images, np.ndarray) and images.ndim == 3:
+        images = [images]
+    out = []
+    for i, im in enumerate(images):
+        im = np.asarray(im)
+        if im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
+            raise ValueError(f"image {i}: expected (H,W,3) uint8 RGB, got {im.shape} {im.dtype}")
+        out.append(np.ascontiguousarray(im))
+    return out
+
+
+def detect_mtcnn(
+    images,
+    device: str = "cpu",
+    min_face_size: int = 20,
+    thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
+    factor: float = 0.709,
+    min_score: float = 0.0,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """MTCNN (facenet-pytorch, hash-checked weights) on a list of (H,W,3) uint8 RGB images.
+
+    Images of equal size run as one batch. Returns per image (boxes (N,4), scores (N,)), best score first;
+    detections below min_score are left out. Parameters are MTCNN's (the pipeline's defaults differ:
+    min_face_size 16 there).
+    """
+    images = _image_list(images)
+    out: list = [None] * len(images)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, im in enumerate(images):
+        if min(im.shape[:2]) < min_face_size:  # MTCNN cannot scan an image smaller than its smallest face
+            out[i] = (np.zeros((0, 4), np.float32), np.zeros(0, np.float32))
+        else:
+            groups.setdefault(im.shape[:2], []).append(i)
+    model = _mtcnn(str(device), int(min_face_size), tuple(float(t) for t in thresholds), float(factor))
+    for idx in groups.values():
+        with torch.inference_mode():
+            boxes, probs = model.detect([images[i] for i in idx])
+        for i, b, p in zip(idx, boxes, probs):
+            if b is None:
+                out[i] = (np.zeros((0, 4), np.float32), np.zeros(0, np.float32))
+                continue
+            b, p = np.asarray(b, np.float32).reshape(-1, 4), np.asarray(p, np.float32).reshape(-1)
+            keep = p >= min_score
+            order = np.argsort(-p[keep], kind="stable")
+            out[i] = (b[keep][order], p[keep][order])
+    return out
+
+
+def detect_dlib_hog(images, upsample: int = 1, threshold: float = 0.0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """dlib's HOG frontal-face detector on a list of (H,W,3) uint8 RGB images: per image (boxes, scores).
+
+    upsample: times each image is doubled first (1 finds faces down to ~40 px). threshold: dlib's
+    adjust_threshold (scores are SVM margins, not probabilities; 0 is dlib's default cut).
+    """
+    from g2face import landmarks
+
+    return [landmarks.detect_faces_scored(im, upsample, threshold) for im in _image_list(images)]
+
+
+def detected(detections: list[tuple[np.ndarray, np.ndarray]], min_score: float | None = None) -> np.ndarray:
+    """(N,) bool: whether each image has at least one detection (scoring >= min_score when given)."""
+    return np.array([bool(len(s)) if min_score is None else bool((s >= min_score).any()) for _, s in detections])
+
+
+def matched_boxes(detections: list[tuple[np.ndarray, np.ndarray]], reference) -> tuple[np.ndarray, np.ndarray]:
+    """For each image, the detection overlapping reference box i most: ((N,4) boxes, (N,) IoU).
+
+    Images without a detection get a NaN box and IoU 0, so box_center_distance on them is NaN (count them
+    with `detected`). Typical use: detections on anonymized images against the boxes found on the originals.
+    """
+    ref = np.asarray(reference, dtype=np.float64).reshape(-1, 4)
+    if len(ref) != len(detections):
+        raise ValueError(f"{len(detections)} detection lists but {len(ref)} reference boxes")
+    boxes = np.full((len(ref), 4), np.nan)
+    ious = np.zeros(len(ref))
+    for i, (b, _) in enumerate(detections):
+        if len(b):
+            iou = box_iou(np.asarray(b, np.float64), np.repeat(ref[i : i + 1], len(b), 0))
+            j = int(np.argmax(iou))
+            boxes[i], ious[i] = b[j], iou[j]
+    return boxes, ious

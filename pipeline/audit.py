@@ -1,0 +1,1178 @@
+"""``g2face-pipe audit RUN_DIR``: what a finished run did, as a self-contained HTML report and ``audit.json``.
+
+Sections: coverage (from the public manifests), privacy (identity distances from the manifests; rank-1
+re-identification and TAR at FAR=1e-3 need the originals, which are re-read from the inputs listed in
+``run.json`` and matched through the private manifest), utility (the paper's Table III from the manifests'
+metrics), recovery (with ``--recovery``), figures and an example grid (``--no-examples`` leaves it out).
+Every number of the report is in ``audit.json`` (schema: ``schemas/audit.schema.json``). Original sample
+keys never appear in either: they often hold names.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import html
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from g2face.identity import SAME_PERSON_DISTANCE
+from schemas import load_json
+
+from . import align, storage
+from .imaging import decode_image
+from .metrics_stage import FIELDS, FaceMeasurer, metric_transform
+from .shardio import read_parquet, read_webdataset
+from .spec import JobSpec, JobSpecError, parse_spec
+
+AUDIT_FORMAT = 1
+FAR_TARGET = 1e-3
+HIST_EDGES = np.round(np.arange(0.0, 1.5001, 0.05), 2)  # identity distance bins; the last one also takes > 1.5
+THUMB = 96
+MAX_EXAMPLES = 6
+SECTIONS = ("coverage", "privacy", "utility", "recovery", "figures", "examples", "provenance")
+RISKY_SIZE = ("tiny",)
+_SIZE_CLASSES = load_json("status.json")["size_class"]
+
+
+class AuditError(ValueError):
+    """The run cannot be audited; the message names the file and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading a run.
+
+
+@dataclass
+class Run:
+    dir: str
+    doc: dict  # run.json
+    spec: JobSpec
+    public: list[dict]
+    private: list[dict] | None  # None when private/ is absent (a copy that left the controller)
+
+    @property
+    def method(self) -> str:
+        return self.spec.anonymizer.method
+
+
+def _read_table(url: str) -> list[dict]:
+    return pq.read_table(io.BytesIO(storage.read_bytes(url))).to_pylist()
+
+
+def load_run(run_dir: str) -> Run:
+    run_json = storage.join(run_dir, "run.json")
+    if not storage.exists(run_json):
+        raise AuditError(f"{run_json} not found: RUN_DIR must be the output.dir of a finished `g2face-pipe run`")
+    doc = json.loads(storage.read_bytes(run_json))
+    try:
+        spec = parse_spec(doc.get("spec"), run_json)
+    except JobSpecError as e:
+        raise AuditError(f"{run_json} holds a job spec this version cannot read: {e}") from None
+    public, private = [], []
+    for item in doc.get("inputs", []):
+        url = storage.join(run_dir, "manifests", item["shard"] + ".parquet")
+        if not storage.exists(url):
+            raise AuditError(f"{url} is missing: the run is incomplete; rerun the job (finished shards are skipped)")
+        public += _read_table(url)
+        purl = storage.join(run_dir, "private", item["shard"] + ".parquet")
+        if private is not None and storage.exists(purl):
+            private += _read_table(purl)
+        else:
+            private = None
+    return Run(run_dir, doc, spec, public, private)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Coverage.
+
+
+def coverage(public: list[dict]) -> dict:
+    def blank() -> dict:
+        return {
+            "images": 0,
+            "published": 0,
+            "withheld": 0,
+            "errors": 0,
+            "no_face": 0,
+            "faces": 0,
+            "anonymized": 0,
+            "fallback": 0,
+        }
+
+    total, by_shard = blank(), {}
+    sizes = {name: {"faces": 0, "anonymized": 0, "fallback": 0} for name in _SIZE_CLASSES}
+    reasons: dict[str, int] = {}
+    by_method: dict[str, int] = {}
+    risky = low = tiny = 0
+    for r in public:
+        sh = by_shard.setdefault(r["shard"], blank())
+        for c in (total, sh):
+            c["images"] += 1
+            c["published"] += bool(r["published"])
+            c["withheld"] += r["status"] == "withheld"
+            c["errors"] += r["status"] == "error"
+            c["no_face"] += r["status"] == "no_face"
+            c["faces"] += r["n_faces"]
+        for f in r["faces"]:
+            size = f["size_class"]  # None only for faces of samples that failed before alignment
+            if size in sizes:
+                sizes[size]["faces"] += 1
+            tiny += size in RISKY_SIZE
+            low += f["fallback_reason"] == "low_score"
+            risky += size in RISKY_SIZE or f["fallback_reason"] == "low_score"
+            if f["fallback_reason"]:
+                reasons[f["fallback_reason"]] = reasons.get(f["fallback_reason"], 0) + 1
+            if r["published"]:
+                by_method[f["method"]] = by_method.get(f["method"], 0) + 1
+                if size in sizes:
+                    sizes[size]["anonymized"] += 1
+                    sizes[size]["fallback"] += bool(f["fallback_reason"])
+                for c in (total, sh):
+                    c["anonymized"] += 1
+                    c["fallback"] += bool(f["fallback_reason"])
+    faces = total["faces"]
+    share = risky / faces if faces else 0.0
+    tiny_side = _SIZE_CLASSES["tiny"][1]
+    statement = (
+        f"{risky} of {faces} detected faces ({100 * share:.1f}%) are tiny (box side under {tiny_side} px: {tiny}) or "
+        f"low-confidence detections ({low}). These are where privacy leaks: they get the fallback instead of the "
+        "model, and faces of the same kind that the detector missed altogether are published unchanged."
+        if faces
+        else "No face was detected in this run, so nothing was anonymized; check the detector settings."
+    )
+    return {
+        **total,
+        "by_shard": [{"shard": k, **v} for k, v in sorted(by_shard.items())],
+        "by_size_class": [{"size_class": k, **v} for k, v in sizes.items()],
+        "by_method": dict(sorted(by_method.items())),
+        "fallback_reasons": dict(sorted(reasons.items())),
+        "risky_faces": {"tiny": tiny, "low_score": low, "total": risky, "share": share, "statement": statement},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Faces re-read from inputs and outputs.
+
+
+@dataclass
+class FaceRecord:
+    shard: str
+    index: int
+    face: int
+    original_key: str | None
+    side: float
+    size_class: str | None
+    metrics: dict | None
+    orig: np.ndarray | None = None  # dlib embeddings, kept in memory only
+    anon: np.ndarray | None = None
+    recovered: dict | None = None  # psnr / ssim / mae of the recovered face
+
+
+@dataclass
+class Collected:
+    faces: list[FaceRecord] = field(default_factory=list)
+    unreachable: list[str] = field(default_factory=list)
+    changed_inputs: int = 0
+    unreadable: int = 0
+    thumbs: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+
+    @property
+    def with_embeddings(self) -> list[FaceRecord]:
+        return [f for f in self.faces if f.orig is not None and f.anon is not None]
+
+
+def _image_bytes(raw) -> bytes | None:
+    data = raw.fields.get(raw.image_field) if raw.image_field else None
+    return data if isinstance(data, (bytes, bytearray)) and data else None
+
+
+def _read_samples(spec: JobSpec, url: str, output: bool) -> dict:
+    """key -> raw sample of a shard (inputs in the job's format; outputs as the job wrote them)."""
+    inp = spec.input
+    if inp.format == "webdataset":
+        samples = read_webdataset(url, None if output else inp.image_column)
+    else:
+        key_col = (inp.key_column or "key") if output else inp.key_column
+        _, samples = read_parquet(url, inp.image_column, key_col, storage.shard_name(url).rsplit(".", 1)[0])
+    out = {}
+    for s in samples:
+        if s.read_error and s.key is None:
+            raise OSError(s.read_error)
+        out[s.key] = s
+    return out
+
+
+def psnr_ssim_mae(a: np.ndarray, b: np.ndarray) -> dict:
+    """PSNR (dB), SSIM (grey, Gaussian window 11 / sigma 1.5) and MAE (0..1 scale) of two uint8 RGB images."""
+    x, y = a.astype(np.float64), b.astype(np.float64)
+    mse = float(np.mean((x - y) ** 2))
+    psnr = 10 * math.log10(255.0**2 / mse) if mse > 0 else None  # identical images: unbounded
+    gx = cv2.cvtColor(a, cv2.COLOR_RGB2GRAY).astype(np.float64)
+    gy = cv2.cvtColor(b, cv2.COLOR_RGB2GRAY).astype(np.float64)
+    blur = lambda t: cv2.GaussianBlur(t, (11, 11), 1.5)  # noqa: E731
+    mx, my = blur(gx), blur(gy)
+    vx, vy, cxy = blur(gx * gx) - mx * mx, blur(gy * gy) - my * my, blur(gx * gy) - mx * my
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    ssim = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return {"psnr": psnr, "ssim": float(ssim.mean()), "mae": float(np.mean(np.abs(x - y)) / 255.0)}
+
+
+def collect_faces(
+    run: Run, measurer: FaceMeasurer, thumbs: int = 0, recovery_dir: str | None = None, cache: dict | None = None
+) -> Collected:
+    """Re-read inputs and outputs, cut both aligned crops of every published face and embed them.
+
+    ``cache`` maps (input sha256, transform) -> original embedding, shared between runs of the same inputs.
+    """
+    out = Collected()
+    if run.private is None:
+        out.unreachable.append("private manifests (private/) are absent")
+        return out
+    spec, res = run.spec, measurer.resolution
+    job_res = spec.anonymizer.resolution
+    cache = {} if cache is None else cache
+    private = {(r["shard"], r["index"]): r for r in run.private}
+    wanted: dict[str, list[dict]] = {}
+    for r in run.public:
+        if r["published"] and r["n_faces"]:
+            wanted.setdefault(r["shard"], []).append(r)
+    pending: list[tuple[FaceRecord, np.ndarray, np.ndarray, tuple]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        need = [i for i, p in enumerate(pending) if p[3] not in cache]
+        if need:
+            emb = measurer.embed(np.stack([pending[i][1] for i in need]))
+            for i, e in zip(need, emb):
+                cache[pending[i][3]] = e
+        anon = measurer.embed(np.stack([p[2] for p in pending]))
+        for (rec, _, _, ck), e in zip(pending, anon):
+            rec.orig, rec.anon = cache[ck], e
+        pending.clear()
+
+    for item in run.doc.get("inputs", []):
+        shard, url = item["shard"], item["url"]
+        rows = wanted.get(shard)
+        if not rows:
+            continue
+        try:
+            inputs = _read_samples(spec, url, output=False)
+        except Exception as e:
+            out.unreachable.append(f"{url} ({type(e).__name__})")
+            continue
+        try:
+            outputs = _read_samples(spec, storage.join(run.dir, "shards", shard), output=True)
+        except Exception as e:
+            out.unreachable.append(f"{storage.join(run.dir, 'shards', shard)} ({type(e).__name__})")
+            continue
+        recovered = _recovered_shard(recovery_dir, shard, spec) if recovery_dir else None
+        for r in rows:
+            p = private.get((shard, r["index"]))
+            raw_in = inputs.get(p["original_key"]) if p else None
+            raw_out = outputs.get(p["key"]) if p else None
+            data_in, data_out = (_image_bytes(raw_in) if raw_in else None), (_image_bytes(raw_out) if raw_out else None)
+            if data_in is None or data_out is None or len(p["transforms"]) != r["n_faces"]:
+                out.unreadable += 1
+                continue
+            if hashlib.sha256(data_in).hexdigest() != p["input_sha256"]:
+                out.changed_inputs += 1  # the input changed since the run: comparing would be meaningless
+                continue
+            try:
+                rgb_in = decode_image(data_in, spec.input.max_pixels).rgb
+                rgb_out = decode_image(data_out, max(spec.input.max_pixels, rgb_in.shape[0] * rgb_in.shape[1])).rgb
+            except Exception:
+                out.unreadable += 1
+                continue
+            if rgb_in.shape != rgb_out.shape:
+                out.unreadable += 1
+                continue
+            rgb_rec = _recovered_image(recovered, p["key"], rgb_in.shape, spec)
+            for j, (f, t) in enumerate(zip(r["faces"], p["transforms"])):
+                m = metric_transform(np.asarray(t).reshape(2, 3), job_res, res)
+                o = align.warp_to_crop(rgb_in, m, res)
+                a = align.warp_to_crop(rgb_out, m, res)
+                side = float(max(f["box"][2] - f["box"][0], f["box"][3] - f["box"][1]))
+                rec = FaceRecord(shard, r["index"], j, p["original_key"], side, f["size_class"], f.get("metrics"))
+                if recovery_dir:
+                    rec.recovered = (
+                        psnr_ssim_mae(align.warp_to_crop(rgb_rec, m, res), o) if rgb_rec is not None else None
+                    )
+                out.faces.append(rec)
+                if len(out.thumbs) < thumbs:
+                    small = lambda c: cv2.resize(c, (THUMB, THUMB), interpolation=cv2.INTER_AREA)  # noqa: E731
+                    out.thumbs.append((small(o), small(a)))
+                key = (p["input_sha256"], tuple(np.round(np.asarray(t, np.float64), 6)), job_res, res)
+                pending.append((rec, o, a, key))
+                if len(pending) >= 64:
+                    flush()
+    flush()
+    return out
+
+
+def _recovered_shard(recovery_dir: str, shard: str, spec: JobSpec) -> dict | None:
+    for url in (storage.join(recovery_dir, "shards", shard), storage.join(recovery_dir, shard)):
+        if storage.exists(url):
+            try:
+                return _read_samples(spec, url, output=True)
+            except Exception:
+                return None
+    return None
+
+
+def _recovered_image(recovered: dict | None, key: str, shape: tuple, spec: JobSpec) -> np.ndarray | None:
+    raw = recovered.get(key) if recovered else None
+    data = _image_bytes(raw) if raw else None
+    if data is None:
+        return None
+    try:
+        rgb = decode_image(data, max(spec.input.max_pixels, shape[0] * shape[1])).rgb
+    except Exception:
+        return None
+    return rgb if rgb.shape == shape else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Privacy numbers.
+
+
+def far_threshold(impostor: np.ndarray, far: float = FAR_TARGET) -> tuple[float | None, float]:
+    """Distance threshold t (accept when d < t) letting at most far * n impostor pairs through, and the FAR it
+    achieves. With fewer than 1/far impostor pairs no impostor may pass (t = the smallest impostor distance)."""
+    d = np.sort(np.asarray(impostor, np.float64))
+    if len(d) == 0:
+        return None, 0.0
+    k = int(math.floor(far * len(d) + 1e-9))
+    t = float(d[k]) if k < len(d) else float(d[-1]) + 1e-6
+    return t, float(np.mean(d < t))
+
+
+def rank1(gallery: np.ndarray, probes: np.ndarray) -> float:
+    """Share of probes whose nearest gallery entry (Euclidean) is the one at their own index."""
+    g, p = gallery.astype(np.float64), probes.astype(np.float64)
+    d = (p * p).sum(1)[:, None] - 2 * p @ g.T + (g * g).sum(1)[None]
+    return float(np.mean(np.argmin(d, axis=1) == np.arange(len(p))))
+
+
+def _summary(values) -> dict | None:
+    v = np.asarray([x for x in values if x is not None], np.float64)
+    if len(v) == 0:
+        return None
+    return {
+        "n": int(len(v)),
+        "mean": float(v.mean()),
+        "median": float(np.median(v)),
+        "p05": float(np.percentile(v, 5)),
+        "p95": float(np.percentile(v, 95)),
+        "min": float(v.min()),
+        "max": float(v.max()),
+    }
+
+
+def identity_distances(run: Run, collected: Collected | None) -> tuple[list[float], list[str | None], str]:
+    """Per-face identity distances and size classes: from the manifests' metrics, else recomputed from the
+    re-read faces."""
+    measured = [
+        (f["metrics"]["identity_distance"], f["size_class"])
+        for r in run.public
+        if r["published"]
+        for f in r["faces"]
+        if f.get("metrics") and f["metrics"].get("identity_distance") is not None
+    ]
+    source = "manifest"
+    if not measured and collected and collected.with_embeddings:
+        measured = [
+            (float(np.linalg.norm(f.orig.astype(np.float64) - f.anon)), f.size_class) for f in collected.with_embeddings
+        ]
+        source = "recomputed"
+    if not measured:
+        return [], [], "none"
+    return [m[0] for m in measured], [m[1] for m in measured], source
+
+
+def privacy_row(label: str, run: Run, collected: Collected | None) -> dict:
+    dist, sizes, source = identity_distances(run, collected)
+    d = np.asarray(dist, np.float64)
+    counts = np.histogram(np.clip(d, 0, HIST_EDGES[-1]), HIST_EDGES)[0] if len(d) else np.zeros(len(HIST_EDGES) - 1)
+    faces = collected.with_embeddings if collected else []
+    by_size = []
+    for name in _SIZE_CLASSES:
+        sel = d[[s == name for s in sizes]] if len(d) else d
+        matching = int((sel < SAME_PERSON_DISTANCE).sum())
+        by_size.append(
+            {
+                "size_class": name,
+                "faces": int(len(sel)),
+                "still_matching": matching,
+                "share_still_matching": matching / len(sel) if len(sel) else None,
+            }
+        )
+    return {
+        "label": label,
+        "method": run.method,
+        "faces": int(len(d)),
+        "distance_source": source,
+        "identity_distance": _summary(dist),
+        "histogram": {"edges": [float(e) for e in HIST_EDGES], "counts": [int(c) for c in counts]},
+        "still_matching": int((d < SAME_PERSON_DISTANCE).sum()),
+        "share_still_matching": float((d < SAME_PERSON_DISTANCE).mean()) if len(d) else None,
+        "by_size_class": by_size,
+        "rank1": (
+            rank1(np.stack([f.orig for f in faces]), np.stack([f.anon for f in faces])) if len(faces) >= 2 else None
+        ),
+        "rank1_gallery": len(faces),
+        "rank1_chance": 1.0 / len(faces) if faces else None,
+    }
+
+
+def read_pairs(path: str) -> list[tuple[str, str, bool]]:
+    try:
+        text = storage.read_bytes(path).decode("utf-8")
+    except (OSError, FileNotFoundError) as e:
+        raise AuditError(
+            f"--pairs {path}: cannot read it ({type(e).__name__}); pass a CSV with columns key_a,key_b,same"
+        ) from None
+    reader = csv.DictReader(io.StringIO(text))
+    if not reader.fieldnames or not {"key_a", "key_b", "same"} <= set(reader.fieldnames):
+        raise AuditError(
+            f"--pairs {path}: needs the columns key_a,key_b,same (found {reader.fieldnames}); keys are input keys"
+        )
+    out = []
+    for i, row in enumerate(reader, start=2):
+        if row["same"] not in ("0", "1"):
+            raise AuditError(f"--pairs {path} line {i}: same must be 0 or 1, got {row['same']!r}")
+        out.append((row["key_a"], row["key_b"], row["same"] == "1"))
+    return out
+
+
+def _subjects(collected: Collected) -> dict[str, FaceRecord]:
+    """Original key -> the image's largest face (the subject a pairs file refers to)."""
+    best: dict[str, FaceRecord] = {}
+    for f in collected.with_embeddings:
+        if f.original_key is not None and (f.original_key not in best or f.side > best[f.original_key].side):
+            best[f.original_key] = f
+    return best
+
+
+def verification(pairs: list[tuple[str, str, bool]], runs: list[tuple[str, Run, Collected]]) -> dict:
+    """TAR at FAR=1e-3, one side anonymized (key_b), threshold from the originals' impostor pairs (paper Table I)."""
+    ref = _subjects(runs[0][2])
+    usable = [(a, b, s) for a, b, s in pairs if a in ref and b in ref]
+    dist = lambda x, y: float(np.linalg.norm(x.astype(np.float64) - y))  # noqa: E731
+    genuine = np.array([dist(ref[a].orig, ref[b].orig) for a, b, s in usable if s])
+    impostor = np.array([dist(ref[a].orig, ref[b].orig) for a, b, s in usable if not s])
+    t, far = far_threshold(impostor)
+    rows = [
+        {
+            "label": "Original (no anonymization)",
+            "method": "none",
+            "tar": float(np.mean(genuine < t)) if len(genuine) and t else None,
+            "far": far,
+            "genuine_pairs": int(len(genuine)),
+            "impostor_pairs": int(len(impostor)),
+        }
+    ]
+    for label, run, col in runs:
+        subj = _subjects(col)
+        use = [(a, b, s) for a, b, s in usable if b in subj]
+        g = np.array([dist(ref[a].orig, subj[b].anon) for a, b, s in use if s])
+        i = np.array([dist(ref[a].orig, subj[b].anon) for a, b, s in use if not s])
+        rows.append(
+            {
+                "label": label,
+                "method": run.method,
+                "tar": float(np.mean(g < t)) if len(g) and t else None,
+                "far": float(np.mean(i < t)) if len(i) and t else None,
+                "genuine_pairs": int(len(g)),
+                "impostor_pairs": int(len(i)),
+            }
+        )
+    return {
+        "computed": bool(len(genuine) and len(impostor)),
+        "far_target": FAR_TARGET,
+        "threshold": t,
+        "recognizer": "dlib",
+        "pairs_total": len(pairs),
+        "pairs_used": len(usable),
+        "pairs_skipped": len(pairs) - len(usable),
+        "rows": rows,
+        "genuine_original": [float(x) for x in genuine],
+        "impostor_original": [float(x) for x in impostor],
+    }
+
+
+def payload_section(run: Run) -> dict:
+    has_fields = any("payload_ok" in f for r in run.public for f in r["faces"])
+    if not has_fields:
+        why = (
+            "the g2face method ran in irreversible mode (uniformly random bits drawn from each face's seed, "
+            "no key-gated "
+            "payload)"
+            if run.method == "g2face"
+            else f"anonymizer.method is '{run.method}', which hides nothing"
+        )
+        return {"present": False, "statement": f"No payload in this run: {why}; the randomness check does not apply."}
+    return {
+        "present": True,
+        "statement": "The manifests carry payload fields, but this version of audit cannot read "
+        "payload bits back, so the randomness check was not computed.",
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Utility (Table III).
+
+
+def utility_row(label: str, run: Run) -> dict:
+    ms = [f["metrics"] for r in run.public if r["published"] for f in r["faces"] if f.get("metrics")]
+    row = {
+        "label": label,
+        "method": run.method,
+        "faces_measured": len(ms),
+        "resolution": ms[0]["resolution"] if ms else None,
+    }
+    mean = lambda key: _mean([m[key] for m in ms])  # noqa: E731
+    for det in ("mtcnn", "hog"):
+        found = [m for m in ms if m[f"{det}_original"]]
+        row[f"{det}_original_found"] = len(found)
+        row[f"{det}_redetected"] = sum(bool(m[f"{det}_redetected"]) for m in found)
+        row[f"{det}_detection_rate"] = row[f"{det}_redetected"] / len(found) if found else None
+        row[f"{det}_box_distance"] = mean(f"{det}_box_distance")
+        row[f"{det}_box_iou"] = mean(f"{det}_box_iou")
+    for key in (
+        "mtcnn_landmark_distance",
+        "landmark68_distance",
+        "shape_distance",
+        "expression_distance",
+        "pose_distance",
+        "identity_distance",
+        "recognizer_cosine",
+    ):
+        row[key] = mean(key)
+    return row
+
+
+def _mean(values) -> float | None:
+    v = [x for x in values if x is not None]
+    return float(np.mean(v)) if v else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Figures.
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=96, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def make_figures(
+    doc: dict, utility_values: dict[str, dict[str, list]], verification_values: dict | None
+) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = {}
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    for row in doc["privacy"]["rows"]:
+        h = row["histogram"]
+        if row["faces"]:
+            ax.stairs(
+                h["counts"],
+                h["edges"],
+                label=f"{row['label']} ({row['faces']} faces)",
+                fill=len(doc["privacy"]["rows"]) == 1,
+                alpha=0.7,
+            )
+    ax.axvline(SAME_PERSON_DISTANCE, color="crimson", ls="--", label=f"same-person threshold {SAME_PERSON_DISTANCE}")
+    ax.set_xlabel("identity distance, original vs anonymized (dlib)")
+    ax.set_ylabel("faces")
+    ax.legend(fontsize=8)
+    figs["identity_histogram"] = _png(fig)
+
+    cov = doc["coverage"]["by_size_class"]
+    fig, ax = plt.subplots(figsize=(6.4, 2.8))
+    names = [c["size_class"] for c in cov]
+    model = [c["anonymized"] - c["fallback"] for c in cov]
+    fallback = [c["fallback"] for c in cov]
+    other = [c["faces"] - c["anonymized"] for c in cov]
+    ax.bar(names, model, label="job method")
+    ax.bar(names, fallback, bottom=model, label="fallback")
+    ax.bar(names, other, bottom=np.add(model, fallback), label="image not published")
+    ax.set_ylabel("faces")
+    ax.set_xlabel("face size class (box side)")
+    ax.legend(fontsize=8)
+    figs["faces_by_size"] = _png(fig)
+
+    keys = [
+        ("landmark68_distance", "68-point landmark distance (px)"),
+        ("pose_distance", "pose distance (deg)"),
+        ("shape_distance", "shape distance (mm)"),
+        ("expression_distance", "expression distance (mm)"),
+    ]
+    if any(v.get(k) for v in utility_values.values() for k, _ in keys):
+        fig, axes = plt.subplots(1, 4, figsize=(10, 2.8))
+        for ax, (k, title) in zip(axes, keys):
+            data = [[x for x in v.get(k, []) if x is not None] or [np.nan] for v in utility_values.values()]
+            ax.boxplot(data, tick_labels=list(utility_values), showfliers=False)
+            ax.set_title(title, fontsize=9)
+            ax.tick_params(axis="x", labelsize=7, rotation=20)
+        figs["utility_distributions"] = _png(fig)
+
+    if verification_values:
+        fig, ax = plt.subplots(figsize=(6.4, 3.0))
+        bins = np.linspace(0, 1.4, 36)
+        for name, vals in verification_values.items():
+            if len(vals):
+                ax.hist(vals, bins=bins, histtype="step", density=True, label=name)
+        t = doc["privacy"]["verification"]["threshold"]
+        if t is not None:
+            ax.axvline(t, color="crimson", ls="--", label=f"threshold at FAR={FAR_TARGET:g}")
+        ax.set_xlabel("identity distance of pairs (dlib)")
+        ax.set_ylabel("density")
+        ax.legend(fontsize=8)
+        figs["verification_distances"] = _png(fig)
+    return figs
+
+
+def example_grid(thumbs: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
+    """Originals on the top row, anonymized faces below, as one PNG."""
+    gap = 4
+    n = len(thumbs)
+    grid = np.full((2 * THUMB + 3 * gap, n * THUMB + (n + 1) * gap, 3), 255, np.uint8)
+    for i, (o, a) in enumerate(thumbs):
+        x = gap + i * (THUMB + gap)
+        grid[gap : gap + THUMB, x : x + THUMB] = o
+        grid[2 * gap + THUMB : 2 * gap + 2 * THUMB, x : x + THUMB] = a
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, "PNG")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The audit document.
+
+_FID_REASON = (
+    "FID needs the Inception-v3 weights of the reference implementation, which this project cannot ship; "
+    "pass --inception-weights PATH to supply them."
+)
+
+
+def build_audit(
+    run_dir: str,
+    pairs: str | None = None,
+    recovery: str | None = None,
+    baselines: list[str] = (),
+    examples: bool = True,
+    inception_weights: str | None = None,
+    device: str = "auto",
+) -> tuple[dict, dict[str, bytes], bytes | None]:
+    """Everything the report shows: (audit document, figures as PNG bytes, example grid PNG or None)."""
+    t0 = time.time()
+    run = load_run(run_dir)
+    base_runs = [load_run(b) for b in baselines]
+    # Label rows by method, or by model id where two runs share a method (e.g. two blur strengths).
+    clash = len({r.method for r in [run] + base_runs}) < 1 + len(base_runs)
+    name = lambda r: (r.doc.get("anonymizer_model_id") or r.method) if clash else r.method  # noqa: E731
+    label = f"this run ({name(run)})"
+    others = [(f"baseline {i + 1} ({name(r)})", r) for i, r in enumerate(base_runs)]
+    pair_list = read_pairs(pairs) if pairs else None
+    if device not in ("auto", "cpu", "cuda"):
+        raise AuditError(f"--device {device!r}: use auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise AuditError("--device cuda: no CUDA device is visible; use auto or cpu")
+    device = "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
+    measurer = FaceMeasurer(run.spec.metrics.resolution, device=device)
+    cache: dict = {}
+    col = collect_faces(run, measurer, MAX_EXAMPLES if examples else 0, recovery, cache)
+    cols = [(lbl, r, collect_faces(r, measurer, 0, None, cache)) for lbl, r in others]
+    reachable = not col.unreachable and bool(col.with_embeddings)
+
+    privacy_rows = [privacy_row(label, run, col)] + [privacy_row(lbl, r, c) for lbl, r, c in cols]
+    if reachable:
+        reid = (
+            "Rank-1 re-identification: each anonymized face is searched among the "
+            f"{len(col.with_embeddings)} original faces of this run (dlib descriptors, nearest by Euclidean "
+            "distance); a hit means its own original is nearest."
+        )
+    else:
+        reid = (
+            "Rank-1 re-identification was not computed: the originals could not be re-read ("
+            + "; ".join(col.unreachable or ["no published face could be matched to its input"])
+            + ")."
+        )
+    verif_values = None
+    if pair_list is None:
+        verif = {"computed": False, "reason": "no pairs file given (--pairs CSV with key_a,key_b,same)"}
+    elif not reachable:
+        verif = {"computed": False, "reason": "the originals are unreachable: " + "; ".join(col.unreachable)}
+    else:
+        verif = verification(pair_list, [(label, run, col)] + cols)
+        verif_values = {
+            "genuine, both original": verif.pop("genuine_original"),
+            "impostor, both original": verif.pop("impostor_original"),
+        }
+        subj = _subjects(col)
+        verif_values["genuine, one side anonymized"] = [
+            float(np.linalg.norm(subj[a].orig.astype(np.float64) - subj[b].anon))
+            for a, b, s in pair_list
+            if s and a in subj and b in subj
+        ]
+        verif["pairs_file"] = str(pairs)
+        if not verif["computed"]:
+            verif["reason"] = "the pairs file has no usable genuine and impostor pairs among this run's published faces"
+
+    util_rows = [utility_row(label, run)] + [utility_row(lbl, r) for lbl, r in others]
+    util_values = {
+        lbl.split(" (")[0]: {
+            k: [f["metrics"][k] for row in r.public if row["published"] for f in row["faces"] if f.get("metrics")]
+            for k in FIELDS
+        }
+        for lbl, r in [(label, run)] + others
+    }
+    fid = {"computed": False, "reason": _FID_REASON}
+    if inception_weights:
+        fid["reason"] = (
+            f"FID is not implemented in this version of audit; the weights at {inception_weights} were not used."
+        )
+
+    if recovery is None:
+        rec = {
+            "run": False,
+            "statement": "Recovery was not checked (run audit with --recovery RECOVERED_DIR to check it).",
+        }
+    else:
+        expected = [f for f in col.faces]
+        got = [f.recovered for f in expected if f.recovered is not None]
+        rec = {
+            "run": True,
+            "dir": str(recovery),
+            "faces_expected": len(expected),
+            "faces_recovered": len(got),
+            "decode_rate": len(got) / len(expected) if expected else None,
+            "psnr": _summary([g["psnr"] for g in got]),
+            "ssim": _summary([g["ssim"] for g in got]),
+            "mae": _summary([g["mae"] for g in got]),
+            "identical_faces": sum(g["psnr"] is None for g in got),
+            "statement": "Recovered faces are compared with the originals on aligned crops; PSNR in dB "
+            "(identical crops "
+            "are counted apart, their PSNR is unbounded), SSIM on grey levels, MAE on a 0..1 scale.",
+        }
+
+    doc = {
+        "audit_format": AUDIT_FORMAT,
+        "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
+        "run_dir": str(run_dir),
+        "run": {
+            "dataset_id": run.spec.dataset.id,
+            "method": run.method,
+            "anonymizer_model_id": run.doc.get("anonymizer_model_id"),
+            "fingerprint": run.doc.get("fingerprint"),
+            "key_id": run.doc.get("key_id"),
+            "shards": len(run.doc.get("inputs", [])),
+            "metrics_enabled": any(f.get("metrics") for r in run.public for f in r["faces"]),
+            "baselines": [{"label": lbl, "run_dir": str(r.dir), "method": r.method} for lbl, r in others],
+        },
+        "inputs": {
+            "reachable": reachable,
+            "unreachable": col.unreachable,
+            "changed_since_run": col.changed_inputs,
+            "unreadable_samples": col.unreadable,
+            "faces_reread": len(col.with_embeddings),
+            "statement": (
+                "The originals were re-read from the inputs listed in run.json and checked against the input "
+                "hashes of the private manifest."
+                if reachable
+                else reid
+            ),
+        },
+        "coverage": coverage(run.public),
+        "privacy": {
+            "threshold": SAME_PERSON_DISTANCE,
+            "rows": privacy_rows,
+            "reidentification": reid,
+            "verification": verif,
+            "payload": payload_section(run),
+        },
+        "utility": {"rows": util_rows, "fid": fid, "resolution": run.spec.metrics.resolution},
+        "recovery": rec,
+        "examples": {"included": bool(examples and col.thumbs), "faces": len(col.thumbs) if examples else 0},
+        "figures": [],
+    }
+    if not examples:
+        doc["examples"]["statement"] = "Example faces were left out (--no-examples)."
+    elif not col.thumbs:
+        doc["examples"]["statement"] = "No example faces: the originals could not be re-read."
+    else:
+        doc["examples"]["statement"] = (
+            "Aligned faces of the first published images: originals (top) and as published "
+            "(bottom). Remove with --no-examples before a report leaves the organisation."
+        )
+    figures = make_figures(doc, util_values, verif_values)
+    doc["figures"] = [{"name": k, "title": _FIGURE_TITLES[k]} for k in figures]
+    grid = example_grid(col.thumbs) if examples and col.thumbs else None
+    return doc, figures, grid
+
+
+_FIGURE_TITLES = {
+    "identity_histogram": "Identity distance, original vs anonymized, per face",
+    "faces_by_size": "Detected faces by size class and how they were handled",
+    "utility_distributions": "Utility distances per face",
+    "verification_distances": "Verification: pair distances and the FAR=1e-3 threshold",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HTML.
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1080px;padding:1.5em;
+  color:#1d232a}
+h1{font-size:1.6em;margin-bottom:.2em} h2{border-bottom:2px solid #d8dee4;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
+th,td{border:1px solid #d0d7de;padding:.3em .6em;text-align:right}
+th{background:#f3f5f7} td:first-child,th:first-child{text-align:left} .note{color:#57606a;font-size:.9em}
+.warn{background:#fff8c5;border-left:4px solid #d4a72c;padding:.5em .8em}
+.ok{background:#eef9f0;border-left:4px solid #2da44e;padding:.5em .8em}
+figure{margin:1em 0} figcaption{color:#57606a;font-size:.9em} img{max-width:100%}
+code{background:#f3f5f7;padding:0 .2em}
+"""
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return html.escape(str(v))
+
+
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.1f}%"
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c) if isinstance(c, str) else _fmt(c)}</td>" for c in r) + "</tr>"
+        for r in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def render_html(doc: dict, figures: dict[str, bytes], grid: bytes | None) -> str:
+    e = html.escape
+    run, cov, priv, util = doc["run"], doc["coverage"], doc["privacy"], doc["utility"]
+    parts = [
+        f"<h1>Privacy audit: {e(run['dataset_id'])}</h1>",
+        f"<p class='note'>Run <code>{e(doc['run_dir'])}</code> · method <b>{e(run['method'])}</b> "
+        f"({e(str(run['anonymizer_model_id']))}) · generated {e(doc['generated'])} · every number is in "
+        "<code>audit.json</code> beside this file.</p>",
+    ]
+
+    sec = [
+        "<h2>Coverage</h2>",
+        _table(
+            [
+                "images",
+                "published",
+                "faces found",
+                "anonymized",
+                "of which fallback",
+                "images withheld",
+                "errors",
+                "no face",
+            ],
+            [
+                [
+                    cov["images"],
+                    cov["published"],
+                    cov["faces"],
+                    cov["anonymized"],
+                    cov["fallback"],
+                    cov["withheld"],
+                    cov["errors"],
+                    cov["no_face"],
+                ]
+            ],
+        ),
+    ]
+    sec.append(f"<p class='{'warn' if cov['risky_faces']['total'] else 'ok'}'>{e(cov['risky_faces']['statement'])}</p>")
+    sec.append(
+        "<h3>By shard</h3>"
+        + _table(
+            ["shard", "images", "published", "faces", "anonymized", "fallback", "withheld", "errors"],
+            [
+                [
+                    s["shard"],
+                    s["images"],
+                    s["published"],
+                    s["faces"],
+                    s["anonymized"],
+                    s["fallback"],
+                    s["withheld"],
+                    s["errors"],
+                ]
+                for s in cov["by_shard"]
+            ],
+        )
+    )
+    sec.append(
+        "<h3>By face size</h3>"
+        + _table(
+            ["size class (box side, px)", "faces", "anonymized", "fallback"],
+            [
+                [
+                    f"{c['size_class']} ({_SIZE_CLASSES[c['size_class']][0]}–"
+                    f"{_SIZE_CLASSES[c['size_class']][1] or '∞'})",
+                    c["faces"],
+                    c["anonymized"],
+                    c["fallback"],
+                ]
+                for c in cov["by_size_class"]
+            ],
+        )
+    )
+    if cov["fallback_reasons"]:
+        sec.append(
+            "<p>Fallback reasons: " + ", ".join(f"{e(k)}: {v}" for k, v in cov["fallback_reasons"].items()) + "</p>"
+        )
+    parts.append(f"<section id='coverage'>{''.join(sec)}</section>")
+
+    main = priv["rows"][0]
+    sec = ["<h2>Privacy</h2>"]
+    if main["faces"]:
+        cls = "ok" if not main["still_matching"] else "warn"
+        sec.append(
+            f"<p class='{cls}'>{main['still_matching']} of {main['faces']} anonymized faces "
+            f"({_pct(main['share_still_matching'])}) "
+            f"still match their original (dlib identity distance below {priv['threshold']}; distances from the "
+            f"{e(main['distance_source'])}).</p>"
+        )
+    else:
+        sec.append(
+            "<p class='warn'>No identity distances: the run has no measured faces (metrics off and originals "
+            "unreachable).</p>"
+        )
+    sec.append(
+        _table(
+            [
+                "method",
+                "faces",
+                "mean identity distance",
+                "share still matching",
+                "rank-1 re-identification",
+                "gallery",
+                "chance",
+            ],
+            [
+                [
+                    r["label"],
+                    r["faces"],
+                    (r["identity_distance"] or {}).get("mean"),
+                    _pct(r["share_still_matching"]),
+                    _pct(r["rank1"]),
+                    r["rank1_gallery"],
+                    _pct(r["rank1_chance"]),
+                ]
+                for r in priv["rows"]
+            ],
+        )
+    )
+    sec.append(f"<p class='note'>{e(priv['reidentification'])}</p>")
+    sec.append(
+        "<h3>Still matching, by face size</h3>"
+        + _table(
+            ["size class"] + [r["label"] for r in priv["rows"]],
+            [
+                [c["size_class"]]
+                + [
+                    f"{r['by_size_class'][i]['still_matching']} of {r['by_size_class'][i]['faces']}"
+                    for r in priv["rows"]
+                ]
+                for i, c in enumerate(priv["rows"][0]["by_size_class"])
+            ],
+        )
+        + "<p class='note'>Small faces are upscaled to the recognizer's input: a match there can also mean that too "
+        "little is left of either face to tell people apart.</p>"
+    )
+    v = priv["verification"]
+    sec.append("<h3>Verification (Table I layout)</h3>")
+    if v["computed"]:
+        sec.append(
+            _table(
+                [f"method", f"TAR @ FAR={v['far_target']:g} (dlib)", "FAR achieved", "genuine pairs", "impostor pairs"],
+                [
+                    [r["label"], _pct(r["tar"]), _fmt(r["far"], 4), r["genuine_pairs"], r["impostor_pairs"]]
+                    for r in v["rows"]
+                ],
+            )
+        )
+        sec.append(
+            f"<p class='note'>Pairs from <code>{e(v['pairs_file'])}</code>: {v['pairs_used']} of "
+            f"{v['pairs_total']} used; {v['pairs_skipped']} skipped because they name an image without a published "
+            "face in this run. key_a stays original, key_b is anonymized. The threshold "
+            f"({_fmt(v['threshold'], 4)}) lets at most {v['far_target']:g} of the originals' impostor pairs through "
+            f"(with fewer than {round(1 / v['far_target'])} impostor pairs: none).</p>"
+        )
+    else:
+        sec.append(f"<p>Not computed: {e(v['reason'])}.</p>")
+    sec.append(f"<h3>Payload</h3><p>{e(priv['payload']['statement'])}</p>")
+    parts.append(f"<section id='privacy'>{''.join(sec)}</section>")
+
+    sec = ["<h2>Utility (Table III layout)</h2>"]
+    if any(r["faces_measured"] for r in util["rows"]):
+        sec.append(
+            _table(
+                [
+                    "method",
+                    "faces",
+                    "detection MTCNN ↑",
+                    "detection dlib ↑",
+                    "bbox MTCNN ↓",
+                    "bbox dlib ↓",
+                    "landmarks MTCNN ↓",
+                    "landmarks dlib ↓",
+                    "shape (mm) ↓",
+                    "expression (mm) ↓",
+                    "pose (°) ↓",
+                    "FID ↓",
+                ],
+                [
+                    [
+                        r["label"],
+                        r["faces_measured"],
+                        _pct(r["mtcnn_detection_rate"]),
+                        _pct(r["hog_detection_rate"]),
+                        r["mtcnn_box_distance"],
+                        r["hog_box_distance"],
+                        r["mtcnn_landmark_distance"],
+                        r["landmark68_distance"],
+                        r["shape_distance"],
+                        r["expression_distance"],
+                        r["pose_distance"],
+                        "not computed",
+                    ]
+                    for r in util["rows"]
+                ],
+            )
+        )
+        sec.append(
+            f"<p class='note'>Measured on aligned {util['resolution']} px crops of the original and of the image as "
+            "written (eye centres 63 px apart at 256). Detection rate: faces re-detected in the anonymized crop "
+            "among those "
+            "the same detector finds in the original crop. Box distance: mean distance of the box corners; landmark "
+            "distances: mean point distance (MTCNN's 5 points between re-detections; dlib's 68 points in the same "
+            "box on "
+            "both crops); shape and expression: 3DMM fits to the 68 points, RMS 3D distance; pose: rotation angle "
+            "between the fitted head poses. A dash: not defined (no face re-detected by that detector).</p>"
+        )
+    else:
+        sec.append(
+            "<p class='warn'>No utility metrics: the metrics stage was off in this run (metrics.enabled: false).</p>"
+        )
+    sec.append(f"<p><b>FID:</b> not computed. {e(util['fid']['reason'])}</p>")
+    parts.append(f"<section id='utility'>{''.join(sec)}</section>")
+
+    rec = doc["recovery"]
+    sec = ["<h2>Recovery</h2>"]
+    if rec["run"]:
+        sec.append(
+            _table(
+                ["recovered faces", "expected", "decode rate", "PSNR (dB)", "SSIM", "MAE"],
+                [
+                    [
+                        rec["faces_recovered"],
+                        rec["faces_expected"],
+                        _pct(rec["decode_rate"]),
+                        (rec["psnr"] or {}).get("mean"),
+                        (rec["ssim"] or {}).get("mean"),
+                        (rec["mae"] or {}).get("mean"),
+                    ]
+                ],
+            )
+        )
+    sec.append(f"<p>{e(rec['statement'])}</p>")
+    parts.append(f"<section id='recovery'>{''.join(sec)}</section>")
+
+    sec = ["<h2>Figures</h2>"]
+    for f in doc["figures"]:
+        sec.append(f"<figure>{_img(figures[f['name']], f['title'])}<figcaption>{e(f['title'])}</figcaption></figure>")
+    parts.append(f"<section id='figures'>{''.join(sec)}</section>")
+
+    sec = ["<h2>Examples</h2>", f"<p class='note'>{e(doc['examples']['statement'])}</p>"]
+    if grid is not None:
+        sec.append(f"<figure>{_img(grid, 'example faces: originals above, anonymized below')}</figure>")
+    parts.append(f"<section id='examples'>{''.join(sec)}</section>")
+
+    inp = doc["inputs"]
+    sec = [
+        "<h2>Provenance</h2>",
+        _table(
+            ["item", "value"],
+            [
+                ["dataset", run["dataset_id"]],
+                ["anonymizer model", str(run["anonymizer_model_id"])],
+                ["spec fingerprint", str(run["fingerprint"])],
+                ["key id", str(run["key_id"])],
+                ["shards", run["shards"]],
+                ["metrics in manifests", run["metrics_enabled"]],
+                ["originals re-read", inp["reachable"]],
+                ["inputs changed since the run", inp["changed_since_run"]],
+                ["unreadable samples", inp["unreadable_samples"]],
+            ]
+            + [[b["label"], b["run_dir"]] for b in run["baselines"]],
+        ),
+    ]
+    sec.append(f"<p class='note'>{e(inp['statement'])}</p>")
+    parts.append(f"<section id='provenance'>{''.join(sec)}</section>")
+
+    csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<meta http-equiv='Content-Security-Policy' content=\"{csp}\">"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>Privacy audit: {e(run['dataset_id'])}</title><link rel='icon' href='data:,'>"
+        f"<style>{_CSS}</style></head><body>" + "\n".join(parts) + "</body></html>\n"
+    )
+
+
+def write_audit(run_dir: str, out: str | None = None, **kwargs) -> tuple[Path, Path]:
+    """Build and write report.html and audit.json (beside it); returns both paths."""
+    if out is None:
+        if "://" in run_dir:
+            raise AuditError(f"{run_dir} is not a local folder: pass --out report.html")
+        out = str(Path(run_dir) / "report.html")
+    out_path = Path(out)
+    doc, figures, grid = build_audit(run_dir, **kwargs)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path = out_path.with_name("audit.json")
+    json_path.write_text(json.dumps(doc, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
+    out_path.write_text(render_html(doc, figures, grid), encoding="utf-8")
+    return out_path, json_path
