@@ -101,8 +101,10 @@ def build_anonymizer(method: str, resolution: int, blur_sigma: float, pixelate_b
     if method == "pixelate":
         return PixelateAnonymizer(resolution, pixelate_blocks)
     if method == "g2face":
-        raise AnonymizerUnavailable(
-            "anonymizer.method 'g2face' needs the G2Face model library and a trained model artifact, which this "
-            "version does not ship yet; set anonymizer.method to 'blur' or 'pixelate' for now"
-        )
+        from .g2face_method import G2FaceAnonymizer, G2FaceUnavailable
+
+        try:
+            return G2FaceAnonymizer(checkpoint, resolution)
+        except G2FaceUnavailable as e:
+            raise AnonymizerUnavailable(str(e)) from None
     raise ValueError(f"unknown anonymizer.method {method!r}; use g2face, blur or pixelate")

@@ -161,6 +161,22 @@ def keys_init(out: Path = typer.Option(..., "--out", help="Where to write the ne
     typer.echo(f"created master key {kid} at {out} (mode 0600); set keys.master: {out} in your job")
 
 
+@app.command("prepare")
+def prepare_cmd(
+    job: Path = typer.Argument(..., help="YAML prepare job (see jobs/prepare-train.yaml)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key (YAML value)."),
+    max_shards: Optional[int] = typer.Option(None, "--max-shards", help="Prepare at most this many pending shards."),
+) -> None:
+    """Detect, align, fit the 3DMM and compute the priors: aligned training shards (scratch, never in the repo)."""
+    from .prepare import prepare
+    from .spec import JobSpecError
+
+    try:
+        prepare(job, set_ or [], echo=typer.echo, max_shards=max_shards)
+    except (JobSpecError, FileNotFoundError, PermissionError, ValueError) as e:
+        _fail(str(e))
+
+
 @keys_app.command("export")
 def keys_export(
     master: Path = typer.Option(..., "--master", help="Master key file."),

@@ -1,0 +1,62 @@
+"""The g2face method in the pipeline: artifact loading, priors, determinism (random-weight test artifact)."""
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import DEMO_SHARDS, job_tree
+from helpers import decode, read_tar
+from pipeline.anonymizers import AnonymizerUnavailable, build_anonymizer
+from pipeline.g2face_method import irreversible_bits
+from pipeline.runner import run_job
+from pipeline.spec import parse_spec
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    """An untrained lite-128 artifact: a test fixture for the wiring only, never shipped or used for real."""
+    from g2face.checkpoint import save_artifact
+    from g2face.config import preset
+    from g2face.model import G2Face
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("artifact") / "lite-random.pt"
+    save_artifact(G2Face(preset("lite-128")), path)
+    return path
+
+
+def test_g2face_job_runs_the_model_with_shipped_priors(tmp_path, artifact):
+    out = tmp_path / "out"
+    tree = job_tree(out, DEMO_SHARDS[0], anonymizer={"method": "g2face", "checkpoint": str(artifact)},
+                    output={"image_format": "png"})
+    run_job(parse_spec(tree), echo=lambda *_: None)
+    rows = pq.read_table(out / "manifests" / f"{DEMO_SHARDS[0].name}.parquet").to_pylist()
+    src, dst = read_tar(DEMO_SHARDS[0]), read_tar(out / "shards" / DEMO_SHARDS[0].name)
+    assert all(r["status"] == "ok" for r in rows)
+    assert all(r["model_id"].startswith("g2face:lite-128:") and r["model_id"].endswith(":irreversible") for r in rows)
+    for r in rows:
+        a, b = decode(src[r["key"]]["jpg"]), decode(dst[r["key"]]["png"])
+        assert all(f["method"] == "g2face" for f in r["faces"])
+        assert np.abs(a.astype(int) - b.astype(int)).mean() > 0.5
+    again = tmp_path / "again"
+    run_job(parse_spec(job_tree(again, DEMO_SHARDS[0], anonymizer={"method": "g2face", "checkpoint": str(artifact)},
+                                output={"image_format": "png"})), echo=lambda *_: None)
+    assert (again / "shards" / DEMO_SHARDS[0].name).read_bytes() == (out / "shards" / DEMO_SHARDS[0].name).read_bytes()
+
+
+def test_resolution_mismatch_and_bad_files_are_refused(tmp_path, artifact):
+    with pytest.raises(AnonymizerUnavailable, match="anonymizer.resolution: 128"):
+        build_anonymizer("g2face", 256, 0.08, 8, str(artifact))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(AnonymizerUnavailable, match="anonymizer.checkpoint"):
+        build_anonymizer("g2face", 128, 0.08, 8, str(bad))
+
+
+def test_irreversible_payload_is_seeded_noise():
+    a = irreversible_bits([1, 2], 4096)
+    assert torch.equal(a, irreversible_bits([1, 2], 4096))
+    assert not torch.equal(a[0], a[1])
+    assert abs(a.mean().item() - 0.5) < 0.02
