@@ -59,10 +59,13 @@ class Bases:
 @lru_cache(maxsize=16)
 def _bases_tensors(bases: Bases, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     basis = np.concatenate([bases.shape_basis, bases.expr_basis], axis=2)
-    return (
-        torch.as_tensor(bases.mean_shape, dtype=dtype, device=device),
-        torch.as_tensor(basis, dtype=dtype, device=device),
-    )
+    # Cached tensors outlive the caller's context: never make them inference tensors (a first call under
+    # torch.inference_mode would otherwise break every later autograd use of the cache).
+    with torch.inference_mode(False):
+        return (
+            torch.as_tensor(bases.mean_shape, dtype=dtype, device=device).clone(),
+            torch.as_tensor(basis, dtype=dtype, device=device).clone(),
+        )
 
 
 def bases_path() -> Path:
