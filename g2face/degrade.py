@@ -260,6 +260,12 @@ class PasteBackConfig:
     noise_std: float = 0.0
 
 
+def photo_frame_side(resolution: int, photo_scale: float, spread: float) -> int:
+    """Side of the square photo frame holding a crop scaled by ``photo_scale`` and rotated so that its
+    bounding box grows by ``spread`` (= |cos a| + |sin a|), with a 2 px margin."""
+    return int(math.ceil(resolution * photo_scale * spread)) + 4
+
+
 def paste_and_realign(face: Tensor, original: Tensor, mask: Tensor, photo_scale: float, angle: Tensor,
                       shift: Tensor, jpeg_quality: Tensor | float | None = None) -> Tensor:
     """The pipeline's paste-back, encoding and re-alignment of aligned crops, differentiably.
@@ -282,8 +288,9 @@ def paste_and_realign(face: Tensor, original: Tensor, mask: Tensor, photo_scale:
     assert original.shape == face.shape and mask.shape == (r, r), (face.shape, original.shape, mask.shape)
     m = mask.to(face.device, face.dtype)
     composite = m * face + (1 - m) * original
-    # Photo frame just large enough for the rotated crop.
-    side = int(math.ceil(r * photo_scale * math.sqrt(2))) + 4
+    # Photo frame just large enough for the rotated crop (the warp back never reads outside it).
+    spread = float((angle.double().cos().abs() + angle.double().sin().abs()).max())
+    side = photo_frame_side(r, photo_scale, spread)
     scale = torch.full((b,), float(photo_scale), dtype=torch.float64)
     crop_to_photo = similarity_matrices(scale, angle.double().cpu(), shift.double().cpu(), (r - 1) / 2, (side - 1) / 2)
     photo = affine_resample(composite, _invert(crop_to_photo), (side, side))

@@ -388,13 +388,13 @@ def train_step(state: TrainState, batch: Batch, priors: Priors) -> dict[str, flo
     state.update_ema()
     state.step += 1
 
-    out = {"step": state.step, "lr_factor": factor, "anonymize/total": float(anon.total),
-           "recover/total": float(rec.total), "discriminator/total": float(d_total),
+    out = {"step": state.step, "lr_factor": factor, "anonymize/total": float(anon.total.detach()),
+           "recover/total": float(rec.total.detach()), "discriminator/total": float(d_total.detach()),
            "anonymize/hiding_ber": float(anon.hiding_ber), "recover/hiding_ber": float(rec.hiding_ber),
            "grad_norm/anonymize": norm_a, "grad_norm/recover": norm_r, "grad_norm/discriminator": norm_d}
-    out.update({f"anonymize/{k}": float(v) for k, v in anon.terms.items()})
-    out.update({f"recover/{k}": float(v) for k, v in rec.terms.items()})
-    out.update({f"discriminator/{k}": float(v) for k, v in d_terms.items()})
+    out.update({f"anonymize/{k}": float(v.detach()) for k, v in anon.terms.items()})
+    out.update({f"recover/{k}": float(v.detach()) for k, v in rec.terms.items()})
+    out.update({f"discriminator/{k}": float(v.detach()) for k, v in d_terms.items()})
     bad = [k for k, v in out.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
         raise FloatingPointError(f"non-finite training values at step {state.step}: {bad}")
@@ -425,38 +425,42 @@ def dlib_identity(network: nn.Module, crop_landmarks) -> IdentityFn:
 
 
 def hiding_parameters(model: G2Face) -> list[nn.Parameter]:
-    """The payload injections and the extractor: what the hiding warm-up trains."""
-    return list(model.hiding.parameters()) + list(model.extractor.parameters())
+    """What the hiding warm-up trains: the payload injections, the fusion masks they feed, the synthesis
+    network that carries the payload to the pixels, and the extractor (not the encoder or mapper)."""
+    return [*model.hiding.parameters(), *model.fusion.parameters(), *model.synthesis.parameters(),
+            *model.extractor.parameters()]
 
 
 def zero_noise(model: G2Face, batch_size: int, device: torch.device | str = "cpu") -> list[Tensor]:
     return [torch.zeros(batch_size, 1, s, s, device=device) for s in model.synthesis.noise_sizes]
 
 
-def fixed_path_image(model: G2Face, faces: Tensor, w_plus: Tensor, bits: Tensor, base: Tensor) -> Tensor:
-    """``faces`` plus what the payload changes in the generator's output.
+def payload_residual(model: G2Face, faces: Tensor, w_plus: Tensor, bits: Tensor) -> Tensor:
+    """What the payload changes in the generator's output: G(x, w, bits) - G(x, w, 0), noise off.
 
-    ``base`` is ``model.generate(faces, w_plus, bits, zero_noise)`` computed with every hiding gain at
-    zero, so the result is exactly ``faces`` until the hiding path learns, and afterwards the real face
-    carrying the generator's own hiding residual. The image path (encoder, fusion, synthesis, mapper)
-    stays frozen; only ``hiding_parameters`` need gradients.
+    Everything in the output that does not depend on the payload cancels, so ``faces + residual`` keeps
+    the image path fixed to the real face while the generator's weights stay trainable. It is exactly 0
+    while the hiding gains are 0. Both terms run as one batch (the generator has no batch coupling).
     """
-    assert base.shape == faces.shape, (base.shape, faces.shape)
-    return faces + (model.generate(faces, w_plus, bits, zero_noise(model, faces.shape[0], faces.device)) - base)
+    b = faces.shape[0]
+    both = model.generate(torch.cat([faces, faces]), torch.cat([w_plus, w_plus]),
+                          torch.cat([bits, torch.zeros_like(bits)]), zero_noise(model, 2 * b, faces.device))
+    return both[:b] - both[b:]
 
 
-def hiding_warmup_loss(model: G2Face, faces: Tensor, w_plus: Tensor, base: Tensor, bits: Tensor, paste_mask: Tensor,
+def hiding_warmup_loss(model: G2Face, faces: Tensor, w_plus: Tensor, bits: Tensor, paste_mask: Tensor,
                        paste: degrade.PasteBackConfig, generator: torch.Generator, *, hiding_weight: float = 10.0,
                        min_psnr: float = 30.0, distortion_weight: float = 10.0) -> tuple[Tensor, Tensor, Tensor]:
-    """The hiding objective alone: returns (loss, bit logits, image).
+    """The hiding objective alone on real faces: returns (loss, bit logits, image = faces + payload residual).
 
     loss = hiding_weight * BCE(extract(paste/re-align/encode(image)), bits)
            + distortion_weight * max(0, MSE_visible / MSE_budget - 1),
-    where MSE_visible is measured through the paste mask (what the published photo shows) and the
-    budget is the MSE of ``min_psnr`` dB on the [-1, 1] scale. Usable as a warm-up stage before full
-    training (the hiding path otherwise starts from zero gains) and as the test that hiding can learn.
+    where MSE_visible is the change seen through the paste mask (what the published photo shows) and
+    the budget is the MSE of ``min_psnr`` dB on the [-1, 1] scale. Usable as a warm-up stage before
+    full training (the hiding path otherwise starts from zero gains and a random extractor) and as the
+    test that hiding can learn.
     """
-    image = fixed_path_image(model, faces, w_plus, bits, base)
+    image = faces + payload_residual(model, faces, w_plus, bits)
     with _full_precision(image.device):
         seen = degrade.random_paste_and_realign(image.float(), faces.float(), paste_mask, paste, generator)
     logits = model.extract_logits(seen)

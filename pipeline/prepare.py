@@ -33,7 +33,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -113,7 +112,8 @@ def parse_prepare_spec(tree, source: str = "<dict>") -> PrepareSpec:
     try:
         return _ADAPTER.validate_python(tree)
     except ValidationError as err:
-        raise JobSpecError(_format_errors(err, source).replace("invalid job spec", "invalid prepare job", 1)) from None
+        text = _format_errors(err, source).replace("invalid job spec", "invalid prepare job", 1)
+        raise JobSpecError(text.replace("schemas/job.schema.json", "PrepareSpec in pipeline/prepare.py")) from None
 
 
 def load_prepare_spec(path: str | Path, overrides: list[str] = ()) -> PrepareSpec:

@@ -163,7 +163,7 @@ def test_paste_and_realign_matches_the_pipeline(photos, photo_scale, angle_deg):
 
     # The torch photo frame has its own size; the crop centre lands at frame centre + shift. Choose
     # the shift so the frame's pixel lattice has the same sub-pixel phase as the real photo's.
-    side = int(math.ceil(r * photo_scale * math.sqrt(2))) + 4
+    side = degrade.photo_frame_side(r, photo_scale, abs(math.cos(a)) + abs(math.sin(a)))
     frac = c_photo - np.floor(c_photo)
     centre = (side - 1) / 2
     shift = torch.tensor(frac - (centre - math.floor(centre)))[None]

@@ -89,10 +89,17 @@ def test_feature_matching_uses_the_discriminator_but_trains_only_the_generator(f
 # ---- LPIPS ----------------------------------------------------------------------------------------
 
 
-def _lpips_files(tmp_path, vgg_changes=None, lin_changes=None):
+@pytest.fixture(scope="module")
+def vgg_features() -> dict:
+    """torchvision's VGG16 convolution weights (random init) under their checkpoint names."""
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    vgg = torchvision.models.vgg16(weights=None).state_dict()  # random weights with torchvision's keys
+    return {f"features.{k}": v for k, v in torchvision.models.vgg16(weights=None).features.state_dict().items()}
+
+
+def _lpips_files(tmp_path, vgg_features, vgg_changes=None, lin_changes=None):
+    # A small stand-in for the classifier keys of the real file (ignored by the loader).
+    vgg = dict(vgg_features) | {"classifier.6.weight": torch.zeros(1000, 4), "classifier.6.bias": torch.zeros(1000)}
     lin = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate((64, 128, 256, 512, 512))}
     for d, changes in ((vgg, vgg_changes), (lin, lin_changes)):
         for k, v in (changes or {}).items():
@@ -105,9 +112,9 @@ def _lpips_files(tmp_path, vgg_changes=None, lin_changes=None):
     return tmp_path / "vgg16.pth", tmp_path / "vgg.pth", vgg
 
 
-def test_lpips_loads_torchvision_vgg_and_lin_heads(tmp_path, faces):
+def test_lpips_loads_torchvision_vgg_and_lin_heads(tmp_path, faces, vgg_features):
     torchvision = pytest.importorskip("torchvision")
-    vgg_path, lin_path, vgg_state = _lpips_files(tmp_path)
+    vgg_path, lin_path, vgg_state = _lpips_files(tmp_path, vgg_features)
     model = losses.load_lpips(vgg_path, lin_path)
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
     small = torch.nn.functional.avg_pool2d(faces[:4], 2)  # 64 px keeps VGG16 quick on CPU
@@ -118,7 +125,7 @@ def test_lpips_loads_torchvision_vgg_and_lin_heads(tmp_path, faces):
     torch.testing.assert_close(d, model(other, x))
     # Our feature stack is torchvision's: same activation at relu5_3.
     ref = torchvision.models.vgg16(weights=None)
-    ref.load_state_dict(vgg_state)
+    ref.features.load_state_dict({k[len("features."):]: v for k, v in vgg_state.items() if k.startswith("features.")})
     scaled = (x - model.shift) / model.scale
     torch.testing.assert_close(model._taps(x)[-1], ref.features[:30](scaled), rtol=1e-4, atol=1e-4)
     # pinned hashes are checked
@@ -135,8 +142,8 @@ def test_lpips_loads_torchvision_vgg_and_lin_heads(tmp_path, faces):
     (None, {"lin2.model.1.weight": torch.zeros(1, 128, 1, 1)}, "lin2.model.1.weight .file \\[1, 128, 1, 1\\]"),
     (None, {"lin4.model.1.weight": None}, "LPIPS linear-head file .* missing keys: lin4.model.1.weight"),
 ])
-def test_lpips_loader_names_bad_keys(tmp_path, vgg_changes, lin_changes, message):
-    vgg_path, lin_path, _ = _lpips_files(tmp_path, vgg_changes, lin_changes)
+def test_lpips_loader_names_bad_keys(tmp_path, vgg_features, vgg_changes, lin_changes, message):
+    vgg_path, lin_path, _ = _lpips_files(tmp_path, vgg_features, vgg_changes, lin_changes)
     with pytest.raises(losses.LPIPSWeightsError, match=message):
         losses.load_lpips(vgg_path, lin_path)
 

@@ -171,6 +171,15 @@ def test_killed_run_leftovers_are_redone(tmp_path):
     assert not list((out / "shards").glob(".*.tmp"))
 
 
+def test_max_shards_leaves_the_rest_pending(tmp_path):
+    lines = []
+    rep = prepare(job(tmp_path, DEMO_SHARDS, identity=False), max_shards=1, echo=lines.append)
+    assert not rep["complete"] and list(rep["shards"]) == [DEMO_SHARDS[0].name]
+    assert "total (1/2 shards): 6 images, 6 faces kept" in "\n".join(lines)
+    rep = prepare(job(tmp_path, DEMO_SHARDS, identity=False), echo=lambda s: None)
+    assert rep["complete"] and rep["this_run"]["shards"] == 1 and rep["total"]["kept"] == 12
+
+
 def test_other_settings_into_same_output_are_refused(tmp_path):
     prepare(job(tmp_path, DEMO_SHARDS[:1], identity=False), echo=lambda s: None)
     assert "identity" not in read_prepared(tmp_path / "shards" / DEMO_SHARDS[0].name)[0]
@@ -188,7 +197,7 @@ def test_guards_and_spec_errors(tmp_path):
         prepare(job(run_out / "train", DEMO_SHARDS), echo=lambda s: None)
     bad = job(tmp_path, DEMO_SHARDS)
     bad["prepare"]["max_fit_nmе"] = 0.1  # Cyrillic 'е': a typo'd key
-    with pytest.raises(JobSpecError, match=r"prepare\.max_fit_nm.*unknown key"):
+    with pytest.raises(JobSpecError, match=r"prepare\.max_fit_nm.*unknown key .*PrepareSpec in pipeline/prepare\.py"):
         prepare(bad, echo=lambda s: None)
     with pytest.raises(JobSpecError, match="resolution"):
         prepare(job(tmp_path, DEMO_SHARDS, resolution=100), echo=lambda s: None)
