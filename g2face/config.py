@@ -10,6 +10,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from .payload_layout import REGIONS, grid_layout
+
 _RESOLUTIONS = (64, 128, 256)
 _DUMMY_NORMS = ("batchnorm", "layernorm")
 
@@ -39,6 +41,9 @@ class G2FaceConfig:
             they must add up to ``n_latent``.
         payload_bits: bits hidden in (and read back from) each anonymised face.
         hiding_resolutions: resolutions where the payload is injected into the generator's features.
+        payload_region: ``full`` (official: bit t at extractor position t over the whole crop) or
+            ``face`` (bits only on extractor cells inside the pipeline's paste-back ellipse, so every bit
+            survives paste-back; ``payload_layout``).
         fusion_mask_norm: instance-normalise the fusion mask logits before the sigmoid (official). This
             forces every mask channel to mix both sources spatially.
         extractor_width: channels of the password extractor's trunk (branches get half each).
@@ -67,6 +72,7 @@ class G2FaceConfig:
     extractor_blocks: int
     discriminator_channels: tuple[int, ...]
     blur_kernel: tuple[int, ...] = (1, 3, 3, 1)
+    payload_region: str = "full"
 
     def __post_init__(self) -> None:
         errors = []
@@ -96,6 +102,8 @@ class G2FaceConfig:
             errors.append(f"extractor_width must be an even number >= 2, got {self.extractor_width}")
         if any(c < 1 for c in self.channels + self.discriminator_channels):
             errors.append("channel counts must be >= 1")
+        if self.payload_region not in REGIONS:
+            errors.append(f"payload_region must be one of {REGIONS}, got {self.payload_region!r}")
         if self.dummy_norm not in _DUMMY_NORMS:
             errors.append(f"dummy_norm must be one of {_DUMMY_NORMS}, got {self.dummy_norm!r}")
         if not self.mapper_lr_mul > 0:
@@ -121,9 +129,14 @@ class G2FaceConfig:
     def channels_at(self, resolution: int) -> int:
         return self.channels[self.resolutions.index(resolution)]
 
+    @property
+    def payload_grid_bits(self) -> int:
+        """Length of the flat grid the payload is laid out on (``payload_bits`` for the full layout)."""
+        return grid_layout(self.resolution, self.payload_bits, self.payload_region)[0]
+
     def payload_depth(self, resolution: int) -> int:
-        """Channels of the payload when laid out as ``resolution`` x ``resolution`` planes."""
-        return math.ceil(self.payload_bits / resolution**2)
+        """Channels of the payload grid when laid out as ``resolution`` x ``resolution`` planes."""
+        return math.ceil(self.payload_grid_bits / resolution**2)
 
     # ---- plain-JSON form ---------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -167,7 +180,8 @@ PAPER_256 = G2FaceConfig(
 )
 
 # Small enough to train in minutes on one GPU and to run on CPU: 11.1 M shipped parameters (22 MB in
-# fp16; the discriminator, 4.3 M, is training-only). 4096 payload bits = one 64x64 extractor plane at 128 px.
+# fp16; the discriminator, 4.3 M, is training-only). 4096 payload bits, all on the 1,620 extractor cells
+# (of 64x64) inside the paste-back ellipse: three planes, 2.5 bits per 2x2-pixel cell.
 LITE_128 = G2FaceConfig(
     name="lite-128",
     resolution=128,
@@ -188,6 +202,7 @@ LITE_128 = G2FaceConfig(
     extractor_width=64,
     extractor_blocks=3,
     discriminator_channels=(256, 256, 192, 128, 64, 32),
+    payload_region="face",
 )
 
 PRESETS: dict[str, G2FaceConfig] = {c.name: c for c in (PAPER_256, LITE_128)}

@@ -182,7 +182,8 @@ class PasswordHiding(nn.Module):
     """Two payload projections per hiding resolution: one into the fusion mask, one added to the blend.
 
     Args:
-        payload_bits: bits per face.
+        payload_bits: length of the payload grid per face (``payload_layout.grid_layout``: the payload
+            bits at their positions, zeros elsewhere).
         hiding_resolutions: the resolutions where the payload is injected.
         channels_at: feature channels at each of those resolutions (same order).
     """

@@ -44,7 +44,7 @@ class PasswordExtractor(nn.Module):
 
     Args:
         resolution: input side in pixels.
-        payload_bits: bits to read.
+        payload_bits: length of the payload grid to read (the model picks its payload's positions).
         width: trunk channels.
         blocks: number of ``ExtractorBlock``s.
 

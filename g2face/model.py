@@ -26,6 +26,7 @@ from .encoder import FaceEncoder, IdentityAwareFusion, PasswordHiding
 from .extractor import PasswordExtractor
 from .mapper import DummyIdentityGenerator, LatentMapper
 from .stylegan2 import SynthesisNetwork
+from .payload_layout import from_grid, grid_layout, to_grid
 
 # Independent random streams per face, so e.g. the dummy identity does not change with the noise maps.
 STREAM_DUMMY, STREAM_ANONYMIZE, STREAM_RECOVER = 1, 2, 3
@@ -76,10 +77,13 @@ class G2Face(nn.Module):
                                    c.mapper_doubled_bias, c.style_split)
         self.encoder = FaceEncoder(c.resolution, c.channels)
         self.fusion = IdentityAwareFusion(c.resolution, c.channels, c.hiding_resolutions, c.fusion_mask_norm)
-        self.hiding = PasswordHiding(c.payload_bits, c.hiding_resolutions,
+        grid_bits, positions = grid_layout(c.resolution, c.payload_bits, c.payload_region)
+        # Derived from the config, so not part of the state dict.
+        self.register_buffer("payload_positions", positions, persistent=False)
+        self.hiding = PasswordHiding(grid_bits, c.hiding_resolutions,
                                      [c.channels_at(r) for r in c.hiding_resolutions])
         self.synthesis = SynthesisNetwork(c.resolution, c.channels, c.style_dim, c.blur_kernel)
-        self.extractor = PasswordExtractor(c.resolution, c.payload_bits, c.extractor_width, c.extractor_blocks)
+        self.extractor = PasswordExtractor(c.resolution, grid_bits, c.extractor_width, c.extractor_blocks)
 
     # ---- training hooks: images in [-1, 1], gradients flow ---------------------------------------
     def styles(self, identity: Tensor, geometry: Tensor) -> Tensor:
@@ -91,7 +95,8 @@ class G2Face(nn.Module):
         """The generator G(x, w+, P): encoder features blended into the synthesis at every resolution,
         payload injected at the hiding resolutions. ``noise=None`` draws fresh noise from the global RNG."""
         features = self.encoder(image)
-        bits = payload_bits.to(image.dtype)
+        assert payload_bits.shape[1:] == (self.config.payload_bits,), (payload_bits.shape, self.config.payload_bits)
+        bits = to_grid(payload_bits.to(image.dtype), self.hiding.payload_bits, self.payload_positions)
 
         def fuse(side: int, generated: Tensor) -> Tensor:
             encoded = features[self.fusion.level(side)]
@@ -113,7 +118,7 @@ class G2Face(nn.Module):
 
     def extract_logits(self, image: Tensor) -> Tensor:
         """Payload bit logits (B, payload_bits) from an image in [-1, 1]."""
-        return self.extractor(image)
+        return from_grid(self.extractor(image), self.payload_positions)
 
     def noise_from_seeds(self, seeds: Sequence[int], stream: int, device: torch.device | str = "cpu",
                          dtype: torch.dtype = torch.float32) -> list[Tensor]:

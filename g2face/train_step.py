@@ -151,6 +151,8 @@ class TrainState:
         self.step = 0
         self.rng = torch.Generator(device="cpu")
         self.rng.manual_seed(seed)
+        # Data-parallel training sets this: averages the gradients of the given parameters across workers.
+        self.grad_sync: Callable[[list[Tensor]], None] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -353,10 +355,13 @@ def _set_requires_grad(module: nn.Module, flag: bool) -> None:
         p.requires_grad_(flag)
 
 
-def _step(optimizer: torch.optim.Optimizer, loss: Tensor, clip: float) -> float:
+def _step(optimizer: torch.optim.Optimizer, loss: Tensor, clip: float,
+          grad_sync: Callable[[list[Tensor]], None] | None = None) -> float:
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if grad_sync is not None:
+        grad_sync(params)
     norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
     optimizer.step()
     return float(norm)
@@ -376,15 +381,15 @@ def train_step(state: TrainState, batch: Batch, priors: Priors) -> dict[str, flo
 
     _set_requires_grad(disc, False)
     anon = anonymization_pass(state, priors, x, id_o, geo_o, cam_o, draws)
-    norm_a = _step(state.opt_g, anon.total, cfg.grad_clip)
+    norm_a = _step(state.opt_g, anon.total, cfg.grad_clip, state.grad_sync)
     rec = recovery_pass(state, priors, x, id_o, geo_o, cam_o, anon, draws)
-    norm_r = _step(state.opt_g, rec.total, cfg.grad_clip)
+    norm_r = _step(state.opt_g, rec.total, cfg.grad_clip, state.grad_sync)
     _set_requires_grad(disc, True)
 
     fake = rec.image if state.step % 2 == 0 else anon.image
     with_r1 = cfg.weights.r1 > 0 and state.step % cfg.weights.r1_interval == 0
     d_total, d_terms = discriminator_pass(state, x, fake, with_r1)
-    norm_d = _step(state.opt_d, d_total, cfg.grad_clip)
+    norm_d = _step(state.opt_d, d_total, cfg.grad_clip, state.grad_sync)
     state.update_ema()
     state.step += 1
 

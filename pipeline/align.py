@@ -5,10 +5,13 @@ coordinates to aligned-crop coordinates; the crop is ``resolution`` pixels squar
 """
 from __future__ import annotations
 
-from functools import lru_cache
-
 import cv2
 import numpy as np
+
+from g2face.payload_layout import FACE_AXES as _MASK_AXES  # noqa: F401 (the mask geometry, for callers)
+from g2face.payload_layout import FACE_CENTER as _MASK_CENTER  # noqa: F401
+from g2face.payload_layout import FACE_FEATHER as _MASK_FEATHER  # noqa: F401
+from g2face.payload_layout import face_mask
 
 # FFHQ-style template for a 512 px crop: left eye, right eye, nose tip, left and right mouth corner
 # (the commonly used 5-point FFHQ layout). Scaled linearly to other resolutions.
@@ -22,13 +25,6 @@ _TEMPLATE_512 = np.array(
     ],
     dtype=np.float64,
 )
-
-# Paste-back region in crop units: an ellipse around the face with a soft edge. The mask is exactly
-# zero outside the ellipse, so pixels outside its warped footprint are never touched.
-_MASK_CENTER = (0.5, 0.53)
-_MASK_AXES = (0.37, 0.44)
-_MASK_FEATHER = 0.18  # fraction of the ellipse radius over which the mask ramps 1 -> 0
-
 
 def template(resolution: int) -> np.ndarray:
     return _TEMPLATE_512 * (resolution / 512.0)
@@ -86,17 +82,11 @@ def warp_to_crop(image: np.ndarray, m: np.ndarray, resolution: int) -> np.ndarra
     )
 
 
-@lru_cache(maxsize=8)
 def paste_mask(resolution: int) -> np.ndarray:
-    """Feathered elliptical mask in crop coordinates, float32 in [0, 1], zero outside the ellipse."""
-    ys, xs = np.mgrid[0:resolution, 0:resolution].astype(np.float64) + 0.5
-    cx, cy = _MASK_CENTER[0] * resolution, _MASK_CENTER[1] * resolution
-    ax, ay = _MASK_AXES[0] * resolution, _MASK_AXES[1] * resolution
-    r = np.sqrt(((xs - cx) / ax) ** 2 + ((ys - cy) / ay) ** 2)
-    t = np.clip((1.0 - r) / _MASK_FEATHER, 0.0, 1.0)
-    mask = (t * t * (3.0 - 2.0 * t)).astype(np.float32)  # smoothstep
-    mask.setflags(write=False)  # cached and shared by every caller
-    return mask
+    """Feathered elliptical mask in crop coordinates, float32 in [0, 1], exactly zero outside the ellipse,
+    so pixels outside its warped footprint are never touched. Shared with the model, whose payload
+    bits lie inside it (``g2face.payload_layout``). Read-only and cached."""
+    return face_mask(resolution)
 
 
 def paste_region(m: np.ndarray, resolution: int, width: int, height: int) -> tuple[int, int, int, int] | None:

@@ -94,8 +94,13 @@ class AnonymizerUnavailable(RuntimeError):
     pass
 
 
-def build_anonymizer(method: str, resolution: int, blur_sigma: float, pixelate_blocks: int, checkpoint: str | None):
-    """Build one anonymizer from plain values (the job spec is resolved by the caller)."""
+def build_anonymizer(method: str, resolution: int, blur_sigma: float, pixelate_blocks: int, checkpoint: str | None,
+                     official=None):
+    """Build one anonymizer from plain values (the job spec is resolved by the caller).
+
+    official: for g2face, the ``anonymizer.official`` paths (g2face, arcface, deep3d, bfm) when the job runs the
+    official weights (``anonymizer.weights: official``); None runs ``checkpoint`` with the shipped priors.
+    """
     if method == "blur":
         return BlurAnonymizer(resolution, blur_sigma)
     if method == "pixelate":
@@ -104,7 +109,19 @@ def build_anonymizer(method: str, resolution: int, blur_sigma: float, pixelate_b
         from .g2face_method import G2FaceAnonymizer, G2FaceUnavailable
 
         try:
+            if official is not None:
+                from .official import OfficialG2FaceAnonymizer
+
+                return OfficialG2FaceAnonymizer(official.g2face, official.arcface, official.deep3d, official.bfm,
+                                                resolution)
             return G2FaceAnonymizer(checkpoint, resolution)
         except G2FaceUnavailable as e:
             raise AnonymizerUnavailable(str(e)) from None
     raise ValueError(f"unknown anonymizer.method {method!r}; use g2face, blur or pixelate")
+
+
+def anonymizer_for(an, method: str | None = None):
+    """The anonymizer for ``method`` (default the job's own) of a job's ``anonymizer`` section, weights included."""
+    method = method or an.method
+    official = an.official if method == "g2face" and getattr(an, "weights", "shipped") == "official" else None
+    return build_anonymizer(method, an.resolution, an.blur_sigma, an.pixelate_blocks, an.checkpoint, official)

@@ -16,7 +16,6 @@ import hashlib
 import html
 import io
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,15 +29,29 @@ from PIL import Image
 from g2face.identity import SAME_PERSON_DISTANCE
 from schemas import load_json
 
-from . import align, storage
+from . import align, payload_readback, storage
 from .imaging import decode_image
 from .metrics_stage import FIELDS, FaceMeasurer, metric_transform
+from .privacy_metrics import (  # noqa: F401  (re-exported: the audit's numbers live there, shared with evaluate)
+    FAR_TARGET,
+    HIST_EDGES,
+    bit_balance,
+    identity_agreement,
+    mean_of,
+    pairwise_agreement,
+    far_threshold,
+    privacy_row,
+    psnr_ssim_mae,
+    rank1,
+    subjects,
+    summary,
+    utility_row,
+    verification,
+)
 from .shardio import read_parquet, read_webdataset
 from .spec import JobSpec, JobSpecError, parse_spec
 
 AUDIT_FORMAT = 1
-FAR_TARGET = 1e-3
-HIST_EDGES = np.round(np.arange(0.0, 1.5001, 0.05), 2)  # identity distance bins; the last one also takes > 1.5
 THUMB = 96
 MAX_EXAMPLES = 6
 SECTIONS = ("coverage", "privacy", "utility", "recovery", "figures", "examples", "provenance")
@@ -214,21 +227,6 @@ def _read_samples(spec: JobSpec, url: str, output: bool) -> dict:
     return out
 
 
-def psnr_ssim_mae(a: np.ndarray, b: np.ndarray) -> dict:
-    """PSNR (dB), SSIM (grey, Gaussian window 11 / sigma 1.5) and MAE (0..1 scale) of two uint8 RGB images."""
-    x, y = a.astype(np.float64), b.astype(np.float64)
-    mse = float(np.mean((x - y) ** 2))
-    psnr = 10 * math.log10(255.0**2 / mse) if mse > 0 else None  # identical images: unbounded
-    gx = cv2.cvtColor(a, cv2.COLOR_RGB2GRAY).astype(np.float64)
-    gy = cv2.cvtColor(b, cv2.COLOR_RGB2GRAY).astype(np.float64)
-    blur = lambda t: cv2.GaussianBlur(t, (11, 11), 1.5)  # noqa: E731
-    mx, my = blur(gx), blur(gy)
-    vx, vy, cxy = blur(gx * gx) - mx * mx, blur(gy * gy) - my * my, blur(gx * gy) - mx * my
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    ssim = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    return {"psnr": psnr, "ssim": float(ssim.mean()), "mae": float(np.mean(np.abs(x - y)) / 255.0)}
-
-
 def collect_faces(
     run: Run, measurer: FaceMeasurer, thumbs: int = 0, recovery_dir: str | None = None, cache: dict | None = None
 ) -> Collected:
@@ -348,95 +346,6 @@ def _recovered_image(recovered: dict | None, key: str, shape: tuple, spec: JobSp
 # Privacy numbers.
 
 
-def far_threshold(impostor: np.ndarray, far: float = FAR_TARGET) -> tuple[float | None, float]:
-    """Distance threshold t (accept when d < t) letting at most far * n impostor pairs through, and the FAR it
-    achieves. With fewer than 1/far impostor pairs no impostor may pass (t = the smallest impostor distance)."""
-    d = np.sort(np.asarray(impostor, np.float64))
-    if len(d) == 0:
-        return None, 0.0
-    k = int(math.floor(far * len(d) + 1e-9))
-    t = float(d[k]) if k < len(d) else float(d[-1]) + 1e-6
-    return t, float(np.mean(d < t))
-
-
-def rank1(gallery: np.ndarray, probes: np.ndarray) -> float:
-    """Share of probes whose nearest gallery entry (Euclidean) is the one at their own index."""
-    g, p = gallery.astype(np.float64), probes.astype(np.float64)
-    d = (p * p).sum(1)[:, None] - 2 * p @ g.T + (g * g).sum(1)[None]
-    return float(np.mean(np.argmin(d, axis=1) == np.arange(len(p))))
-
-
-def _summary(values) -> dict | None:
-    v = np.asarray([x for x in values if x is not None], np.float64)
-    if len(v) == 0:
-        return None
-    return {
-        "n": int(len(v)),
-        "mean": float(v.mean()),
-        "median": float(np.median(v)),
-        "p05": float(np.percentile(v, 5)),
-        "p95": float(np.percentile(v, 95)),
-        "min": float(v.min()),
-        "max": float(v.max()),
-    }
-
-
-def identity_distances(run: Run, collected: Collected | None) -> tuple[list[float], list[str | None], str]:
-    """Per-face identity distances and size classes: from the manifests' metrics, else recomputed from the
-    re-read faces."""
-    measured = [
-        (f["metrics"]["identity_distance"], f["size_class"])
-        for r in run.public
-        if r["published"]
-        for f in r["faces"]
-        if f.get("metrics") and f["metrics"].get("identity_distance") is not None
-    ]
-    source = "manifest"
-    if not measured and collected and collected.with_embeddings:
-        measured = [
-            (float(np.linalg.norm(f.orig.astype(np.float64) - f.anon)), f.size_class) for f in collected.with_embeddings
-        ]
-        source = "recomputed"
-    if not measured:
-        return [], [], "none"
-    return [m[0] for m in measured], [m[1] for m in measured], source
-
-
-def privacy_row(label: str, run: Run, collected: Collected | None) -> dict:
-    dist, sizes, source = identity_distances(run, collected)
-    d = np.asarray(dist, np.float64)
-    counts = np.histogram(np.clip(d, 0, HIST_EDGES[-1]), HIST_EDGES)[0] if len(d) else np.zeros(len(HIST_EDGES) - 1)
-    faces = collected.with_embeddings if collected else []
-    by_size = []
-    for name in _SIZE_CLASSES:
-        sel = d[[s == name for s in sizes]] if len(d) else d
-        matching = int((sel < SAME_PERSON_DISTANCE).sum())
-        by_size.append(
-            {
-                "size_class": name,
-                "faces": int(len(sel)),
-                "still_matching": matching,
-                "share_still_matching": matching / len(sel) if len(sel) else None,
-            }
-        )
-    return {
-        "label": label,
-        "method": run.method,
-        "faces": int(len(d)),
-        "distance_source": source,
-        "identity_distance": _summary(dist),
-        "histogram": {"edges": [float(e) for e in HIST_EDGES], "counts": [int(c) for c in counts]},
-        "still_matching": int((d < SAME_PERSON_DISTANCE).sum()),
-        "share_still_matching": float((d < SAME_PERSON_DISTANCE).mean()) if len(d) else None,
-        "by_size_class": by_size,
-        "rank1": (
-            rank1(np.stack([f.orig for f in faces]), np.stack([f.anon for f in faces])) if len(faces) >= 2 else None
-        ),
-        "rank1_gallery": len(faces),
-        "rank1_chance": 1.0 / len(faces) if faces else None,
-    }
-
-
 def read_pairs(path: str) -> list[tuple[str, str, bool]]:
     try:
         text = storage.read_bytes(path).decode("utf-8")
@@ -457,116 +366,114 @@ def read_pairs(path: str) -> list[tuple[str, str, bool]]:
     return out
 
 
-def _subjects(collected: Collected) -> dict[str, FaceRecord]:
-    """Original key -> the image's largest face (the subject a pairs file refers to)."""
-    best: dict[str, FaceRecord] = {}
-    for f in collected.with_embeddings:
-        if f.original_key is not None and (f.original_key not in best or f.side > best[f.original_key].side):
-            best[f.original_key] = f
-    return best
-
-
-def verification(pairs: list[tuple[str, str, bool]], runs: list[tuple[str, Run, Collected]]) -> dict:
-    """TAR at FAR=1e-3, one side anonymized (key_b), threshold from the originals' impostor pairs (paper Table I)."""
-    ref = _subjects(runs[0][2])
-    usable = [(a, b, s) for a, b, s in pairs if a in ref and b in ref]
-    dist = lambda x, y: float(np.linalg.norm(x.astype(np.float64) - y))  # noqa: E731
-    genuine = np.array([dist(ref[a].orig, ref[b].orig) for a, b, s in usable if s])
-    impostor = np.array([dist(ref[a].orig, ref[b].orig) for a, b, s in usable if not s])
-    t, far = far_threshold(impostor)
-    rows = [
-        {
-            "label": "Original (no anonymization)",
-            "method": "none",
-            "tar": float(np.mean(genuine < t)) if len(genuine) and t else None,
-            "far": far,
-            "genuine_pairs": int(len(genuine)),
-            "impostor_pairs": int(len(impostor)),
-        }
-    ]
-    for label, run, col in runs:
-        subj = _subjects(col)
-        use = [(a, b, s) for a, b, s in usable if b in subj]
-        g = np.array([dist(ref[a].orig, subj[b].anon) for a, b, s in use if s])
-        i = np.array([dist(ref[a].orig, subj[b].anon) for a, b, s in use if not s])
-        rows.append(
-            {
-                "label": label,
-                "method": run.method,
-                "tar": float(np.mean(g < t)) if len(g) and t else None,
-                "far": float(np.mean(i < t)) if len(i) and t else None,
-                "genuine_pairs": int(len(g)),
-                "impostor_pairs": int(len(i)),
-            }
-        )
-    return {
-        "computed": bool(len(genuine) and len(impostor)),
-        "far_target": FAR_TARGET,
-        "threshold": t,
-        "recognizer": "dlib",
-        "pairs_total": len(pairs),
-        "pairs_used": len(usable),
-        "pairs_skipped": len(pairs) - len(usable),
-        "rows": rows,
-        "genuine_original": [float(x) for x in genuine],
-        "impostor_original": [float(x) for x in impostor],
-    }
-
-
-def payload_section(run: Run) -> dict:
-    has_fields = any("payload_ok" in f for r in run.public for f in r["faces"])
-    if not has_fields:
+def payload_section(run: Run, pairs: list[tuple[str, str, bool]] | None = None, device: str = "cpu",
+                    limit: int = payload_readback.DEFAULT_LIMIT) -> dict:
+    # Manifests from version 3 on carry payload columns for every face; only g2face faces fill them.
+    g2 = [f for r in run.public if r["published"] for f in r["faces"] if f.get("method") == "g2face"]
+    randomness = payload_randomness(run, pairs, device, limit) if g2 else {
+        "computed": False, "reason": f"anonymizer.method is '{run.method}': no face carries a payload"}
+    if not any(f.get("payload_mode") == "reversible" or f.get("payload_status") for f in g2):
         why = (
             "the g2face method ran in irreversible mode (uniformly random bits drawn from each face's seed, "
-            "no key-gated "
-            "payload)"
-            if run.method == "g2face"
+            "no key-gated payload)"
+            if g2
             else f"anonymizer.method is '{run.method}', which hides nothing"
         )
-        return {"present": False, "statement": f"No payload in this run: {why}; the randomness check does not apply."}
+        tail = "the bits it hid were still read back and checked below" if g2 else "the randomness check does not apply"
+        return {"present": False, "statement": f"No payload in this run: {why}; {tail}.",
+                "randomness": randomness}
+    ok = sum(bool(f.get("payload_ok")) for f in g2)
+    reversible = sum(f.get("payload_mode") == "reversible" for f in g2)
     return {
         "present": True,
-        "statement": "The manifests carry payload fields, but this version of audit cannot read "
-        "payload bits back, so the randomness check was not computed.",
+        "statement": f"{ok} of {len(g2)} g2face faces carry a payload that verified when written; {reversible} are "
+        "published as reversible.",
+        "randomness": randomness,
     }
+
+
+_RANDOMNESS_MEANING = (
+    "What this checks: the bits hidden in a published face are ciphertext (reversible mode: the encrypted identity "
+    "embedding) or seeded noise (irreversible mode), so anyone holding the public extractor, without a key, should "
+    "read what looks like uniformly random bits: every bit position about half ones, two faces agreeing on about "
+    "half their bits, and two photos of the same person agreeing no more than two different people. A biased "
+    "position or person-correlated bits would leak information about the person to anyone, key or not. The bits "
+    "are read through the model's extractor, so its bit errors (mean raw bit error rate at write time shown) add "
+    "to what the ciphertext alone would give."
+)
+P_ALARM = 1e-3  # below this a test says the bits are not fair coins
+
+
+def payload_randomness(run: Run, pairs: list[tuple[str, str, bool]] | None, device: str, limit: int) -> dict:
+    """Read published g2face faces' bits back without a key and test them for uniform randomness."""
+    pair_keys = [k for a, b, _ in pairs or () for k in (a, b)]
+    try:
+        rb = payload_readback.read_payload_bits(run, device, limit, pair_keys)
+    except payload_readback.ReadbackUnavailable as e:
+        return {"computed": False, "reason": str(e), "meaning": _RANDOMNESS_MEANING}
+    if rb.bits is None:
+        return {"computed": False, "reason": "no published g2face face to read", "meaning": _RANDOMNESS_MEANING}
+    bits = rb.bits
+    modes: dict[str, int] = {}
+    for f in rb.faces:
+        modes[str(f.payload_mode)] = modes.get(str(f.payload_mode), 0) + 1
+    out = {
+        "computed": True,
+        "meaning": _RANDOMNESS_MEANING,
+        "artifact_sha256": rb.artifact_sha256,
+        "faces_published": rb.candidates,
+        "faces_selected": rb.selected,
+        "faces_read": len(rb.faces),
+        "faces_unreadable": rb.unreadable,
+        "unreachable": rb.unreachable,
+        "limit": limit,
+        "sampling": f"at most {limit} faces: those of images a pairs file names first, then a shuffle seeded with "
+        f"{payload_readback.SAMPLE_SEED}; the same run always gives the same sample",
+        "payload_modes": dict(sorted(modes.items())),
+        "mean_write_ber": mean_of([f.payload_ber for f in rb.faces]),
+        "balance": bit_balance(bits),
+        "pairwise_agreement": pairwise_agreement(bits),
+    }
+    if pairs is None:
+        out["identity"] = {"computed": False, "reason": "no pairs file given (--pairs CSV with key_a,key_b,same)"}
+    else:
+        row: dict[str, int] = {}
+        for i, f in enumerate(rb.faces):  # an image's largest face is the subject a pairs file names
+            k = f.original_key
+            if k is not None and (k not in row or f.side > rb.faces[row[k]].side):
+                row[k] = i
+        idx = [(row[a], row[b], s) for a, b, s in pairs if a in row and b in row and row[a] != row[b]]
+        ident = identity_agreement(bits, idx)
+        ident["computed"] = bool(ident["same_person"]["pairs"] and ident["different_person"]["pairs"])
+        ident["pairs_used"] = len(idx)
+        if not ident["computed"]:
+            ident["reason"] = "the pairs file has no same-person and different-person pairs among the faces read"
+        out["identity"] = ident
+    bal, agr, ident = out["balance"], out["pairwise_agreement"], out["identity"]
+    alarms = []
+    if bal["chi_square"]["p_value"] < P_ALARM:
+        alarms.append(f"the per-position shares of ones are not those of fair coins (chi-square "
+                      f"{_p(bal['chi_square']['p_value'])})")
+    if bal["worst_position"]["bonferroni_p_value"] < P_ALARM:
+        alarms.append(f"bit position {bal['worst_position']['position']} is ones in "
+                      f"{100 * bal['worst_position']['share']:.1f}% of faces")
+    if ident.get("computed") and ident["p_value"] < P_ALARM and ident["difference"] > 0:
+        alarms.append("photos of the same person agree on more bits than photos of different people")
+    n = out["faces_read"]
+    if alarms:
+        out["verdict"] = "biased"
+        out["statement"] = (f"Over {n} faces read back without a key, the payload does NOT look uniformly random: "
+                            + "; ".join(alarms) + ". Such a payload can leak information about the people in it.")
+    else:
+        out["verdict"] = "consistent_with_random"
+        agreement = f", mean pairwise agreement {agr['mean']:.3f}" if agr else ""
+        out["statement"] = (f"Over {n} faces read back without a key, the payload looks uniformly random (no test "
+                            f"below p = {P_ALARM:g}): share of ones {bal['share_of_ones']:.3f}{agreement}.")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Utility (Table III).
-
-
-def utility_row(label: str, run: Run) -> dict:
-    ms = [f["metrics"] for r in run.public if r["published"] for f in r["faces"] if f.get("metrics")]
-    row = {
-        "label": label,
-        "method": run.method,
-        "faces_measured": len(ms),
-        "resolution": ms[0]["resolution"] if ms else None,
-    }
-    mean = lambda key: _mean([m[key] for m in ms])  # noqa: E731
-    for det in ("mtcnn", "hog"):
-        found = [m for m in ms if m[f"{det}_original"]]
-        row[f"{det}_original_found"] = len(found)
-        row[f"{det}_redetected"] = sum(bool(m[f"{det}_redetected"]) for m in found)
-        row[f"{det}_detection_rate"] = row[f"{det}_redetected"] / len(found) if found else None
-        row[f"{det}_box_distance"] = mean(f"{det}_box_distance")
-        row[f"{det}_box_iou"] = mean(f"{det}_box_iou")
-    for key in (
-        "mtcnn_landmark_distance",
-        "landmark68_distance",
-        "shape_distance",
-        "expression_distance",
-        "pose_distance",
-        "identity_distance",
-        "recognizer_cosine",
-    ):
-        row[key] = mean(key)
-    return row
-
-
-def _mean(values) -> float | None:
-    v = [x for x in values if x is not None]
-    return float(np.mean(v)) if v else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -730,7 +637,7 @@ def build_audit(
             "genuine, both original": verif.pop("genuine_original"),
             "impostor, both original": verif.pop("impostor_original"),
         }
-        subj = _subjects(col)
+        subj = subjects(col)
         verif_values["genuine, one side anonymized"] = [
             float(np.linalg.norm(subj[a].orig.astype(np.float64) - subj[b].anon))
             for a, b, s in pair_list
@@ -768,9 +675,9 @@ def build_audit(
             "faces_expected": len(expected),
             "faces_recovered": len(got),
             "decode_rate": len(got) / len(expected) if expected else None,
-            "psnr": _summary([g["psnr"] for g in got]),
-            "ssim": _summary([g["ssim"] for g in got]),
-            "mae": _summary([g["mae"] for g in got]),
+            "psnr": summary([g["psnr"] for g in got]),
+            "ssim": summary([g["ssim"] for g in got]),
+            "mae": summary([g["mae"] for g in got]),
             "identical_faces": sum(g["psnr"] is None for g in got),
             "statement": "Recovered faces are compared with the originals on aligned crops; PSNR in dB "
             "(identical crops "
@@ -810,7 +717,7 @@ def build_audit(
             "rows": privacy_rows,
             "reidentification": reid,
             "verification": verif,
-            "payload": payload_section(run),
+            "payload": payload_section(run, pair_list, device),
         },
         "utility": {"rows": util_rows, "fid": fid, "resolution": run.spec.metrics.resolution},
         "recovery": rec,
@@ -884,6 +791,55 @@ def _table(headers: list[str], rows: list[list]) -> str:
 
 def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _p(p: float) -> str:
+    return "p < 1e-300" if p < 1e-300 else f"p = {p:.3g}"
+
+
+def _payload_html(pay: dict) -> str:
+    e = html.escape
+    r = pay["randomness"]
+    parts = [f"<h3>Payload</h3><p>{e(pay['statement'])}</p>", "<h4>Payload randomness (read back without a key)</h4>"]
+    if not r["computed"]:
+        parts.append(f"<p>Not computed: {e(r['reason'])}.</p>")
+        if "meaning" in r:
+            parts.append(f"<p class='note'>{e(r['meaning'])}</p>")
+        return "".join(parts)
+    bal, agr, ident = r["balance"], r["pairwise_agreement"], r["identity"]
+    parts.append(f"<p class='{'ok' if r['verdict'] == 'consistent_with_random' else 'warn'}'>{e(r['statement'])}</p>")
+    parts.append(_table(
+        ["figure", "value", "if uniformly random"],
+        [
+            ["faces read (of published g2face faces)", f"{r['faces_read']} of {r['faces_published']}", "–"],
+            ["bits per face", bal["bits_per_face"], "–"],
+            ["share of ones, all bits", bal["share_of_ones"], "0.5"],
+            ["per-position share of ones, min – max",
+             f"{_fmt(bal['position_share_min'])} – {_fmt(bal['position_share_max'])}", "near 0.5"],
+            ["max |share − 0.5| over positions", bal["max_abs_deviation"],
+             # the largest of `bits` |normal| deviations of sd 0.5/sqrt(faces) is about sqrt(2 ln(2 bits)) sd
+             f"about {_fmt(0.5 / max(1, r['faces_read']) ** 0.5 * (2 * np.log(2 * bal['bits_per_face'])) ** 0.5)}"],
+            [f"chi-square over positions ({bal['chi_square']['dof']} dof), p-value",
+             f"{bal['chi_square']['statistic']:.1f}, {_p(bal['chi_square']['p_value'])}", "p not tiny"],
+            [f"worst position {bal['worst_position']['position']}: binomial p, Bonferroni-adjusted",
+             _p(bal["worst_position"]["bonferroni_p_value"]), "p not tiny"],
+            ["mean pairwise bit agreement" + (f" ({agr['pairs']} pairs)" if agr else ""),
+             agr["mean"] if agr else None, "0.5"],
+            ["mean raw bit error rate at write time", r["mean_write_ber"], "–"],
+        ],
+    ))
+    if ident.get("computed"):
+        parts.append(_table(
+            ["pairs (from --pairs)", "pairs", "mean bit agreement"],
+            [["same person", ident["same_person"]["pairs"], ident["same_person"]["mean"]],
+             ["different people", ident["different_person"]["pairs"], ident["different_person"]["mean"]],
+             ["difference (z, p)", "–", f"{ident['difference']:.4f} (z = {ident['z']:.2f}, {_p(ident['p_value'])})"]],
+        ))
+    else:
+        parts.append(f"<p>Same-person vs different-person agreement not computed: {e(ident['reason'])}.</p>")
+    parts.append(f"<p class='note'>{e(r['meaning'])} Faces: {e(r['sampling'])}; model sha256 "
+                 f"<code>{e(str(r['artifact_sha256']))}</code>.</p>")
+    return "".join(parts)
 
 
 def render_html(doc: dict, figures: dict[str, bytes], grid: bytes | None) -> str:
@@ -1043,7 +999,7 @@ def render_html(doc: dict, figures: dict[str, bytes], grid: bytes | None) -> str
         )
     else:
         sec.append(f"<p>Not computed: {e(v['reason'])}.</p>")
-    sec.append(f"<h3>Payload</h3><p>{e(priv['payload']['statement'])}</p>")
+    sec.append(_payload_html(priv["payload"]))
     parts.append(f"<section id='privacy'>{''.join(sec)}</section>")
 
     sec = ["<h2>Utility (Table III layout)</h2>"]

@@ -149,6 +149,63 @@ def audit(
     typer.echo(f"wrote {html_path} and {json_path}")
 
 
+@app.command("evaluate")
+def evaluate_cmd(
+    data: List[str] = typer.Option(..., "--data", help="WebDataset shards (glob or path; repeatable)."),
+    pairs: Optional[str] = typer.Option(None, "--pairs", help="CSV key_a,key_b,same of input keys: TAR at FAR=1e-3."),
+    out: str = typer.Option(..., "--out", help="Where to write eval.json."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="G2Face artifact (default: the shipped one)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate the first N samples only."),
+    baselines: str = typer.Option("blur,pixelate", "--baselines", help="Comma-separated baselines ('' for none)."),
+    work_dir: Optional[str] = typer.Option(None, "--work-dir", help="Keep the runs here (to audit them), not in a temp dir."),
+    device: str = typer.Option("cpu", "--device", help="Torch device: cpu or cuda."),
+) -> None:
+    """Measure a G2Face model on a corpus: every number of the quality bars (issue #6) as JSON."""
+    from .anonymizers import AnonymizerUnavailable
+    from .audit import AuditError
+    from .evaluate import EvaluateError, evaluate
+    from .models import WeightsError
+    from .spec import JobSpecError
+
+    try:
+        doc = evaluate(
+            data if len(data) > 1 else data[0], pairs, out, checkpoint=checkpoint, limit=limit,
+            baselines=tuple(b for b in baselines.split(",") if b.strip()), work_dir=work_dir, device=device,
+            echo=lambda m: typer.echo(m, err=True),
+        )
+    except (EvaluateError, AuditError, JobSpecError, AnonymizerUnavailable, WeightsError, FileNotFoundError,
+            PermissionError) as e:
+        _fail(str(e))
+    typer.echo(f"wrote {out}: {doc['bars']['summary']}")
+
+
+@app.command("recover")
+def recover_cmd(
+    shard: str = typer.Option(..., "--shard", help="Anonymized shard inside its run directory (RUN/shards/NAME)."),
+    key: Path = typer.Option(..., "--key", help="Master key, or this shard's key from `keys export`."),
+    out: str = typer.Option(..., "--out", help="Directory for the recovered shard and the per-face report."),
+    samples: Optional[str] = typer.Option(None, "--samples", help="Comma-separated sample keys (as published) only."),
+    user: Optional[str] = typer.Option(None, "--user", help="Who recovers (written to the recovery log)."),
+    reason: Optional[str] = typer.Option(None, "--reason", help="Why (written to the recovery log)."),
+    log: Optional[str] = typer.Option(None, "--log", help="Recovery log (default RUN/recovery-log.jsonl)."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="The run's G2Face artifact, if moved."),
+    device: str = typer.Option("auto", "--device", help="Torch device: auto, cpu or cuda."),
+) -> None:
+    """Recover the original faces of one shard with its key; every call is logged."""
+    from .recover import RecoveryError, recover_shard
+
+    wanted = [s.strip() for s in samples.split(",") if s.strip()] if samples else None
+    try:
+        res = recover_shard(shard, str(key), out, samples=wanted, user=user, reason=reason, log_path=log,
+                            checkpoint=checkpoint, device=device)
+    except (RecoveryError, FileNotFoundError, PermissionError) as e:
+        _fail(str(e), 1)
+    c = res["counts"]
+    typer.echo(f"recovered {c.get('recovered', 0)} face(s) of {sum(c.values())} in {res['shard']} with key {res['key_id']}: "
+               + ", ".join(f"{k} {v}" for k, v in sorted(c.items())))
+    typer.echo(f"wrote {res['recovered_shard']} and {res['report']}")
+
+
 @keys_app.command("init")
 def keys_init(out: Path = typer.Option(..., "--out", help="Where to write the new master key (mode 0600).")) -> None:
     """Create a new master key file. Keep it secret; only its key id appears in outputs."""
@@ -159,6 +216,24 @@ def keys_init(out: Path = typer.Option(..., "--out", help="Where to write the ne
     except KeyFileError as e:
         _fail(str(e))
     typer.echo(f"created master key {kid} at {out} (mode 0600); set keys.master: {out} in your job")
+
+
+@app.command("train")
+def train_cmd(
+    job: Path = typer.Argument(..., help="YAML train job (see jobs/train-lite.yaml)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in output.dir from its last checkpoint."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key (YAML value)."),
+) -> None:
+    """Train G2Face as a Ray Train job over prepared shards (checkpoints, stats.jsonl, grids, warm start)."""
+    from g2face.training import TrainingError
+
+    from .spec import JobSpecError
+    from .train import train
+
+    try:
+        train(job, set_ or [], resume=resume, echo=typer.echo)
+    except (JobSpecError, TrainingError, FileNotFoundError, PermissionError) as e:
+        _fail(str(e))
 
 
 @app.command("prepare")

@@ -5,8 +5,10 @@ warp) and the geometry (the shipped regressor) are computed on the crops, then t
 them. The model comes only from an inference artifact the job names (``anonymizer.checkpoint``),
 hash-checked and strictly loaded: never random weights.
 
-Payload: until key-gated recovery is wired in (issue 7), this method runs in *irreversible* mode:
-the bits the model hides are uniform random bits drawn from each face's seed. They carry no
+Payload (``anonymizer.payload``): in *reversible* mode (the default) the caller passes each face's
+payload bits, the identity embedding encrypted and error-corrected by ``pipeline.payload`` (see
+``pipeline.stages.AnonymizeStage``); the key never reaches this class. In *irreversible* mode, and whenever
+no bits are passed, the hidden bits are uniform random bits drawn from each face's seed: they carry no
 information about the person, so nothing can be recovered from them by anyone.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from . import align
 
 PAYLOAD_STREAM = 0x5A17  # random stream of the irreversible-mode payload bits
+PAYLOAD_MODES = ("reversible", "irreversible")
 
 
 class G2FaceUnavailable(RuntimeError):
@@ -39,9 +42,11 @@ class G2FaceAnonymizer:
         checkpoint: path of a G2Face inference artifact (g2face.checkpoint.save_artifact).
         resolution: the pipeline's aligned crop side; must equal the artifact's resolution.
         expected_sha256: pin the artifact's content hash (None accepts any valid artifact).
+        payload_mode: 'reversible' or 'irreversible' (only labels model_id here; see the module docstring).
     """
 
-    def __init__(self, checkpoint: str | None, resolution: int, expected_sha256: str | None = None):
+    def __init__(self, checkpoint: str | None, resolution: int, expected_sha256: str | None = None,
+                 payload_mode: str = "reversible"):
         if not checkpoint:
             raise G2FaceUnavailable(
                 "anonymizer.method 'g2face' needs anonymizer.checkpoint: the path of a G2Face inference artifact "
@@ -69,7 +74,16 @@ class G2FaceAnonymizer:
                 f"{checkpoint} expects identity_dim={cfg.identity_dim}, geometry_dim={cfg.geometry_dim}; the "
                 "pipeline's shipped priors give 128 (dlib) and 53 (3DMM): use a model trained on them"
             )
-        self.model_id = f"g2face:{cfg.name}:{self.model.artifact_sha256[:16]}:irreversible"
+        self.artifact_sha256 = self.model.artifact_sha256
+        self.payload_bits = cfg.payload_bits
+        self.identity_dim = cfg.identity_dim  # length of the embedding a reversible payload carries
+        self.set_payload_mode(payload_mode)
+
+    def set_payload_mode(self, mode: str) -> None:
+        if mode not in PAYLOAD_MODES:
+            raise ValueError(f"anonymizer.payload must be one of {PAYLOAD_MODES}, got {mode!r}")
+        self.payload_mode = mode
+        self.model_id = f"g2face:{self.model.config.name}:{self.artifact_sha256[:16]}:{mode}"
 
     def setup(self, device: torch.device) -> None:
         from g2face.geometry_net import load_geometry_net
@@ -82,18 +96,39 @@ class G2FaceAnonymizer:
         self.template = align.template(self.resolution)
 
     @torch.no_grad()
-    def priors(self, faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Identity embeddings (B, 128) and geometry (B, 53) of aligned crops in [0, 1]."""
+    def identity_embeddings(self, faces: torch.Tensor) -> torch.Tensor:
+        """dlib identity embeddings (B, 128) of aligned crops in [0, 1]: what a reversible payload carries."""
         from g2face.identity import aligned_to_chip
 
-        identity = self.identity_net(aligned_to_chip(faces, self.template))
-        x = faces if faces.shape[-1] == 128 else F.interpolate(faces, size=128, mode="bilinear", antialias=True, align_corners=False)
-        geometry = self.geometry_net(x).geometry
-        return identity, geometry
+        return self.identity_net(aligned_to_chip(faces, self.template))
 
-    def anonymize(self, faces: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    @torch.no_grad()
+    def geometry(self, faces: torch.Tensor) -> torch.Tensor:
+        """Geometry coefficients (B, 53) of aligned crops in [0, 1] from the shipped regressor."""
+        x = faces if faces.shape[-1] == 128 else F.interpolate(faces, size=128, mode="bilinear", antialias=True, align_corners=False)
+        return self.geometry_net(x).geometry
+
+    def priors(self, faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Identity embeddings (B, 128) and geometry (B, 53) of aligned crops in [0, 1]."""
+        return self.identity_embeddings(faces), self.geometry(faces)
+
+    def anonymize(self, faces: torch.Tensor, seeds: list[int], payload_bits: torch.Tensor | None = None,
+                  identity: torch.Tensor | None = None) -> torch.Tensor:
+        """Anonymized crops in [0, 1]. payload_bits: (B, payload_bits) 0/1 to hide (None: seeded random bits);
+        identity: the crops' embeddings when the caller already has them (saves a second pass)."""
         assert faces.ndim == 4 and faces.shape[1:] == (3, self.resolution, self.resolution), faces.shape
         assert len(seeds) == faces.shape[0]
-        identity, geometry = self.priors(faces)
-        bits = irreversible_bits(list(seeds), self.model.config.payload_bits).to(faces.device)
-        return self.model.anonymize(faces, identity, geometry, bits, list(seeds))
+        if identity is None:
+            identity = self.identity_embeddings(faces)
+        geometry = self.geometry(faces)
+        if payload_bits is None:
+            payload_bits = irreversible_bits(list(seeds), self.payload_bits)
+        return self.model.anonymize(faces, identity, geometry, payload_bits.to(faces.device).float(), list(seeds))
+
+    def extract(self, faces: torch.Tensor) -> torch.Tensor:
+        """Payload bit logits (B, payload_bits) read from (re-aligned) crops in [0, 1]."""
+        return self.model.extract(faces)
+
+    def recover(self, anonymized: torch.Tensor, identity: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """Crops in [0, 1] re-synthesised with the decrypted identity; geometry from the anonymized crop."""
+        return self.model.recover(anonymized, identity, self.geometry(anonymized), list(seeds))

@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from schemas import face_methods, load_json, sample_statuses
 
-MANIFEST_VERSION = 2  # 2: per-face metrics struct and per-sample metrics_error
+MANIFEST_VERSION = 3  # 2: per-face metrics struct and per-sample metrics_error; 3: per-face payload verification
 STATUSES = sample_statuses()
 FACE_METHODS = face_methods()
 _STATUS = load_json("status.json")
@@ -40,6 +40,13 @@ FACE_TYPE = pa.struct(
         ("size_class", pa.string()),
         ("paste_box", pa.list_(pa.int32(), 4)),  # region the paste-back could change (x0, y0, x1, y1)
         ("metrics", METRICS_TYPE),
+        # g2face only (null for other methods): the payload mode as published ('reversible' only when the payload
+        # read back from the written bytes verified), and the verification: ok / status / raw bit error rate
+        # (irreversible: error rate against the seeded random bits). Never the payload itself.
+        ("payload_mode", pa.string()),
+        ("payload_ok", pa.bool_()),
+        ("payload_status", pa.string()),
+        ("payload_ber", pa.float32()),
     ]
 )
 
@@ -58,6 +65,7 @@ PUBLIC_SCHEMA = pa.schema(
         ("faces", pa.list_(FACE_TYPE)),
         ("model_id", pa.string()),
         ("metrics_error", pa.string()),  # why this sample's faces have no metrics (the image is unaffected)
+        ("payload_reencoded", pa.bool_()),  # written as PNG because a payload did not survive the job's format
     ],
     metadata={"g2face-pipe.manifest": "public", "version": str(MANIFEST_VERSION)},
 )
@@ -94,6 +102,8 @@ _ENUMS = {
     "faces[].method": list(FACE_METHODS),
     "faces[].fallback_reason": list(_STATUS["fallback_reason"]),
     "faces[].size_class": list(_STATUS["size_class"]),
+    "faces[].payload_mode": ["reversible", "irreversible"],
+    "faces[].payload_status": ["ok", "uncorrectable", "authentication_failed"],
 }
 
 

@@ -124,18 +124,31 @@ class _ModelServer:
     """Holds one anonymizer on its device; called with uint8 crops so transfers stay small and exact."""
 
     def __init__(self, method: str, spec: JobSpec):
-        from .anonymizers import build_anonymizer
+        from .anonymizers import anonymizer_for
         from .shard_worker import resolve_device
 
-        an = spec.anonymizer
-        self.model = build_anonymizer(method, an.resolution, an.blur_sigma, an.pixelate_blocks, an.checkpoint)
+        self.model = anonymizer_for(spec.anonymizer, method)
         self.device = torch.device(resolve_device(spec.runtime.device))
         self.model.setup(self.device)
 
-    def anonymize(self, crops: np.ndarray, seeds: list[int]) -> np.ndarray:
-        x = torch.from_numpy(np.array(crops)).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
+    def _faces(self, crops: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.array(crops)).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
+
+    def identity_embeddings(self, crops: np.ndarray) -> np.ndarray:
+        """Identity embeddings of the crops (reversible g2face); they go back to the calling shard worker
+        only, which encrypts them into payloads (the key never comes here)."""
         with torch.inference_mode():
-            y = self.model.anonymize(x, seeds)
+            return self.model.identity_embeddings(self._faces(crops)).float().cpu().numpy()
+
+    def anonymize(self, crops: np.ndarray, seeds: list[int], payload_bits: np.ndarray | None = None,
+                  identity: np.ndarray | None = None) -> np.ndarray:
+        x = self._faces(crops)
+        with torch.inference_mode():
+            if payload_bits is None:
+                y = self.model.anonymize(x, seeds)
+            else:  # g2face: the caller's (encrypted) payload bits, and the embeddings it already has
+                ident = None if identity is None else torch.from_numpy(np.array(identity)).to(self.device)
+                y = self.model.anonymize(x, seeds, payload_bits=torch.from_numpy(np.array(payload_bits)), identity=ident)
         return y.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
     def device_name(self) -> str:
@@ -161,14 +174,29 @@ class RemoteAnonymizer:
     def setup(self, device: torch.device) -> None:
         pass
 
-    def anonymize(self, faces: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-        import ray
-
+    @staticmethod
+    def _crops(faces: torch.Tensor) -> np.ndarray:
         # Inputs came from uint8 crops, so this round trip through uint8 is exact.
-        crops = faces.mul(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return faces.mul(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+    def _next(self):
         handle = self.handles[self.calls % len(self.handles)]
         self.calls += 1
-        out = ray.get(handle.anonymize.remote(crops, list(seeds)))
+        return handle
+
+    def identity_embeddings(self, faces: torch.Tensor) -> torch.Tensor:
+        import ray
+
+        out = ray.get(self._next().identity_embeddings.remote(self._crops(faces)))
+        return torch.from_numpy(np.array(out)).to(faces.device)
+
+    def anonymize(self, faces: torch.Tensor, seeds: list[int], payload_bits: torch.Tensor | None = None,
+                  identity: torch.Tensor | None = None) -> torch.Tensor:
+        import ray
+
+        bits = None if payload_bits is None else payload_bits.to(torch.uint8).cpu().numpy()
+        ident = None if identity is None else identity.float().cpu().numpy()
+        out = ray.get(self._next().anonymize.remote(self._crops(faces), list(seeds), bits, ident))
         return torch.from_numpy(np.array(out)).to(faces.device).permute(0, 3, 1, 2).float().div_(255.0)
 
 

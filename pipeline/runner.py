@@ -14,7 +14,7 @@ from typing import Callable
 import yaml
 
 from . import storage
-from .anonymizers import build_anonymizer
+from .anonymizers import anonymizer_for
 from .keys import create_master_key, load_master_key, pseudonym_key
 from .metrics_stage import metric_model_hashes, recognizer_of
 from .models import verify_mtcnn_weights
@@ -44,7 +44,17 @@ def demo_key_path(output_dir: str) -> Path:
     return p.parent / f"{p.name}.DEMO-ONLY-master.key"
 
 
+def reversible_payload(spec: JobSpec) -> bool:
+    return spec.anonymizer.method == "g2face" and spec.anonymizer.payload == "reversible"
+
+
 def check_key_configured(spec: JobSpec) -> None:
+    if reversible_payload(spec) and not spec.keys.master and not spec.keys.create_demo_key:
+        raise JobSpecError(
+            "anonymizer.method 'g2face' hides a reversible payload (anonymizer.payload: reversible, the default), "
+            "which needs keys.master: create a key with `g2face-pipe keys init --out PATH` and set keys.master: PATH "
+            "(or set anonymizer.payload: irreversible to hide nothing recoverable)"
+        )
     if spec.output.keys == "pseudonymize" and not spec.keys.master and not spec.keys.create_demo_key:
         raise JobSpecError(
             "output.keys is 'pseudonymize' but keys.master is not set: create a key with "
@@ -170,7 +180,29 @@ def run_job(spec: JobSpec, dry_run: bool = False, echo: Callable[[str], None] = 
     t_start = time.perf_counter()
     # Build (but do not run) the anonymizer first so that an unavailable method fails before anything is written.
     an = spec.anonymizer
-    model_id = build_anonymizer(an.method, an.resolution, an.blur_sigma, an.pixelate_blocks, an.checkpoint).model_id
+    official = an.method == "g2face" and an.weights == "official"
+    anonymizer = anonymizer_for(an)
+    payload_doc = None
+    if an.method == "g2face":
+        from .verify import PayloadJob
+
+        anonymizer.set_payload_mode(an.payload)
+        payload_doc = {"mode": an.payload, "artifact_sha256": anonymizer.artifact_sha256,
+                       "on_unverified": an.on_unverified if an.payload == "reversible" else None}
+        if an.payload == "reversible":  # a model whose capacity cannot carry the payload stops here
+            from .payload import PayloadError
+
+            where = f"anonymizer.official.g2face {an.official.g2face}" if official else f"anonymizer.checkpoint {an.checkpoint}"
+            try:
+                layout = PayloadJob.of(spec.dataset.id, spec.seed, anonymizer.artifact_sha256, anonymizer.payload_bits,
+                                       anonymizer.identity_dim).layout
+            except PayloadError as e:
+                raise JobSpecError(f"{where}: {e}; or set anonymizer.payload: irreversible") from None
+            payload_doc["layout"] = layout.describe()
+    model_id = anonymizer.model_id
+    # the official model (about 0.7 GB with its priors) is loaded once and handed to the local shard worker
+    local_models = {an.method: anonymizer} if official else None
+    del anonymizer
     if not dry_run:
         check_key_configured(spec)  # fail fast, in order: a missing key, ...
         if spec.keys.master:
@@ -213,7 +245,8 @@ def run_job(spec: JobSpec, dry_run: bool = False, echo: Callable[[str], None] = 
 
             run_shards(spec, [p.url for p in pending], keys.pseudonym_key, keys.key_id, fingerprint, model_id, on_result, echo)
         else:
-            worker = ShardWorker(spec, keys.pseudonym_key, keys.key_id, fingerprint, spec.runtime.torch_threads)
+            worker = ShardWorker(spec, keys.pseudonym_key, keys.key_id, fingerprint, spec.runtime.torch_threads,
+                                 remote_anonymizers=local_models)
             for p in pending:
                 on_result(worker.process_shard(p.url))
     exec_seconds = time.perf_counter() - t_exec
@@ -230,6 +263,7 @@ def run_job(spec: JobSpec, dry_run: bool = False, echo: Callable[[str], None] = 
         "fingerprint": fingerprint,
         "key_id": keys.key_id,
         "anonymizer_model_id": model_id,
+        "payload": payload_doc,  # g2face: mode, the artifact's full sha256 (recover checks it), layout figures
         "model_hashes": model_hashes,
         "metric_model_hashes": metric_hashes,
         "versions": package_versions(),

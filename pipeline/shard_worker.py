@@ -16,7 +16,7 @@ import pyarrow as pa
 import torch
 
 from . import storage
-from .anonymizers import build_anonymizer
+from .anonymizers import anonymizer_for
 from .imaging import EXT_FORMAT, FORMAT_EXT
 from .keys import pseudonymize
 from .manifest import PRIVATE_SCHEMA, PUBLIC_SCHEMA, check_status
@@ -24,6 +24,7 @@ from .metrics_stage import FaceMeasurer, MetricsStage, recognizer_of
 from .shardio import RawSample, read_parquet, read_webdataset, write_parquet, write_webdataset
 from .spec import JobSpec
 from .stages import AlignStage, AnonymizeStage, DecodeStage, DetectStage, PasteEncodeStage, Sample
+from .verify import PayloadJob, ShardPayload, VerifyStage
 
 
 @dataclass(frozen=True)
@@ -96,10 +97,14 @@ class ShardWorker:
         an = spec.anonymizer
         methods = {an.method} | ({an.fallback} if an.fallback != "withhold" else set())
         anonymizers = {
-            m: self.remote_anonymizers.get(m) or build_anonymizer(m, an.resolution, an.blur_sigma, an.pixelate_blocks, an.checkpoint)
+            m: self.remote_anonymizers.get(m) or anonymizer_for(an, m)
             for m in sorted(methods)
         }
+        payload_mode = an.payload if an.method == "g2face" else None
+        if payload_mode and hasattr(anonymizers["g2face"], "set_payload_mode"):
+            anonymizers["g2face"].set_payload_mode(payload_mode)
         self.model_id = anonymizers[an.method].model_id
+        verifier = self._payload_setup(anonymizers, payload_mode)
         det = spec.detection
         self.stages = [
             DecodeStage(spec.input.max_pixels, spec.output.metadata.exif == "keep", fail_fast),
@@ -118,14 +123,52 @@ class ShardWorker:
                 an.resolution, an.method, an.fallback, an.min_size, det.score_threshold, spec.seed,
                 spec.policy.on_no_face, fail_fast,
             ),
-            AnonymizeStage(anonymizers, spec.resources.anonymize.batch_size, device, fail_fast),
+            AnonymizeStage(anonymizers, spec.resources.anonymize.batch_size, device, fail_fast, payload_mode),
             PasteEncodeStage(spec.output.image_format, spec.output.jpeg_quality, spec.policy.on_no_face, fail_fast),
         ]
+        if payload_mode:  # always on for g2face, whatever metrics.enabled says; before metrics, which measure the final bytes
+            self.stages.append(
+                VerifyStage(verifier, an.resolution, an.on_unverified, spec.input.max_pixels,
+                            spec.resources.anonymize.batch_size, device, fail_fast)
+            )
         if spec.metrics.enabled:
             measurer = self._measurer(device)
             self.stages.append(MetricsStage(measurer, an.resolution, spec.input.aligned, spec.input.max_pixels, fail_fast))
         for st in self.stages:
             st.setup()
+
+    def _payload_setup(self, anonymizers: dict, payload_mode: str | None):
+        """Master key (memory only) and payload context for reversible g2face; returns the model that verifies."""
+        self.payload_job, self._master = None, None
+        if not payload_mode:
+            return None
+        an = self.spec.anonymizer
+        local = anonymizers["g2face"]
+        if not hasattr(local, "extract"):  # runs in the GPU model pool: verify with a local copy of the model
+            local = anonymizer_for(an)
+            local.set_payload_mode(payload_mode)
+        if payload_mode == "reversible":
+            from .keys import load_master_key
+            from .runner import demo_key_path
+
+            path = self.spec.keys.master or str(demo_key_path(self.spec.output.dir))
+            master, kid = load_master_key(path)
+            if self.key_id is not None and kid != self.key_id:
+                raise RuntimeError(f"keys.master {path} now holds key {kid}, but the run started with {self.key_id}")
+            self._master = master
+            self.payload_job = PayloadJob.of(self.spec.dataset.id, self.spec.seed, local.artifact_sha256,
+                                             local.payload_bits, local.identity_dim)
+        return local
+
+    def _set_shard_payload(self, shard: str) -> None:
+        if self.payload_job is None:
+            return
+        from .keys import ShardKey
+
+        sp = ShardPayload(self.payload_job, ShardKey.from_master(self._master, self.spec.dataset.id, shard))
+        for st in self.stages:
+            if isinstance(st, (AnonymizeStage, VerifyStage)):
+                st.payload = sp
 
     def _measurer(self, device: str) -> FaceMeasurer:
         m, det = self.spec.metrics, self.spec.detection
@@ -179,6 +222,7 @@ class ShardWorker:
             self.setup()
         t0 = time.perf_counter()
         name = storage.shard_name(url)
+        self._set_shard_payload(name)
         schema, samples = self._samples(url, name)
         self._image_struct = schema is not None and pa.types.is_struct(schema.field(self.spec.input.image_column).type)
         batch_size = self.spec.resources.detect.batch_size
@@ -193,7 +237,7 @@ class ShardWorker:
 
         batch: list[Sample] = []
         for raw in samples:
-            batch.append(Sample(raw))
+            batch.append(Sample(raw, out_key=self.output_key(raw.key)))
             if len(batch) >= batch_size:
                 flush(batch)
                 batch = []
@@ -239,6 +283,10 @@ class ShardWorker:
                 "size_class": f.size_class or None,
                 "paste_box": list(f.paste_box) if f.paste_box else None,
                 "metrics": f.metrics,
+                "payload_mode": f.payload_mode if published else None,
+                "payload_ok": f.payload_ok,
+                "payload_status": f.payload_status,
+                "payload_ber": f.payload_ber,
             }
             for f in s.faces
         ]
@@ -257,6 +305,7 @@ class ShardWorker:
                 "faces": faces,
                 "model_id": self.model_id if s.faces else None,
                 "metrics_error": s.metrics_error,
+                "payload_reencoded": s.payload_reencoded if published else None,
             }
         )
         private_rows.append(
@@ -289,8 +338,13 @@ def shard_counts(public_rows: list[dict]) -> dict:
     faces_method: Counter = Counter()
     faces_size: Counter = Counter()
     fallback: Counter = Counter()
+    payload: Counter = Counter()
     for r in public_rows:
         for f in r["faces"]:
+            if f["payload_mode"]:
+                payload[f["payload_mode"]] += 1
+            if f["payload_ok"] is False:
+                payload["unverified"] += 1
             faces_method[f["method"] or "none"] += 1
             faces_size[f["size_class"] or "unknown"] += 1
             if f["fallback_reason"]:
@@ -304,4 +358,6 @@ def shard_counts(public_rows: list[dict]) -> dict:
         "faces_by_method": dict(sorted(faces_method.items())),
         "faces_by_size": dict(sorted(faces_size.items())),
         "fallback_reasons": dict(sorted(fallback.items())),
+        # published g2face faces by payload mode, and reversible payloads that did not verify (whatever happened next)
+        "faces_by_payload": dict(sorted(payload.items())),
     }

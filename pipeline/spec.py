@@ -87,6 +87,20 @@ class OutputSpec:
 
 
 @dataclass(config=_STRICT, frozen=True)
+class OfficialWeightsSpec:
+    g2face: str = Field(
+        description="Path of the official G2Face.pth (entries anonymous_net, style_mlp, map_2_id, hiding_extractor; "
+        "read strictly into the paper-256 model)."
+    )
+    arcface: str = Field(description="Path of the insightface ArcFace r50 state dict (ms1mv3_arcface_r50.pth).")
+    deep3d: str = Field(description="Path of the Deep3DFaceRecon checkpoint (epoch_20.pth, with its net_recon entry).")
+    bfm: str | None = Field(
+        default=None,
+        description="Path of BFM_model_front.mat. Optional: only the training losses use it; checked when given.",
+    )
+
+
+@dataclass(config=_STRICT, frozen=True)
 class AnonymizerSpec:
     method: Literal["g2face", "blur", "pixelate"] = Field(
         default="g2face", description="How each aligned face is replaced."
@@ -103,6 +117,50 @@ class AnonymizerSpec:
     blur_sigma: float = Field(default=0.08, gt=0, le=1, description="Gaussian sigma as a fraction of the crop side.")
     pixelate_blocks: int = Field(default=8, ge=2, le=64, description="Pixel blocks across the aligned crop.")
     checkpoint: str | None = Field(default=None, description="Path of a G2Face inference artifact (method g2face).")
+    weights: Literal["shipped", "official"] = Field(
+        default="shipped",
+        description="Method g2face: 'shipped' runs `checkpoint` with the shipped priors (dlib identity, 3DMM "
+        "regressor); 'official' runs the paper's configuration from the files in `official` (G2Face.pth, ArcFace "
+        "r50, Deep3DFaceRecon) at resolution 256. Its payload spans the whole crop while only the face ellipse is "
+        "pasted back, so reversible payloads usually fail verification and follow on_unverified.",
+    )
+    official: OfficialWeightsSpec | None = Field(
+        default=None, description="The official files, for weights: official."
+    )
+    payload: Literal["reversible", "irreversible"] = Field(
+        default="reversible",
+        description="Method g2face: 'reversible' hides each face's identity embedding, encrypted and "
+        "authenticated under the shard key (needs keys.master; see schemas/payload.md), so that key holders can "
+        "recover the face with `g2face-pipe recover`; 'irreversible' hides seeded random bits that carry nothing.",
+    )
+    on_unverified: Literal["reencode_lossless", "irreversible", "withhold"] = Field(
+        default="reencode_lossless",
+        description="A reversible face whose payload does not read back from the written image: "
+        "'reencode_lossless' re-encodes the image as PNG and verifies again, and faces that still fail are "
+        "published as irreversible; 'irreversible' publishes them as irreversible at once; 'withhold' withholds "
+        "the image. A face is labelled reversible only when its payload verified.",
+    )
+
+    @model_validator(mode="after")
+    def _official_weights(self) -> "AnonymizerSpec":
+        if self.weights == "shipped":
+            if self.official is not None:
+                raise ValueError("anonymizer.official is read only with anonymizer.weights: official; set that, or "
+                                 "remove anonymizer.official")
+            return self
+        if self.method != "g2face":
+            raise ValueError(f"anonymizer.weights: official is for method g2face, not {self.method!r}; set "
+                             "anonymizer.method: g2face or anonymizer.weights: shipped")
+        if self.official is None:
+            raise ValueError("anonymizer.official is required with anonymizer.weights: official; give its g2face, "
+                             "arcface and deep3d paths (and optionally bfm)")
+        if self.resolution != 256:
+            raise ValueError(f"anonymizer.resolution is {self.resolution} but the official model is 256 px; set "
+                             "anonymizer.resolution: 256")
+        if self.checkpoint is not None:
+            raise ValueError("anonymizer.checkpoint names an artifact for the shipped priors; with anonymizer.weights:"
+                             " official the model comes from anonymizer.official.g2face, so remove checkpoint")
+        return self
 
 
 @dataclass(config=_STRICT, frozen=True)
@@ -339,6 +397,9 @@ def spec_fingerprint(spec: JobSpec) -> str:
     metrics section, which shapes the manifests (a resumed run must not mix measured and unmeasured shards).
     """
     d = spec_to_dict(spec)
+    if d["anonymizer"]["weights"] == "shipped":  # fingerprints of jobs written before these keys stay the same
+        d["anonymizer"].pop("weights")
+        d["anonymizer"].pop("official")
     d.pop("runtime", None)
     d.pop("resources", None)
     d["output"].pop("dir", None)

@@ -30,6 +30,11 @@ def size_class(side: float) -> str:
     raise AssertionError(side)
 
 
+def payload_sample_key(published_key: str | None, index: int) -> str:
+    """The sample name bound into a payload: the key as published, or '#<row index>' for a sample without one."""
+    return published_key if published_key else f"#{index}"
+
+
 def face_seed(job_seed: int, sample_key: str, face_index: int) -> int:
     """Deterministic per-face seed from (job seed, sample key, face index)."""
     h = hashlib.sha256(f"{job_seed}\x00{sample_key}\x00{face_index}".encode("utf-8")).digest()
@@ -49,6 +54,12 @@ class Face:
     crop: np.ndarray | None = None  # aligned crop, later the anonymized crop (R, R, 3) uint8
     paste_box: tuple[int, int, int, int] | None = None
     metrics: dict | None = None  # filled by pipeline.metrics_stage: numbers only, never embeddings
+    # g2face payload (pipeline.verify): mode as published, and what verification read back from the written bytes
+    payload_mode: str | None = None  # 'reversible' | 'irreversible'
+    payload_ok: bool | None = None
+    payload_status: str | None = None
+    payload_ber: float | None = None
+    payload_sent: np.ndarray | None = None  # the hidden bits (ciphertext + ECC, or random), memory only, until verified
 
 
 @dataclass
@@ -62,6 +73,9 @@ class Sample:
     out_bytes: bytes | None = None
     out_format: str | None = None
     metrics_error: str | None = None  # why this sample's faces have no metrics (the image is still published)
+    out_key: str | None = None  # the key as published (set by the shard worker); payloads are bound to it
+    out_rgb: np.ndarray | None = None  # pasted pixels before encoding, kept until verification (lossless retry)
+    payload_reencoded: bool = False  # re-encoded as PNG because a payload did not survive the job's format
 
     @property
     def live(self) -> bool:
@@ -303,45 +317,73 @@ class AnonymizeStage(_Stage):
         anonymizers: method name -> anonymizer (``pipeline.anonymizers`` interface).
         batch_size: faces per forward pass.
         device: torch device the crops are moved to.
+        payload_mode: for method g2face: 'reversible' or 'irreversible' (None for jobs of other methods).
+
+    Reversible g2face: the shard worker sets ``payload`` (a ``pipeline.verify.ShardPayload``) before each
+    shard; each face's identity embedding is encoded into its payload bits here and never kept.
     """
 
-    def __init__(self, anonymizers: dict, batch_size: int, device: str, fail_fast: bool = False):
+    def __init__(self, anonymizers: dict, batch_size: int, device: str, fail_fast: bool = False,
+                 payload_mode: str | None = None):
         super().__init__(fail_fast)
         self.anonymizers = anonymizers
         self.batch_size = batch_size
         self.device = torch.device(device)
+        self.payload_mode = payload_mode
+        self.payload = None
+
+    def _g2face(self, model, x: torch.Tensor, chunk: list) -> torch.Tensor:
+        seeds = [f.seed for _, _, f in chunk]
+        if self.payload_mode != "reversible":
+            return model.anonymize(x, seeds)  # seeded random bits (pipeline.g2face_method.irreversible_bits)
+        if self.payload is None:
+            raise RuntimeError("reversible g2face without a shard payload key (the shard worker sets it)")
+        identity = model.identity_embeddings(x)
+        emb = identity.float().cpu().numpy()
+        bits = np.stack([
+            self.payload.encode(e, payload_sample_key(s.out_key, s.raw.index), i) for (s, i, _), e in zip(chunk, emb)
+        ])
+        del emb
+        for (_, _, f), b in zip(chunk, bits):
+            f.payload_sent = b
+        return model.anonymize(x, seeds, payload_bits=torch.from_numpy(bits), identity=identity)
 
     def setup(self) -> None:
         for a in self.anonymizers.values():
             a.setup(self.device)
 
     def process(self, batch: list[Sample]) -> list[Sample]:
-        by_method: dict[str, list[tuple[Sample, Face]]] = defaultdict(list)
+        by_method: dict[str, list[tuple[Sample, int, Face]]] = defaultdict(list)
         for s in batch:
             if s.live:
-                for f in s.faces:
-                    by_method[f.method].append((s, f))
+                for i, f in enumerate(s.faces):
+                    by_method[f.method].append((s, i, f))
         for method, items in by_method.items():
             model = self.anonymizers[method]
             for start in range(0, len(items), self.batch_size):
                 chunk = items[start : start + self.batch_size]
                 try:
-                    crops = np.stack([f.crop for _, f in chunk])
+                    crops = np.stack([f.crop for _, _, f in chunk])
                     x = torch.from_numpy(crops).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
                     with torch.inference_mode():
-                        y = model.anonymize(x, [f.seed for _, f in chunk])
+                        if method == "g2face":
+                            y = self._g2face(model, x, chunk)
+                        else:
+                            y = model.anonymize(x, [f.seed for _, _, f in chunk])
                     if y.shape != x.shape:
                         raise RuntimeError(f"anonymizer returned shape {tuple(y.shape)} for input {tuple(x.shape)}")
                 except Exception as e:
                     if self.fail_fast:
                         raise
-                    for s, _ in chunk:
+                    for s, _, _ in chunk:
                         if s.live:
                             s.fail("withheld", f"anonymizer {method} failed: {type(e).__name__}: {e}")
                     continue
                 out = y.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-                for (_, f), crop in zip(chunk, out):
+                for (_, _, f), crop in zip(chunk, out):
                     f.crop = np.ascontiguousarray(crop)
+                    if method == "g2face":
+                        f.payload_mode = self.payload_mode or "irreversible"
         return batch
 
 
@@ -377,6 +419,8 @@ class PasteEncodeStage(_Stage):
                 fmt = output_format(img.format, self.image_format)
                 s.out_bytes = encode_image(rgb, img.alpha, img.mode, fmt, self.jpeg_quality, img.icc_profile, img.exif)
                 s.out_format = fmt
+                if any(f.method == "g2face" for f in s.faces):
+                    s.out_rgb = rgb  # for the verification stage's lossless retry
             except Exception as e:
                 self._record(s, "error", f"paste-back/encode failed: {type(e).__name__}: {e}")
         return batch

@@ -191,3 +191,35 @@ def test_paper_256_forward_batch_1():
     anon = model.anonymize(faces, ident, geo, bits, [7])
     assert anon.shape == (1, 3, 256, 256) and torch.isfinite(anon).all()
     assert model.extract(anon).shape == (1, 512 * 32)
+
+
+def test_face_payload_layout_keeps_every_bit_inside_the_paste_region():
+    """lite-128 hides its payload only on extractor cells the pipeline pastes back (>= 75% generated)."""
+    import math
+
+    import torch.nn.functional as F
+
+    from g2face import payload_layout
+    from pipeline import align
+
+    mask = torch.from_numpy(align.paste_mask(128).copy())
+    assert torch.equal(mask, torch.from_numpy(payload_layout.face_mask(128).copy()))  # one mask, shared
+    cells = F.avg_pool2d(mask[None, None], 2).flatten()  # the extractor's 64 x 64 cells
+    grid_bits, positions = payload_layout.grid_layout(128, LITE_128.payload_bits, "face")
+    per_plane = int((cells >= payload_layout.FACE_CELL_THRESHOLD).sum())
+    assert grid_bits == math.ceil(LITE_128.payload_bits / per_plane) * 64 * 64 == LITE_128.payload_grid_bits
+    assert positions.numel() == positions.unique().numel() == LITE_128.payload_bits
+    assert bool((cells[positions % (64 * 64)] >= payload_layout.FACE_CELL_THRESHOLD).all())
+    # the official layout is the identity
+    assert torch.equal(payload_layout.grid_layout(256, 16384, "full")[1], torch.arange(16384))
+    # the model reads exactly those positions of its extractor's grid, and writes the bits there
+    model = G2Face(LITE_128).eval()
+    x = torch.rand(1, 3, 128, 128) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(model.extract_logits(x), model.extractor(x)[:, positions])
+    bits = torch.randint(0, 2, (2, LITE_128.payload_bits)).float()
+    grid = payload_layout.to_grid(bits, grid_bits, positions)
+    assert grid.shape == (2, grid_bits) and torch.equal(payload_layout.from_grid(grid, positions), bits)
+    assert grid.sum() == bits.sum()
+    with pytest.raises(ValueError, match="payload_region"):
+        LITE_128.replace(payload_region="ellipse")

@@ -212,10 +212,12 @@ def test_identity_perturbations_keep_the_dlib_identity(dlib_net, aligned):
 
 # ---- hiding learns --------------------------------------------------------------------------------
 
-# lite-128's resolution, payload (4096 bits), hiding resolutions and layout, with narrower features so
-# the test trains in about a minute on two cores.
+# lite-128's resolution, hiding resolutions and face layout with narrower features and one extractor
+# plane of payload (1,620 bits, all inside the paste region; lite-128 carries 4,096 on three planes,
+# which takes far longer to learn), so the test trains in about a minute on two cores.
 HIDING = LITE_128.replace(name="lite-128-narrow", channels=(32, 32, 32, 16, 16, 16),
-                          discriminator_channels=(32, 32, 32, 16, 16, 16), extractor_width=32)
+                          discriminator_channels=(32, 32, 32, 16, 16, 16), extractor_width=32,
+                          payload_bits=1620)
 
 
 def pipeline_readback(photos, transforms, crops: np.ndarray, fmt: str = "PNG", quality: int = 90) -> np.ndarray:
@@ -237,25 +239,17 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return ((images.detach() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def paste_region_bits(resolution: int, payload_bits: int) -> torch.Tensor:
-    """Payload bits whose extractor position lies where the paste mask is >= 0.5 (the rest is replaced
-    by the original photo when the face is pasted back, so no layout-bound reader can see it)."""
-    mask = torch.from_numpy(align.paste_mask(resolution).copy())
-    per_position = F.avg_pool2d(mask[None, None], 2).flatten()
-    return per_position.repeat(math.ceil(payload_bits / per_position.numel()))[:payload_bits] >= 0.5
-
-
 @pytest.mark.slow
 def test_hiding_learns_to_survive_paste_back_and_png(aligned):
     """The hiding objective alone on the 12 aligned portraits, image path fixed (each output is the real
     face plus the generator's payload residual; the injections, the fusion and synthesis that carry
     them and the extractor train): after paste-back into the photos, PNG and re-alignment with the
-    pipeline's own code, the bit error rate falls from chance to below 5% on the bits inside the paste
-    region. Fresh random payloads at evaluation, so nothing can be memorised."""
+    pipeline's own code, the bit error rate falls from chance to below 5% (every payload bit of the
+    ``face`` layout lies inside the paste region). Fresh random payloads at evaluation, so nothing can
+    be memorised."""
     _, photos, transforms, crops = aligned
     faces = as_tensor(crops)
     mask = torch.from_numpy(align.paste_mask(128).copy())
-    inside = paste_region_bits(128, HIDING.payload_bits)
     torch.manual_seed(0)
     model = G2Face(HIDING).requires_grad_(False)
     params = ts.hiding_parameters(model)
@@ -266,7 +260,7 @@ def test_hiding_learns_to_survive_paste_back_and_png(aligned):
         w_plus = model.styles(torch.randn(12, HIDING.identity_dim, generator=g),
                               torch.randn(12, HIDING.geometry_dim, generator=g))
 
-    def evaluate() -> tuple[float, float, float]:
+    def evaluate() -> tuple[float, float]:
         model.eval()
         bits = torch.randint(0, 2, (12, HIDING.payload_bits), generator=torch.Generator().manual_seed(99)).float()
         with torch.no_grad():
@@ -276,10 +270,10 @@ def test_hiding_learns_to_survive_paste_back_and_png(aligned):
             wrong = (model.extract_logits(reread) > 0) != (bits > 0.5)
             visible = (mask * (as_tensor(published) - faces)).square().mean()
         model.train()
-        return wrong[:, inside].float().mean().item(), wrong.float().mean().item(), 10 * math.log10(4 / max(visible.item(), 1e-12))
+        return wrong.float().mean().item(), 10 * math.log10(4 / max(visible.item(), 1e-12))
 
-    start_inside, start_all, _ = evaluate()
-    assert 0.4 < start_inside < 0.6 and 0.4 < start_all < 0.6
+    start, _ = evaluate()
+    assert 0.4 < start < 0.6
 
     steps, batch = 250, 2
     optimizer = torch.optim.Adam(params, lr=3e-3, betas=(0.9, 0.999))
@@ -294,9 +288,8 @@ def test_hiding_learns_to_survive_paste_back_and_png(aligned):
         optimizer.step()
         schedule.step()
 
-    ber_inside, ber_all, psnr = evaluate()
-    print(f"\nhiding after {steps} steps: BER after paste-back + PNG {ber_inside:.4f} on the {int(inside.sum())} "
-          f"bits inside the paste region, {ber_all:.4f} on all {HIDING.payload_bits} (from {start_inside:.3f} / "
-          f"{start_all:.3f}); visible change {psnr:.1f} dB PSNR")
-    assert ber_inside < 0.05
+    ber, psnr = evaluate()
+    print(f"\nhiding after {steps} steps: BER after paste-back + PNG {ber:.4f} on {HIDING.payload_bits} bits "
+          f"(from {start:.3f}); visible change {psnr:.1f} dB PSNR")
+    assert ber < 0.05
     assert psnr > 29  # the distortion budget (30 dB) holds, give or take the 8-bit rounding

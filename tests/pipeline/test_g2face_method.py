@@ -29,8 +29,8 @@ def artifact(tmp_path_factory):
 
 def test_g2face_job_runs_the_model_with_shipped_priors(tmp_path, artifact):
     out = tmp_path / "out"
-    tree = job_tree(out, DEMO_SHARDS[0], anonymizer={"method": "g2face", "checkpoint": str(artifact)},
-                    output={"image_format": "png"})
+    tree = job_tree(out, DEMO_SHARDS[0], anonymizer={"method": "g2face", "checkpoint": str(artifact),
+                                                     "payload": "irreversible"}, output={"image_format": "png"})
     run_job(parse_spec(tree), echo=lambda *_: None)
     rows = pq.read_table(out / "manifests" / f"{DEMO_SHARDS[0].name}.parquet").to_pylist()
     src, dst = read_tar(DEMO_SHARDS[0]), read_tar(out / "shards" / DEMO_SHARDS[0].name)
@@ -39,9 +39,11 @@ def test_g2face_job_runs_the_model_with_shipped_priors(tmp_path, artifact):
     for r in rows:
         a, b = decode(src[r["key"]]["jpg"]), decode(dst[r["key"]]["png"])
         assert all(f["method"] == "g2face" for f in r["faces"])
+        assert all(f["payload_mode"] == "irreversible" and f["payload_ok"] is None for f in r["faces"])
         assert np.abs(a.astype(int) - b.astype(int)).mean() > 0.5
     again = tmp_path / "again"
-    run_job(parse_spec(job_tree(again, DEMO_SHARDS[0], anonymizer={"method": "g2face", "checkpoint": str(artifact)},
+    run_job(parse_spec(job_tree(again, DEMO_SHARDS[0], anonymizer={"method": "g2face", "checkpoint": str(artifact),
+                                                                   "payload": "irreversible"},
                                 output={"image_format": "png"})), echo=lambda *_: None)
     assert (again / "shards" / DEMO_SHARDS[0].name).read_bytes() == (out / "shards" / DEMO_SHARDS[0].name).read_bytes()
 
@@ -60,3 +62,46 @@ def test_irreversible_payload_is_seeded_noise():
     assert torch.equal(a, irreversible_bits([1, 2], 4096))
     assert not torch.equal(a[0], a[1])
     assert abs(a.mean().item() - 0.5) < 0.02
+
+
+def test_reversible_g2face_in_the_model_pool_writes_what_a_local_model_writes(ray_local, tmp_path, artifact):
+    """The GPU model pool path (a Ray actor holding the model, here on the CPU): the shard worker sends crops,
+    gets embeddings back, encrypts them itself (the key never reaches the pool) and sends the payload bits;
+    the published bytes and manifests equal those of the in-process model."""
+    import ray
+
+    from pipeline.keys import create_master_key
+    from pipeline.ray_adapter import RemoteAnonymizer, _ModelServer
+    from pipeline.shard_worker import ShardWorker
+    from pipeline.spec import spec_fingerprint
+
+    key_path = tmp_path / "master.key"
+    create_master_key(key_path)
+
+    def run(out, remote: bool) -> dict:
+        spec = parse_spec(job_tree(out, DEMO_SHARDS[0], anonymizer={"method": "g2face", "checkpoint": str(artifact)},
+                                   keys={"master": str(key_path)}, output={"image_format": "png"},
+                                   metrics={"enabled": False}))
+        pool = {}
+        if remote:
+            server = ray.remote(_ModelServer).options(num_cpus=0.5).remote("g2face", spec)
+            model_id = build_anonymizer("g2face", 128, 0.08, 8, str(artifact)).model_id  # as the runner does
+            pool = {"g2face": RemoteAnonymizer([server], model_id, 128)}
+        from pipeline.keys import load_master_key
+
+        kid = load_master_key(key_path)[1]
+        worker = ShardWorker(spec, None, kid, spec_fingerprint(spec), 1, "cpu", pool)
+        worker.setup()
+        return worker.process_shard(str(DEMO_SHARDS[0]))
+
+    run(tmp_path / "local", remote=False)
+    run(tmp_path / "pool", remote=True)
+    name = DEMO_SHARDS[0].name
+    assert (tmp_path / "pool" / "shards" / name).read_bytes() == (tmp_path / "local" / "shards" / name).read_bytes()
+    local = pq.read_table(tmp_path / "local" / "manifests" / f"{name}.parquet").to_pylist()
+    pool = pq.read_table(tmp_path / "pool" / "manifests" / f"{name}.parquet").to_pylist()
+    diff = {k for a, b in zip(local, pool) for k in a if a[k] != b[k]}
+    assert not diff, [(a[k], b[k]) for a, b in zip(local, pool) for k in diff][:2]
+    faces = [f for r in pool for f in r["faces"]]
+    assert faces and all(f["payload_mode"] in ("reversible", "irreversible") for f in faces)
+    assert all(f["payload_ber"] is not None for f in faces)  # verified against the bits actually hidden

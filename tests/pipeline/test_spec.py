@@ -93,6 +93,10 @@ def test_every_shipped_job_validates(job):
         from pipeline.prepare import load_prepare_spec
 
         load_prepare_spec(job)  # prepare jobs have their own spec
+    elif job.name.startswith("train-"):
+        from pipeline.train import load_train_spec
+
+        load_train_spec(job)  # so do training jobs
     else:
         load_spec(job)
 

@@ -1,0 +1,247 @@
+"""`g2face-pipe recover`: restore the original identities of one anonymized shard, for key holders only.
+
+Per reversible face, in the manifest's face order and with the transform stored at anonymization time
+(no re-detection): re-align the published image, extract the payload bits, Reed-Solomon-correct,
+authenticate and decrypt them under the shard key (the master key or an exported shard key), run the
+model's recovery pass with the decrypted identity and the geometry of the anonymized crop, and paste the
+recovered face back. A face that does not open gets its status ("authentication failed: wrong key or
+modified image", ...) and no recovered pixels. The model must be the run's artifact (its sha256 is in
+run.json); images are written as PNG.
+
+Outputs under ``out_dir``: ``shards/<shard>`` (the recovered images, in the run's shard format, keyed as
+published; only samples with at least one recovered face), ``reports/<shard>.parquet`` and ``.json``
+(one row per face: key, face index, status, message, raw bit error rate, transform; never the
+embedding). Every call appends one line to ``recovery-log.jsonl`` next to the run (or ``log_path``),
+also when nothing opens.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from . import align, storage
+from .imaging import decode_image, encode_image
+from .keys import KeyFileError, load_shard_key
+from .shardio import read_parquet, read_webdataset, write_parquet, write_webdataset
+from .spec import parse_spec
+from .stages import face_seed, payload_sample_key
+from .verify import PayloadJob, ShardPayload, extract_logits
+
+REPORT_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("key", pa.string()),  # as published
+        ("index", pa.int32()),  # row of the public manifest
+        ("face_index", pa.int32()),
+        ("status", pa.string()),  # recovered | authentication_failed | uncorrectable | not_reversible | not_published
+        ("message", pa.string()),
+        ("raw_ber", pa.float32()),
+        ("transform", pa.list_(pa.float64(), 6)),  # image -> aligned crop (2x3, row-major)
+    ],
+    metadata={"g2face-pipe.report": "recovery", "version": "1"},
+)
+
+
+class RecoveryError(RuntimeError):
+    """The shard cannot be recovered at all (bad inputs, wrong key for every face); the message says why."""
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _run_files(shard: str) -> tuple[str, str, str, str]:
+    """(run dir, public manifest, private manifest, run.json) of a shard at RUN/shards/NAME."""
+    name = storage.shard_name(shard)
+    run_dir = str(Path(shard).resolve().parent.parent) if "://" not in shard else shard.rsplit("/", 2)[0]
+    paths = (storage.join(run_dir, "manifests", name + ".parquet"), storage.join(run_dir, "private", name + ".parquet"),
+             storage.join(run_dir, "run.json"))
+    for p in paths:
+        if not storage.exists(p):
+            raise RecoveryError(
+                f"{p} is missing: recover needs the shard inside its run directory (RUN/shards/{name}) with the run's "
+                "manifests/, private/ and run.json"
+            )
+    return (run_dir, *paths)
+
+
+def _read_manifest(url: str) -> list[dict]:
+    return pq.read_table(io.BytesIO(storage.read_bytes(url))).to_pylist()
+
+
+def _append_log(path: str, entry: dict) -> None:
+    line = (json.dumps(entry, sort_keys=True) + "\n").encode("utf-8")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line)  # one write of one line: concurrent recoveries never interleave within a line
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _load_model(run: dict, checkpoint: str | None, device: torch.device):
+    from .g2face_method import G2FaceAnonymizer, G2FaceUnavailable
+
+    spec_an = run["spec"]["anonymizer"]
+    sha = (run.get("payload") or {}).get("artifact_sha256")
+    path = checkpoint or spec_an.get("checkpoint")
+    try:
+        model = G2FaceAnonymizer(path, spec_an["resolution"], expected_sha256=sha)
+    except G2FaceUnavailable as e:
+        raise RecoveryError(f"the run's model cannot be loaded ({e}); pass --checkpoint with the run's artifact "
+                            f"(sha256 {sha})") from None
+    model.setup(device)
+    return model
+
+
+def recover_shard(shard: str, key_path: str, out_dir: str, *, samples: list[str] | None = None,
+                  user: str | None = None, reason: str | None = None, log_path: str | None = None,
+                  checkpoint: str | None = None, device: str = "auto") -> dict:
+    """Recover the reversible faces of one anonymized shard. Returns a summary dict:
+
+    ``faces``: one row per face in scope (shard, key as published, original_key, index, face_index, status,
+    message, raw_ber, transform (2x3 list), recovered (bool)); ``images``: published key -> PNG bytes of the
+    recovered image (faces that did not open stay anonymized); ``recovered_shard`` / ``report``: paths
+    written (None when nothing opened); ``counts``; ``key_id``.
+    Raises RecoveryError when no face opens (nothing is written then, but the attempt is logged).
+    """
+    name = storage.shard_name(shard)
+    run_dir, public_url, private_url, run_url = _run_files(shard)
+    run = json.loads(storage.read_bytes(run_url))
+    spec = parse_spec(run["spec"], run_url)
+    payload_doc = run.get("payload") or {}
+    if payload_doc.get("mode") != "reversible":
+        raise RecoveryError(f"run {run_dir} did not hide reversible payloads (anonymizer.payload: "
+                            f"{payload_doc.get('mode')!r}); nothing in {name} can be recovered")
+    try:
+        key = load_shard_key(key_path, spec.dataset.id, name)
+    except KeyFileError as e:
+        raise RecoveryError(str(e)) from None
+    wanted = set(samples) if samples else None
+    public = _read_manifest(public_url)
+    private = {r["index"]: r for r in _read_manifest(private_url)}
+    if wanted is not None:
+        unknown = sorted(wanted - {r["key"] for r in public})
+        if unknown:
+            raise RecoveryError(f"--samples: {', '.join(unknown[:5])} not in the manifest of {name} (use the keys as published)")
+
+    rows: list[dict] = []
+    images: dict[str, bytes] = {}
+    try:
+        dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        in_scope = [r for r in public if wanted is None or r["key"] in wanted]
+        todo = [r for r in in_scope if any(f["payload_mode"] == "reversible" for f in r["faces"])]
+        model = _load_model(run, checkpoint, dev) if todo else None
+        if model is not None:
+            sp = ShardPayload(PayloadJob.of(spec.dataset.id, spec.seed, model.artifact_sha256, model.payload_bits), key)
+        published = _read_published(spec, shard) if todo else {}
+        res = spec.anonymizer.resolution
+        for r in in_scope:
+            p = private.get(r["index"], {})
+            transforms = p.get("transforms") or []
+            raw = published.get(r["key"])
+            rgb = None
+            if raw is not None and r["published"]:
+                rgb = decode_image(raw.fields[raw.image_field], max(spec.input.max_pixels, 1)).rgb
+            opened = []
+            for j, f in enumerate(r["faces"]):
+                t = transforms[j] if j < len(transforms) else None
+                row = {"shard": name, "key": r["key"], "original_key": p.get("original_key"), "index": r["index"],
+                       "face_index": j, "raw_ber": None, "transform": t, "recovered": False}
+                rows.append(row)
+                if not r["published"] or rgb is None or t is None:
+                    row.update(status="not_published", message="the sample is not in the anonymized shard")
+                    continue
+                if f["payload_mode"] != "reversible":
+                    row.update(status="not_reversible", message=f"face published as {f['payload_mode'] or f['method']}: "
+                               "it carries no payload that any key opens")
+                    continue
+                m = np.asarray(t, np.float64).reshape(2, 3)
+                crop = align.warp_to_crop(rgb, m, res)
+                logits = extract_logits(model, [crop], dev, 1)[0]
+                dec = sp.decode(logits, payload_sample_key(r["key"], r["index"]), j)
+                row["raw_ber"] = dec.raw_ber
+                if not dec.ok:
+                    row.update(status=dec.status, message=dec.message)
+                    continue
+                seed = face_seed(spec.seed, p.get("original_key") or str(r["index"]), j)
+                opened.append((m, crop, torch.from_numpy(dec.embedding.astype(np.float32))[None], seed))
+                del dec
+                row.update(status="recovered", message="ok", recovered=True)
+            if opened:
+                out = rgb.copy()
+                for m, crop, identity, seed in opened:
+                    x = torch.from_numpy(crop[None]).to(dev).permute(0, 3, 1, 2).float().div_(255.0)
+                    with torch.inference_mode():
+                        y = model.recover(x, identity.to(dev), [seed])
+                    face = y.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()[0]
+                    align.paste_back(out, np.ascontiguousarray(face), m)
+                images[r["key"]] = encode_image(out, None, "RGB", "PNG", 100)
+            opened.clear()
+    finally:
+        counts = _counts(rows)
+        _append_log(log_path or storage.join(run_dir, "recovery-log.jsonl"), {
+            "time": _now(), "key_id": key.key_id, "master_key_id": key.master_key_id, "user": user, "reason": reason,
+            "dataset_id": spec.dataset.id, "shard": name, "samples": sorted(wanted) if wanted is not None else "all",
+            "counts": counts, "out": str(out_dir),
+        })
+    reversible = sum(1 for r in rows if r["status"] not in ("not_reversible", "not_published"))
+    if counts.get("recovered", 0) == 0:
+        if reversible == 0:
+            raise RecoveryError(f"shard {name}: no reversible face in scope ({len(rows)} face(s)); nothing to recover")
+        raise RecoveryError(
+            f"shard {name}: none of its {reversible} reversible face(s) opened with key {key.key_id} "
+            f"({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}): authentication failed: wrong key or modified "
+            "images; nothing was recovered"
+        )
+    shard_out, report_out = _write_outputs(spec, name, out_dir, rows, images)
+    return {"shard": name, "key_id": key.key_id, "counts": counts, "faces": rows, "images": images,
+            "recovered_shard": shard_out, "report": report_out}
+
+
+def _counts(rows: list[dict]) -> dict:
+    out: dict = {}
+    for r in rows:
+        out[r["status"]] = out.get(r["status"], 0) + 1
+    return out
+
+
+def _read_published(spec, shard: str) -> dict:
+    inp = spec.input
+    if inp.format == "webdataset":
+        samples = read_webdataset(shard, None)
+    else:
+        _, samples = read_parquet(shard, inp.image_column, inp.key_column or "key", storage.shard_name(shard).rsplit(".", 1)[0])
+    out = {}
+    for s in samples:
+        if s.read_error:
+            raise RecoveryError(f"{shard}: {s.read_error}")
+        out[s.key] = s
+    return out
+
+
+def _write_outputs(spec, name: str, out_dir: str, rows: list[dict], images: dict[str, bytes]) -> tuple[str, str]:
+    shard_out = storage.join(out_dir, "shards", name)
+    if spec.input.format == "webdataset":
+        records = [(k, [("png", images[k])]) for k in sorted(images)]
+        storage.atomic_write_file(shard_out, lambda f: write_webdataset(f, records))
+    else:
+        inp = spec.input
+        schema = pa.schema([(inp.key_column or "key", pa.string()), (inp.image_column, pa.binary())])
+        prows = [{inp.key_column or "key": k, inp.image_column: images[k]} for k in sorted(images)]
+        storage.atomic_write_file(shard_out, lambda f: write_parquet(f, prows, schema))
+    report = [{k: r[k] for k in REPORT_SCHEMA.names} for r in rows]
+    report_out = storage.join(out_dir, "reports", name + ".parquet")
+    storage.atomic_write_file(report_out, lambda f: write_parquet(f, report, REPORT_SCHEMA))
+    storage.atomic_write_bytes(storage.join(out_dir, "reports", name + ".json"),
+                               (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+    return shard_out, report_out

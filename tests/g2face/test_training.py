@@ -1,0 +1,154 @@
+"""The training run (g2face/training.py): exact resume through checkpoints, warm-start files, logs, grids.
+
+Data: the committed NASA portraits through the real `prepare` stage at 64 px (MTCNN, dlib, fit, identity).
+Priors: the real dlib ResNet port and the shipped geometry regressor. Model: the tiny 64 px config of
+test_train_step.py (every part of lite-128, narrower).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import DEMO_SHARDS
+from PIL import Image
+from test_train_step import TINY
+
+from g2face import degrade, losses, training
+from g2face import train_step as ts
+from g2face.checkpoint import load_artifact
+from g2face.config import LITE_128
+from pipeline import align
+from pipeline.prepare import prepare
+
+SETTINGS = dict(batch_size=2, steps=3, seed=5, hiding_warmup_steps=1, checkpoint_every=2, grid_every=2,
+                grid_faces=3, log_every=1)
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared64")
+    torch.set_num_threads(1)
+    prepare({"dataset": {"id": "nasa"}, "input": {"format": "webdataset", "paths": [str(DEMO_SHARDS[0])]},
+             "output": {"dir": str(out)}, "detection": {"min_face_size": 40}, "prepare": {"resolution": 64},
+             "runtime": {"progress": False, "torch_threads": 1}}, echo=lambda s: None)
+    return training.read_faces(sorted((out / "shards").glob("*.tar")))
+
+
+@pytest.fixture(scope="module")
+def priors():
+    return training.build_priors(64, align.template(64), align.paste_mask(64))
+
+
+def train_config() -> ts.TrainConfig:
+    return ts.TrainConfig(steps_per_epoch=1, warmup_epochs=2, weights=losses.LossWeights(r1_interval=2),
+                          paste=degrade.PasteBackConfig(photo_scale=(1.0, 1.5), jpeg_probability=0.5))
+
+
+def run(out, faces, priors, weights_seed=0, **kw):
+    settings = training.RunSettings(**{**SETTINGS, **kw.pop("settings", {})})
+    state = training.new_state(TINY, train_config(), settings.seed + weights_seed, "cpu")
+    state.rng.manual_seed(settings.seed)  # same draws whatever the initial weights
+    last = training.run_training(settings, state, faces, priors, out, echo=lambda s: None, **kw)
+    return state, last
+
+
+def stats(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
+
+
+def without_timing(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k not in ("time", "steps_per_s")}
+
+
+def test_reader_and_sampler(faces):
+    assert len(faces) == 6 and all(f.identity is not None and f.geometry is not None for f in faces)
+    batch = training.collate(faces[:2], 64)
+    assert batch.image.shape == (2, 3, 64, 64) and -1 <= batch.image.min() < batch.image.max() <= 1
+    assert batch.identity.shape == (2, 128) and batch.camera.shape == (2, 3)
+    # a 64 px crop read at 32 px: the camera (crop pixels) halves with it
+    assert torch.allclose(training.collate(faces[:2], 32).camera, batch.camera / 2)
+
+    a = training.FaceSampler(faces, 2, seed=1)
+    seen = [[f.key for f in a.next_faces()] for _ in range(3)]
+    assert sorted(sum(seen, [])) == sorted(f.key for f in faces)  # an epoch visits every face once
+    b = training.FaceSampler(faces, 2, seed=1)
+    b.load_state(a.state())
+    assert [f.key for f in a.next_faces()] == [f.key for f in b.next_faces()]
+    ranks = [training.FaceSampler(faces, 2, seed=1, rank=r, world_size=2).next_faces() for r in (0, 1)]
+    assert not {f.key for f in ranks[0]} & {f.key for f in ranks[1]}
+
+
+def test_run_checkpoints_and_resumes_exactly(tmp_path, faces, priors):
+    full, last = run(tmp_path / "full", faces, priors)
+    lines = stats(tmp_path / "full")
+    assert [(m["phase"], m["total_steps"]) for m in lines] == [("hiding_warmup", 1), ("train", 2), ("train", 3)]
+    assert last["total_steps"] == 3 and all(0 <= m.get("anonymize/hiding_ber", 0.5) <= 1 for m in lines)
+    assert {"lr", "steps_per_s", "time", "recover/identity_recover", "anonymize/hiding_ber"} <= set(lines[-1])
+
+    ckpt = tmp_path / "full" / "checkpoints" / "step-0000002"
+    assert training.latest_checkpoint(tmp_path / "full").name == "step-0000003"
+    model = load_artifact(ckpt / training.ARTIFACT_FILE)  # the inference artifact: fp16 EMA, loadable
+    assert model.config == TINY
+    for name in ("step-0000002.png", "step-0000003.png"):
+        grid = np.asarray(Image.open(tmp_path / "full" / "grids" / name))
+        assert grid.shape == (3 * 64, 3 * 64, 3) and grid.std() > 0
+
+    # Resume from step 2 with other initial weights: everything comes from the checkpoint.
+    os.makedirs(tmp_path / "resumed")
+    (tmp_path / "resumed" / "stats.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    resumed, again = run(tmp_path / "resumed", faces, priors, weights_seed=99, resume_from=ckpt)
+    assert without_timing(again) == without_timing(last)
+    for a, b in ((full.model, resumed.model), (full.ema, resumed.ema), (full.discriminator, resumed.discriminator)):
+        for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(p, q), name
+    # the resumed run's log replaced the steps after the checkpoint instead of repeating them
+    assert [m["total_steps"] for m in stats(tmp_path / "resumed")] == [1, 2, 3]
+
+    with pytest.raises(training.TrainingError, match="batch_size"):
+        run(tmp_path / "other", faces, priors, resume_from=ckpt, settings={"batch_size": 3})
+
+
+def test_warm_start_files_are_small_and_load(tmp_path, faces, priors):
+    state, _ = run(tmp_path / "a", faces, priors, settings={"steps": 2, "hiding_warmup_steps": 0})
+    meta = training.save_warm_start(state, tmp_path / "ws", total_steps=2, part_bytes=2**17)
+    assert len(meta["parts"]["generator"]) > 1  # split into parts
+    fresh = training.new_state(TINY, train_config(), 123, "cpu")
+    training.load_warm_start(fresh, tmp_path / "ws")
+    for a, b in ((state.model, fresh.model), (state.ema, fresh.ema), (state.discriminator, fresh.discriminator)):
+        for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(p.half().float() if p.is_floating_point() else p, q), name
+    # a new run from it continues the step count and trains on
+    _, last = run(tmp_path / "b", faces, priors, warm_start=tmp_path / "ws", settings={"steps": 1})
+    assert last["total_steps"] == 3 and last["step"] == 1
+
+    sha = training.artifact_from_warm_start(tmp_path / "ws", tmp_path / "model.g2face")
+    assert load_artifact(tmp_path / "model.g2face", expected_sha256=sha).config == TINY
+    for name in meta["parts"]["ema"]:  # EMA left out (a smaller carry): the generator stands in
+        (tmp_path / "ws" / name).unlink()
+    training.load_warm_start(fresh, tmp_path / "ws")
+    assert all(torch.equal(p, q) for p, q in zip(fresh.ema.state_dict().values(), fresh.model.state_dict().values()))
+
+    (tmp_path / "ws" / meta["parts"]["generator"][0]).write_bytes(b"changed")
+    with pytest.raises(training.TrainingError, match="sha256"):
+        training.load_warm_start(fresh, tmp_path / "ws")
+
+
+def test_lite_warm_start_files_fit_the_transfer_limit(tmp_path):
+    torch.manual_seed(0)
+    state = training.new_state(LITE_128, ts.TrainConfig(), 0, "cpu")
+    meta = training.save_warm_start(state, tmp_path, total_steps=0)
+    sizes = {name: (tmp_path / name).stat().st_size for name in meta["files"]}
+    assert all(s < 16 * 2**20 for s in sizes.values()), sizes
+    assert sum(sizes.values()) < 64 * 2**20 and len(sizes) + 1 <= 8  # with meta.json, one $OUT transfer
+
+
+def test_train_config_from_dict_names_bad_keys():
+    cfg = training.train_config_from_dict({"lr_new": 5e-4, "weights": {"r1_interval": 4},
+                                          "paste": {"photo_scale": [1.0, 2.0]}, "identity_perturb": None})
+    assert cfg.lr_new == 5e-4 and cfg.weights.r1_interval == 4 and cfg.paste.photo_scale == (1.0, 2.0)
+    assert cfg.identity_perturb is None
+    with pytest.raises(training.TrainingError, match=r"train.weights.*r2"):
+        training.train_config_from_dict({"weights": {"r2": 1}})

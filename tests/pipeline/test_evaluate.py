@@ -1,0 +1,267 @@
+"""`g2face-pipe evaluate`: its numbers against an independent computation and against `g2face-pipe audit`.
+
+The G2Face artifact here is an untrained, seeded, narrow lite-128-like model: it checks that every number is
+computed correctly from what the pipeline wrote, never the quality of a model.
+"""
+
+import csv
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import DEMO_SHARDS
+from helpers import decode, read_tar, write_tar
+from pipeline import align
+from pipeline.audit import write_audit
+from pipeline.cli import app
+from pipeline.evaluate import BARS, evaluate
+from test_audit import _copies_shard, _independent_faces, _pairs_csv, _roc_tar
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    """Untrained, seeded, narrow 128 px G2Face: for checking the arithmetic only, never shipped."""
+    from g2face.checkpoint import save_artifact
+    from g2face.config import LITE_128
+    from g2face.model import G2Face
+
+    cfg = LITE_128.replace(
+        name="lite-128-narrow-test", style_dim=64, channels=(32, 32, 32, 32, 16, 16), dummy_noise_dim=32,
+        dummy_hidden_dim=64, extractor_width=16, discriminator_channels=(32, 32, 32, 32, 16, 16),
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("artifact") / "narrow.pt"
+    save_artifact(G2Face(cfg), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, artifact):
+    """Demo shard 0 plus mirrored copies (genuine pairs), the model and the blur baseline; then audit on the runs."""
+    tmp = tmp_path_factory.mktemp("evaluate")
+    shards = [str(DEMO_SHARDS[0]), str(_copies_shard(tmp / "copies-000000.tar"))]
+    pairs = _pairs_csv(tmp / "pairs.csv")
+    doc = evaluate(shards, str(pairs), str(tmp / "eval.json"), checkpoint=str(artifact), baselines=("blur",),
+                   work_dir=str(tmp / "work"), torch_threads=1, echo=lambda *_: None)
+    _, audit_json = write_audit(str(tmp / "work" / "g2face"), str(tmp / "report" / "report.html"), pairs=str(pairs),
+                                baselines=[str(tmp / "work" / "blur")], examples=False)
+    return {"tmp": tmp, "doc": doc, "pairs": pairs, "audit": json.loads(audit_json.read_text()),
+            "runs": [tmp / "work" / "g2face", tmp / "work" / "blur"]}
+
+
+def _pixel_change(run: Path) -> float:
+    """Mean |original - written| inside the paste ellipse core, by a direct warp of the images (no pipeline code)."""
+    import cv2
+
+    res = json.loads((run / "run.json").read_text())["spec"]["anonymizer"]["resolution"]
+    inside = align.paste_mask(res) >= 0.5
+    changes = []
+    for item in json.loads((run / "run.json").read_text())["inputs"]:
+        inputs, outputs = read_tar(Path(item["url"])), read_tar(run / "shards" / item["shard"])
+        private = pq.read_table(run / "private" / f"{item['shard']}.parquet").to_pylist()
+        for p in private:
+            orig = decode(next(v for k, v in inputs[p["original_key"]].items() if k in ("jpg", "png")))
+            anon = decode(outputs[p["key"]]["png"])
+            for t in p["transforms"]:
+                m = np.asarray(t).reshape(2, 3)
+                a, b = (cv2.warpAffine(x, m, (res, res), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT101)
+                        for x in (orig, anon))
+                changes.append(np.abs(a.astype(float) - b)[inside].mean())
+    return float(np.mean(changes))
+
+
+def _check_against_independent(doc: dict, runs: list[Path], pairs_path: Path) -> None:
+    """Identity distances by a direct image -> chip warp and the dlib port; threshold and TAR by an ROC sweep."""
+    pairs = [(a, b, s == "1") for a, b, s in csv.reader(pairs_path.open()) if s != "same"]
+    ver = doc["verification"]
+    faces_by_run = [_independent_faces(r) for r in runs]
+    ref = {f["key"]: f for f in faces_by_run[0]}
+    used = [p for p in pairs if p[0] in ref and p[1] in ref]
+    dist = lambda x, y: float(np.linalg.norm(x - y))  # noqa: E731
+    impostor = np.array([dist(ref[a]["orig"], ref[b]["orig"]) for a, b, s in used if not s])
+    gen_orig = np.array([dist(ref[a]["orig"], ref[b]["orig"]) for a, b, s in used if s])
+    t, tar_orig = _roc_tar(gen_orig, impostor, 1e-3)
+    assert ver["computed"] and ver["pairs_used"] == len(used)
+    assert ver["threshold"] == pytest.approx(t, abs=0.03)
+    near = lambda g: np.mean(np.abs(g - t) < 0.03) + 1e-9  # noqa: E731  (faces the two routes may decide apart)
+    assert abs(ver["rows"][0]["tar"] - tar_orig) <= near(gen_orig)
+    for i, faces in enumerate(faces_by_run):
+        d = np.array([dist(f["orig"], f["anon"]) for f in faces])
+        row = doc["privacy_rows"][i]
+        assert row["faces"] == len(faces)
+        assert row["identity_distance"]["mean"] == pytest.approx(d.mean(), abs=0.03)
+        assert abs(row["share_still_matching"] - np.mean(d < 0.6)) <= np.mean(np.abs(d - 0.6) < 0.03) + 1e-9
+        by_key = {f["key"]: f for f in faces}
+        gen = np.array([dist(ref[a]["orig"], by_key[b]["anon"]) for a, b, s in used if s and b in by_key])
+        assert abs(ver["rows"][1 + i]["tar"] - float(np.mean(gen < t))) <= near(gen)
+        assert ver["rows"][1 + i]["genuine_pairs"] == len(gen)
+    ident = doc["identity"]["port_aligned"]
+    assert ident["share_still_matching"] == doc["privacy_rows"][0]["share_still_matching"]
+    assert doc["verification"]["tar_one_side_anonymized"] == ver["rows"][1]["tar"]
+
+
+def test_numbers_agree_with_an_independent_computation(evaluated):
+    doc = evaluated["doc"]
+    _check_against_independent(doc, evaluated["runs"], evaluated["pairs"])
+    assert doc["verification"]["rows"][0]["tar"] > 0.8, "mirrored copies of a portrait verify as the same person"
+    assert doc["counts"]["g2face"]["images"] == doc["counts"]["g2face"]["faces"] == 12
+    # (the pipeline's crops are anti-aliased before shrinking, the direct warp is not: a few tenths apart)
+    assert doc["pixel_change"]["mean_abs_grey_levels"] == pytest.approx(_pixel_change(evaluated["runs"][0]), abs=0.5)
+    assert doc["pixel_change"]["baselines"]["blur"] == pytest.approx(_pixel_change(evaluated["runs"][1]), abs=0.5)
+
+    # NME: the manifests' 68-point distances over the template's eye-centre distance at 256 px.
+    for key, run in (("model", evaluated["runs"][0]), ("blur", evaluated["runs"][1])):
+        lm = [f["metrics"]["landmark68_distance"] for p in sorted((run / "manifests").glob("*.parquet"))
+              for r in pq.read_table(p).to_pylist() for f in r["faces"]]
+        eye = np.linalg.norm(align.template(256)[0] - align.template(256)[1])
+        assert doc["utility"][key]["nme"] == pytest.approx(np.mean(lm) / eye)
+
+    # dlib C++ route: every face is accounted for; the perturbed route measures every face.
+    dl = doc["identity"]["dlib_cpp"]
+    assert dl["faces"] + dl["original_not_found"] + dl["anonymized_not_found"] == 12
+    assert doc["identity"]["perturbed"]["faces"] == 12
+    blur = doc["identity"]["baselines"]["blur"]
+    assert blur["port_aligned_share"] == doc["privacy_rows"][1]["share_still_matching"]
+
+
+def test_dlib_cpp_route_matches_dlib_called_directly(evaluated):
+    """The one face of each portrait, detected, landmarked and described by dlib's own Python API here."""
+    import importlib.util
+
+    import dlib
+
+    models = Path(list(importlib.util.find_spec("face_recognition_models").submodule_search_locations)[0]) / "models"
+    det = dlib.get_frontal_face_detector()
+    sp = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
+    rec = dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat"))
+
+    def iou(r, box):
+        x0, y0, x1, y1 = max(r.left(), box[0]), max(r.top(), box[1]), min(r.right(), box[2]), min(r.bottom(), box[3])
+        inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
+        return inter / ((r.right() - r.left()) * (r.bottom() - r.top()) + (box[2] - box[0]) * (box[3] - box[1]) - inter)
+
+    def descriptor(img, box):
+        """dlib's face at the pipeline's box (the detection overlapping it most, IoU >= 0.3)."""
+        rects = sorted(det(img, 1), key=lambda r: -iou(r, box))
+        if not rects or iou(rects[0], box) < 0.3:
+            return None
+        return np.asarray(rec.compute_face_descriptor(img, sp(img, rects[0])))
+
+    run = evaluated["runs"][0]
+    d = []
+    for item in json.loads((run / "run.json").read_text())["inputs"]:
+        inputs, outputs = read_tar(Path(item["url"])), read_tar(run / "shards" / item["shard"])
+        public = {r["index"]: r for r in pq.read_table(run / "manifests" / f"{item['shard']}.parquet").to_pylist()}
+        for p in pq.read_table(run / "private" / f"{item['shard']}.parquet").to_pylist():
+            box = public[p["index"]]["faces"][0]["box"]
+            a = descriptor(decode(next(v for k, v in inputs[p["original_key"]].items() if k in ("jpg", "png"))), box)
+            b = descriptor(decode(outputs[p["key"]]["png"]), box)
+            if a is not None and b is not None:
+                d.append(np.linalg.norm(a - b))
+    route = json.loads((evaluated["tmp"] / "eval.json").read_text())["identity"]["dlib_cpp"]
+    assert len(d) >= 5 and route["faces"] == len(d)
+    assert route["identity_distance"]["mean"] == pytest.approx(np.mean(d), abs=1e-6)
+    assert route["share_still_matching"] == pytest.approx(np.mean(np.array(d) < 0.6))
+
+
+def test_evaluate_and_audit_report_the_same_numbers(evaluated):
+    doc, audit = evaluated["doc"], evaluated["audit"]
+    av, ev = audit["privacy"]["verification"], doc["verification"]
+    assert ev["threshold"] == av["threshold"] and ev["pairs_used"] == av["pairs_used"]
+    assert [(r["tar"], r["far"], r["genuine_pairs"]) for r in ev["rows"]] == [
+        (r["tar"], r["far"], r["genuine_pairs"]) for r in av["rows"]
+    ]
+    for e, a in zip(doc["privacy_rows"], audit["privacy"]["rows"]):
+        assert e["method"] == a["method"]
+        for k in ("faces", "still_matching", "share_still_matching", "identity_distance", "rank1", "histogram"):
+            assert e[k] == a[k], k
+    for e, a in zip(doc["utility"]["rows"], audit["utility"]["rows"]):
+        assert {k: v for k, v in e.items() if k != "label"} == {k: v for k, v in a.items() if k != "label"}
+
+
+def test_document_bars_and_privacy(evaluated):
+    doc = evaluated["doc"]
+    on_disk = json.loads((evaluated["tmp"] / "eval.json").read_text())
+    assert on_disk["bars"] == doc["bars"]
+    bars = doc["bars"]
+    assert set(BARS) <= set(bars)
+    for name, (path, op, threshold) in BARS.items():
+        b = bars[name]
+        assert b["threshold"] == threshold and b["comparison"] == op
+        if b["value"] is None:
+            assert b["pass"] is None and b["reason"].startswith("not available: ")
+        else:
+            assert b["pass"] == {"<=": b["value"] <= threshold, ">=": b["value"] >= threshold,
+                                 "<": b["value"] < threshold}[op]
+    # The untrained model's payloads do not open: the payload and recovery bars say so rather than pass.
+    assert bars["4_payload_decode_jpeg90"]["pass"] is not True and bars["3_recovery_match"]["pass"] is not True
+    assert doc["model"]["artifact_sha256"] and doc["data"]["samples"] == 12 and doc["timing"]["seconds_per_image"] > 0
+    text = (evaluated["tmp"] / "eval.json").read_text()
+    for key in read_tar(DEMO_SHARDS[0]):
+        assert key not in text, "sample keys hold names and must not reach eval.json"
+    assert "evaluation.key" not in text
+
+
+def test_cli_errors_name_the_fix(tmp_path, artifact):
+    r = CliRunner().invoke(app, ["evaluate", "--data", str(DEMO_SHARDS[0]), "--out", str(tmp_path / "e.json")])
+    assert r.exit_code == 2 and "--checkpoint" in r.output
+    r = CliRunner().invoke(app, ["evaluate", "--data", str(DEMO_SHARDS[0]), "--out", str(tmp_path / "e.json"),
+                                 "--checkpoint", str(artifact), "--baselines", "mosaic"])
+    assert r.exit_code == 2 and "blur,pixelate" in r.output
+    r = CliRunner().invoke(app, ["evaluate", "--data", str(tmp_path / "none-*.tar"), "--out", str(tmp_path / "e.json"),
+                                 "--checkpoint", str(artifact)])
+    assert r.exit_code == 2 and "--data" in r.output
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_limit_takes_the_first_samples_and_the_cli_writes_the_json(tmp_path, artifact):
+    out = tmp_path / "e.json"
+    r = CliRunner().invoke(app, ["evaluate", "--data", str(DEMO_SHARDS[0]), "--out", str(out), "--checkpoint",
+                                 str(artifact), "--limit", "2", "--baselines", ""])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out.read_text())
+    assert doc["data"]["samples"] == 2 and doc["counts"]["g2face"]["images"] == 2
+    assert doc["verification"]["computed"] is False and doc["bars"]["2_verification_tar"]["pass"] is None
+
+
+@pytest.mark.shared_data
+def test_val_slice_numbers_agree_with_an_independent_computation(shared_data, tmp_path, artifact):
+    """CelebA val: the first 8 genuine and 8 impostor pairs of the shipped pairs file, on a slice of its images."""
+    rows = list(csv.DictReader((shared_data / "val" / "celeba-200id-pairs.csv").open()))
+    chosen = [r for r in rows if r["same"] == "1"][:8] + [r for r in rows if r["same"] == "0"][:8]
+    keys = {r["key_a"] for r in chosen} | {r["key_b"] for r in chosen}
+    members = []
+    for shard in sorted((shared_data / "val").glob("celeba-200id-*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                if m.name.split(".")[0] in keys and m.name.endswith(".jpg"):
+                    members.append((m.name, tar.extractfile(m).read()))
+    slice_tar = write_tar(tmp_path / "val-slice-000000.tar", sorted(members))
+    pairs = tmp_path / "pairs.csv"
+    with open(pairs, "w", newline="") as f:
+        w = csv.DictWriter(f, ["key_a", "key_b", "same"])
+        w.writeheader()
+        w.writerows(chosen)
+    doc = evaluate(str(slice_tar), str(pairs), str(tmp_path / "eval.json"), checkpoint=str(artifact), baselines=(),
+                   work_dir=str(tmp_path / "work"), torch_threads=1, echo=lambda *_: None)
+    _check_against_independent(doc, [tmp_path / "work" / "g2face"], pairs)
+    _, audit_json = write_audit(str(tmp_path / "work" / "g2face"), pairs=str(pairs), examples=False)
+    audit = json.loads(audit_json.read_text())
+    assert [r["tar"] for r in doc["verification"]["rows"]] == [r["tar"] for r in audit["privacy"]["verification"]["rows"]]
+    assert doc["privacy_rows"][0]["share_still_matching"] == audit["privacy"]["rows"][0]["share_still_matching"]
