@@ -110,7 +110,8 @@ def encode_png(rgb: np.ndarray) -> bytes:
 
 @dataclass
 class Face:
-    """One prepared face: the PNG bytes (decoded per batch) and the priors the shard stores."""
+    """One prepared face: the encoded crop (PNG, or JPEG in compact copies; decoded per batch) and the priors
+    the shard stores."""
 
     key: str
     png: bytes
@@ -134,7 +135,8 @@ def read_faces(paths: Iterable[str | os.PathLike]) -> list[Face]:
         except (OSError, tarfile.TarError) as e:
             raise TrainingError(f"prepared shard {path} is unreadable ({e}); re-run `g2face-pipe prepare`") from e
         for key, files in members.items():
-            if "png" not in files:
+            image = files.get("png", files.get("jpg"))  # .jpg: the compact copies of scripts/make_gpu_carry.py
+            if image is None:
                 raise TrainingError(f"prepared shard {path}: sample {key!r} has no .png; re-run `g2face-pipe prepare`")
             arrays: dict[str, np.ndarray] = {}
             if "npz" in files:
@@ -142,7 +144,7 @@ def read_faces(paths: Iterable[str | os.PathLike]) -> list[Face]:
                     arrays = {k: z[k] for k in ("identity", "geometry", "camera") if k in z.files}
             if key in faces:
                 raise TrainingError(f"sample key {key!r} occurs twice (second time in {path}); keys must be unique")
-            faces[key] = Face(key, files["png"], arrays.get("identity"), arrays.get("geometry"), arrays.get("camera"))
+            faces[key] = Face(key, image, arrays.get("identity"), arrays.get("geometry"), arrays.get("camera"))
     if not faces:
         raise TrainingError("no prepared faces found; point the data at shards/*.tar written by `g2face-pipe prepare`")
     return [faces[k] for k in sorted(faces)]

@@ -29,7 +29,10 @@ from PIL import Image
 from g2face.identity import SAME_PERSON_DISTANCE
 from schemas import load_json
 
+from g2face.inception import InceptionWeightsError, load_inception
+
 from . import align, payload_readback, storage
+from .fid import FORMAT_NOTE, MAX_FID_FACES, SMALL_SAMPLE_NOTE, FidCollector
 from .imaging import decode_image
 from .metrics_stage import FIELDS, FaceMeasurer, metric_transform
 from .privacy_metrics import (  # noqa: F401  (re-exported: the audit's numbers live there, shared with evaluate)
@@ -228,11 +231,13 @@ def _read_samples(spec: JobSpec, url: str, output: bool) -> dict:
 
 
 def collect_faces(
-    run: Run, measurer: FaceMeasurer, thumbs: int = 0, recovery_dir: str | None = None, cache: dict | None = None
+    run: Run, measurer: FaceMeasurer, thumbs: int = 0, recovery_dir: str | None = None, cache: dict | None = None,
+    fid: FidCollector | None = None,
 ) -> Collected:
     """Re-read inputs and outputs, cut both aligned crops of every published face and embed them.
 
     ``cache`` maps (input sha256, transform) -> original embedding, shared between runs of the same inputs.
+    ``fid``, when given, also receives both crops of the first faces (in run order) for FID.
     """
     out = Collected()
     if run.private is None:
@@ -314,6 +319,8 @@ def collect_faces(
                     out.thumbs.append((small(o), small(a)))
                 key = (p["input_sha256"], tuple(np.round(np.asarray(t, np.float64), 6)), job_res, res)
                 pending.append((rec, o, a, key))
+                if fid is not None:
+                    fid.add(o, a, key)
                 if len(pending) >= 64:
                     flush()
     flush()
@@ -583,6 +590,40 @@ _FID_REASON = (
 )
 
 
+def fid_section(
+    weights: str | None, inception, max_faces: int, runs: list[tuple[str, Collected, FidCollector | None]]
+) -> dict:
+    """audit.json's FID part: per run, FID between the original and the anonymized aligned crops."""
+    if inception is None:
+        return {"computed": False, "reason": _FID_REASON}
+    rows = []
+    for label, col, collector in runs:
+        if col.unreachable or not col.faces:
+            why = "; ".join(col.unreachable) or "no published face could be matched to its input"
+            rows.append({"label": label, "faces": 0, "value": None, "reason": f"the originals are unreachable: {why}"})
+        else:
+            rows.append(collector.result(label))
+    if all(r["value"] is None for r in rows):
+        return {"computed": False, "reason": "FID could not be computed: " + rows[0]["reason"]}
+    fmt = inception.weights_format
+    note = FORMAT_NOTE["reference" if inception.is_fid_reference else fmt]
+    return {
+        "computed": True,
+        "weights": str(weights),
+        "weights_sha256": inception.sha256,
+        "weights_format": fmt,
+        "comparable_with_published": inception.is_fid_reference,
+        "max_faces": max_faces,
+        "rows": rows,
+        "statement": (
+            f"FID between the aligned crops of the original faces and the same crops of the images as "
+            f"written, over the first {max_faces} faces of each run in run order (fewer where the run has fewer), "
+            f"on Inception-v3 pool3 features (crops resized bilinearly to 299 px). Weights: {note} "
+            + SMALL_SAMPLE_NOTE
+        ),
+    }
+
+
 def build_audit(
     run_dir: str,
     pairs: str | None = None,
@@ -591,6 +632,7 @@ def build_audit(
     examples: bool = True,
     inception_weights: str | None = None,
     device: str = "auto",
+    fid_faces: int = MAX_FID_FACES,
 ) -> tuple[dict, dict[str, bytes], bytes | None]:
     """Everything the report shows: (audit document, figures as PNG bytes, example grid PNG or None)."""
     t0 = time.time()
@@ -607,10 +649,23 @@ def build_audit(
     if device == "cuda" and not torch.cuda.is_available():
         raise AuditError("--device cuda: no CUDA device is visible; use auto or cpu")
     device = "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
+    inception = None
+    if inception_weights:
+        if fid_faces < 2:
+            raise AuditError(f"--fid-faces {fid_faces}: FID needs at least 2 faces per side; use 2 or more")
+        try:  # before the long re-read, so a wrong file fails fast
+            inception = load_inception(inception_weights, device)
+        except InceptionWeightsError as e:
+            raise AuditError(f"--inception-weights: {e}") from e
     measurer = FaceMeasurer(run.spec.metrics.resolution, device=device)
     cache: dict = {}
-    col = collect_faces(run, measurer, MAX_EXAMPLES if examples else 0, recovery, cache)
-    cols = [(lbl, r, collect_faces(r, measurer, 0, None, cache)) for lbl, r in others]
+    fid_of = lambda: FidCollector(inception, cache, fid_faces) if inception else None  # noqa: E731
+    fid_run = fid_of()
+    col = collect_faces(run, measurer, MAX_EXAMPLES if examples else 0, recovery, cache, fid_run)
+    cols, fid_cols = [], []
+    for lbl, r in others:
+        fid_cols.append(fid_of())
+        cols.append((lbl, r, collect_faces(r, measurer, 0, None, cache, fid_cols[-1])))
     reachable = not col.unreachable and bool(col.with_embeddings)
 
     privacy_rows = [privacy_row(label, run, col)] + [privacy_row(lbl, r, c) for lbl, r, c in cols]
@@ -655,11 +710,8 @@ def build_audit(
         }
         for lbl, r in [(label, run)] + others
     }
-    fid = {"computed": False, "reason": _FID_REASON}
-    if inception_weights:
-        fid["reason"] = (
-            f"FID is not implemented in this version of audit; the weights at {inception_weights} were not used."
-        )
+    fid = fid_section(inception_weights, inception, fid_faces, [(label, col, fid_run)]
+                      + [(lbl, c, f) for (lbl, _, c), f in zip(cols, fid_cols)])
 
     if recovery is None:
         rec = {
@@ -1003,6 +1055,10 @@ def render_html(doc: dict, figures: dict[str, bytes], grid: bytes | None) -> str
     parts.append(f"<section id='privacy'>{''.join(sec)}</section>")
 
     sec = ["<h2>Utility (Table III layout)</h2>"]
+    fid_doc = util["fid"]
+    fid_values = {
+        r["label"]: r["value"] if r["value"] is not None else "not computed" for r in fid_doc.get("rows", [])
+    }
     if any(r["faces_measured"] for r in util["rows"]):
         sec.append(
             _table(
@@ -1033,7 +1089,7 @@ def render_html(doc: dict, figures: dict[str, bytes], grid: bytes | None) -> str
                         r["shape_distance"],
                         r["expression_distance"],
                         r["pose_distance"],
-                        "not computed",
+                        fid_values.get(r["label"], "not computed"),
                     ]
                     for r in util["rows"]
                 ],
@@ -1053,7 +1109,19 @@ def render_html(doc: dict, figures: dict[str, bytes], grid: bytes | None) -> str
         sec.append(
             "<p class='warn'>No utility metrics: the metrics stage was off in this run (metrics.enabled: false).</p>"
         )
-    sec.append(f"<p><b>FID:</b> not computed. {e(util['fid']['reason'])}</p>")
+    if fid_doc["computed"]:
+        per_run = "; ".join(
+            f"{e(r['label'])}: {_fmt(r['value'], 2)} over {r['faces']} faces"
+            if r["value"] is not None
+            else f"{e(r['label'])}: not computed ({e(r['reason'])})"
+            for r in fid_doc["rows"]
+        )
+        sec.append(
+            f"<p><b>FID:</b> {per_run}. Weights <code>{e(fid_doc['weights'])}</code> "
+            f"({e(fid_doc['weights_format'])} layout).</p><p class='note'>{e(fid_doc['statement'])}</p>"
+        )
+    else:
+        sec.append(f"<p><b>FID:</b> not computed. {e(fid_doc['reason'])}</p>")
     parts.append(f"<section id='utility'>{''.join(sec)}</section>")
 
     rec = doc["recovery"]

@@ -132,7 +132,12 @@ def audit(
     no_examples: bool = typer.Option(
         False, "--no-examples", help="Leave out the example faces (for reports leaving the organisation)."
     ),
-    inception_weights: Optional[str] = typer.Option(None, "--inception-weights", help="Inception-v3 weights for FID."),
+    inception_weights: Optional[str] = typer.Option(
+        None, "--inception-weights",
+        help="Inception-v3 weights for FID: pytorch-fid's pt_inception-2015-12-05-*.pth (comparable with published "
+        "FIDs) or torchvision's inception_v3_google-*.pth. Without it FID is not computed.",
+    ),
+    fid_faces: int = typer.Option(1000, "--fid-faces", help="FID over at most this many faces per run (run order)."),
     device: str = typer.Option("auto", "--device", help="Torch device of the recognizer: auto, cpu or cuda."),
 ) -> None:
     """Write a self-contained HTML privacy-audit report and audit.json for a finished run."""
@@ -142,7 +147,7 @@ def audit(
     try:
         html_path, json_path = write_audit(
             run_dir, out, pairs=pairs, recovery=recovery, baselines=baseline or [], examples=not no_examples,
-            inception_weights=inception_weights, device=device,
+            inception_weights=inception_weights, fid_faces=fid_faces, device=device,
         )
     except (AuditError, WeightsError, FileNotFoundError, PermissionError) as e:
         _fail(str(e))
@@ -159,6 +164,9 @@ def evaluate_cmd(
     baselines: str = typer.Option("blur,pixelate", "--baselines", help="Comma-separated baselines ('' for none)."),
     work_dir: Optional[str] = typer.Option(None, "--work-dir", help="Keep the runs here (to audit them), not in a temp dir."),
     device: str = typer.Option("cpu", "--device", help="Torch device: cpu or cuda."),
+    inception_weights: Optional[str] = typer.Option(
+        None, "--inception-weights", help="Inception-v3 weights for FID (see `audit --help`); without it no FID."
+    ),
 ) -> None:
     """Measure a G2Face model on a corpus: every number of the quality bars (issue #6) as JSON."""
     from .anonymizers import AnonymizerUnavailable
@@ -171,7 +179,7 @@ def evaluate_cmd(
         doc = evaluate(
             data if len(data) > 1 else data[0], pairs, out, checkpoint=checkpoint, limit=limit,
             baselines=tuple(b for b in baselines.split(",") if b.strip()), work_dir=work_dir, device=device,
-            echo=lambda m: typer.echo(m, err=True),
+            echo=lambda m: typer.echo(m, err=True), inception_weights=inception_weights,
         )
     except (EvaluateError, AuditError, JobSpecError, AnonymizerUnavailable, WeightsError, FileNotFoundError,
             PermissionError) as e:

@@ -26,11 +26,13 @@ from typing import Callable
 import torch
 
 from g2face.identity import SAME_PERSON_DISTANCE
+from g2face.inception import InceptionWeightsError, load_inception
 
 from . import storage
-from .audit import coverage, collect_faces, load_run, read_pairs
+from .audit import coverage, collect_faces, fid_section, load_run, read_pairs
 from .evaluate_faces import identity_routes, nme_of, published_images
 from .evaluate_recovery import payload_figures, recovery_figures
+from .fid import MAX_FID_FACES, FidCollector
 from .metrics_stage import FaceMeasurer
 from .privacy_metrics import FAR_TARGET, privacy_row, utility_row, verification
 from .spec import AnonymizerSpec, JobSpecError, parse_spec
@@ -191,6 +193,8 @@ def evaluate(
     torch_threads: int = 0,
     seed: int = 0,
     echo: Callable[[str], None] = print,
+    inception_weights: str | None = None,
+    fid_faces: int = MAX_FID_FACES,
 ) -> dict:
     """Run the evaluation and write ``out`` (JSON); returns the document. ``work_dir`` keeps the runs."""
     from g2face.checkpoint import load_artifact
@@ -218,6 +222,12 @@ def evaluate(
     if not_tar:
         raise EvaluateError(f"--data: {not_tar[0]} is not a WebDataset .tar shard; evaluate reads .tar shards only")
     pair_list = read_pairs(pairs) if pairs else None
+    inception = None
+    if inception_weights:  # checked before the runs, so a wrong file fails fast
+        try:
+            inception = load_inception(inception_weights, device)
+        except InceptionWeightsError as e:
+            raise EvaluateError(f"--inception-weights: {e}") from None
 
     scratch = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="g2face-evaluate-"))
     scratch.mkdir(parents=True, exist_ok=True)
@@ -244,7 +254,8 @@ def evaluate(
         measurer = FaceMeasurer(256, device=device)
         emb_cache, dlib_cache = {}, {}
         label = lambda m: "this run (g2face)" if m == "g2face" else f"baseline {baselines.index(m) + 1} ({m})"  # noqa: E731
-        cols = {m: collect_faces(r, measurer, 0, None, emb_cache) for m, r in runs.items()}
+        fids = {m: FidCollector(inception, emb_cache, fid_faces) if inception else None for m in runs}
+        cols = {m: collect_faces(r, measurer, 0, None, emb_cache, fids[m]) for m, r in runs.items()}
         privacy = {m: privacy_row(label(m), r, cols[m]) for m, r in runs.items()}
         utility = {m: utility_row(label(m), r) for m, r in runs.items()}
         routes, images_by = {}, {}
@@ -271,6 +282,9 @@ def evaluate(
         doc = build_document(
             ckpt, sha, cfg, data, urls, samples, limit, pairs, runs, privacy, utility, routes, verif, payload,
             recovery, timings, device, torch_threads,
+        )
+        doc["utility"]["fid"] = fid_section(
+            inception_weights, inception, fid_faces, [(label(m), cols[m], fids[m]) for m in runs]
         )
     finally:
         if not work_dir:

