@@ -146,8 +146,9 @@ def main() -> None:
     mask = torch.from_numpy(align.paste_mask(r).copy())
     inside = mask > 0
     per_plane = face_capacity_per_plane(r)
+    planes = math.ceil(cfg.payload_bits / per_plane)
     print(f"{n} portraits aligned at {r} px in {time.time() - t0:.0f}s; config {cfg.name}: {cfg.payload_bits} "
-          f"payload bits on {math.ceil(cfg.payload_bits / per_plane)} face plane(s) of {per_plane} cells", flush=True)
+          f"payload bits on {planes} face plane(s) of {per_plane} cells", flush=True)
 
     torch.manual_seed(args.seed)
     model = G2Face(cfg).requires_grad_(False)
@@ -169,7 +170,10 @@ def main() -> None:
             out["psnr_face_db"] = psnr_db(change.square().mean(dim=1)[:, inside].mean().item())
             for fmt, q in formats:
                 logits = model.extract_logits(to_tensor(readback(photos, transforms, published, fmt, q)))
-                out[f"ber_{fmt_name(fmt, q)}"] = round(((logits > 0) != (eval_bits > 0.5)).float().mean().item(), 5)
+                wrong = ((logits > 0) != (eval_bits > 0.5)).float()
+                out[f"ber_{fmt_name(fmt, q)}"] = round(wrong.mean().item(), 5)
+                if planes > 1:  # bit i lies on face plane i // per_plane
+                    out[f"ber_{fmt_name(fmt, q)}_per_plane"] = [round(c.mean().item(), 5) for c in wrong.split(per_plane, 1)]
         model.train()
         return out
 
@@ -188,7 +192,8 @@ def main() -> None:
         curve.append({"step": step, "train_seconds": round(train_seconds, 1), **figures})
         print(f"step {step:5d} ({train_seconds:4.0f}s train): loss {'-' if loss is None else f'{loss:.3f}'} "
               f"BER png {figures['ber_png']:.4f} psnr crop {figures['psnr_crop_db']:.1f} dB "
-              f"face {figures['psnr_face_db']:.1f} dB", flush=True)
+              f"face {figures['psnr_face_db']:.1f} dB"
+              + (f" per plane {figures['ber_png_per_plane']}" if planes > 1 else ""), flush=True)
 
     progress(0, 0.0, None)
     train_seconds = 0.0

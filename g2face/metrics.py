@@ -18,7 +18,7 @@ import torch
 
 from g2face import morphable
 
-# facenet-pytorch 2.5.3's MTCNN files (the same pins as pipeline/models.py; g2face does not import pipeline).
+# facenet-pytorch 2.5.3's MTCNN files: the one place they are pinned (pipeline/models.py imports them).
 MTCNN_SHA256 = {
     "pnet.pt": "a2a71925e0b9996a42f63e47efc1ca19043e69558b5c523b978d611dfae49c8f",
     "rnet.pt": "bbb937de72efc9ef83b186c49f5f558467a1d7e3453a8ece0d71a886633f6a86",

@@ -6,12 +6,8 @@ import importlib.util
 from functools import lru_cache
 from pathlib import Path
 
-# facenet-pytorch 2.5.3 ships MTCNN's three networks inside the wheel.
-MTCNN_SHA256 = {
-    "pnet.pt": "a2a71925e0b9996a42f63e47efc1ca19043e69558b5c523b978d611dfae49c8f",
-    "rnet.pt": "bbb937de72efc9ef83b186c49f5f558467a1d7e3453a8ece0d71a886633f6a86",
-    "onet.pt": "165bfbe42940416ccfb977545cf0e976d5bf321f67083ae2aaaa5c764280118d",
-}
+# facenet-pytorch 2.5.3 ships MTCNN's three networks inside the wheel; the pins live with the model library.
+from g2face.metrics import MTCNN_SHA256
 
 
 class WeightsError(RuntimeError):
