@@ -288,7 +288,8 @@ class RunSettings:
         steps: stop when the state reaches this step (counting from 0 of this run's state); None: no limit.
         minutes: stop after this much wall time in this process; None: no limit. One of the two is needed.
         seed: seed of the weights, the state's RNG and the data order.
-        hiding_warmup_steps: steps of the hiding objective alone before full training (0: none).
+        hiding_warmup_steps: warm-up steps before full training (0: none): the generator reproduces its input
+            while hiding the payload on the inference path (``_hiding_warmup_step``).
         hiding_warmup_lr: Adam learning rate of the warm-up.
         checkpoint_every: steps between checkpoints (a last one is always written at the end).
         grid_every: steps between sample grids (0: only at the end).
@@ -481,15 +482,31 @@ def new_state(config: G2FaceConfig, train: ts.TrainConfig, seed: int, device: to
 
 def _hiding_warmup_step(state: ts.TrainState, priors: ts.Priors, batch: ts.Batch, optimizer: torch.optim.Optimizer,
                         grad_sync: Callable | None) -> dict[str, float]:
+    """One warm-up step: the generator reproduces its input from the input's own identity and geometry (the
+    recovery pass's target, applied to the original) while hiding payload bits on the real inference path:
+
+        loss = weights.hiding * BCE(extract(paste/re-align/encode(G(x, w(id_x, geo_x), bits))), bits)
+               + weights.l1 * L1(G(x, w(id_x, geo_x), bits), x)
+
+    Without a pretrained StyleGAN2 the generator starts as noise; this gives the main objective a face-like
+    generator and a working payload path to start from (an earlier residual-only warm-up let the absolute
+    image drift into saturated colours). The dummy-identity generator and the mapper stay as they are."""
     model = state.model
     model.train()
     x, id_o, geo_o, _ = ts.reference_priors(state, priors, batch)
     bits = torch.randint(0, 2, (x.shape[0], model.config.payload_bits), generator=state.rng).float().to(x.device)
+    w = state.config.weights
     with torch.no_grad():
         w_plus = model.styles(id_o, geo_o)
     with ts._autocast(state):
-        loss, logits, _ = ts.hiding_warmup_loss(model, x, w_plus, bits, priors.paste_mask, state.config.paste,
-                                                state.rng, hiding_weight=state.config.weights.hiding)
+        image = model.generate(x, w_plus, bits, ts.zero_noise(model, x.shape[0], x.device))
+    image = image.float()
+    with ts._full_precision(image.device):
+        seen = degrade.random_paste_and_realign(image, x.float(), priors.paste_mask, state.config.paste, state.rng)
+    logits = model.extract_logits(seen)
+    hiding = losses.hiding_loss(logits, bits)
+    l1 = (image - x).abs().mean()
+    loss = w.hiding * hiding + w.l1 * l1
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -497,12 +514,18 @@ def _hiding_warmup_step(state: ts.TrainState, priors: ts.Priors, batch: ts.Batch
         grad_sync(params)
     norm = torch.nn.utils.clip_grad_norm_(params, state.config.grad_clip if state.config.grad_clip > 0 else math.inf)
     optimizer.step()
-    return {"hiding_warmup/loss": float(loss.detach()), "hiding_warmup/hiding_ber":
+    return {"hiding_warmup/loss": float(loss.detach()), "hiding_warmup/hiding": float(hiding.detach()),
+            "hiding_warmup/l1": float(l1.detach()), "hiding_warmup/hiding_ber":
             float(losses.bit_error_rate(logits.detach(), bits)), "grad_norm/hiding_warmup": float(norm)}
 
 
+def warmup_parameters(model: G2Face) -> list[nn.Parameter]:
+    """What the warm-up trains: everything but the dummy-identity generator and the mapper."""
+    return [p for name, p in model.named_parameters() if not name.startswith(("dummy.", "mapper."))]
+
+
 def _warmup_optimizer(state: ts.TrainState, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.Adam(ts.hiding_parameters(state.model), lr=lr, betas=(0.9, 0.999))
+    return torch.optim.Adam(warmup_parameters(state.model), lr=lr, betas=(0.9, 0.999))
 
 
 def _finite(metrics: Mapping) -> dict:
