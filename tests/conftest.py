@@ -18,6 +18,18 @@ DEMO_SHARDS = sorted((ROOT / "data" / "demo").glob("nasa-*.tar"))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module (use it with ``pytest.mark.usefixtures``): on this shared 2-core machine
+    two OpenMP threads under load run the networks (MTCNN above all) 30-50x slower than one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray on 127.0.0.1 with 4 logical CPUs (2 on this machine would starve the read stage)."""

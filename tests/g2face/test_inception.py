@@ -23,13 +23,7 @@ from g2face.inception import (
     weights_format_of,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _calibrated_state(classes: int, aux: bool) -> dict:

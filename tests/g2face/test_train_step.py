@@ -6,7 +6,6 @@ fast: it is differentiable, which is all they need from it.
 """
 from __future__ import annotations
 
-import copy
 import io
 import math
 
@@ -14,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEMO_SHARDS
-from helpers import encode, read_tar
+from hiding_model import aligned_demo_faces
 from PIL import Image
 from torch import nn
 
@@ -65,28 +63,7 @@ def make_priors(dlib_net, resolution: int) -> ts.Priors:
 def aligned():
     """The committed portraits through the pipeline's MTCNN detection and alignment at 128 px:
     (keys, photos, image->crop transforms, crops as uint8 (12, 128, 128, 3))."""
-    from pipeline.imaging import decode_image
-    from pipeline.shardio import RawSample
-    from pipeline.spec import DetectionSpec
-    from pipeline.stages import AlignStage, DetectStage, Sample
-
-    spec = DetectionSpec()
-    detect = DetectStage(spec.min_face_size, spec.stage_thresholds, spec.scale_factor, spec.low_score_threshold,
-                         spec.max_side, False, 128, "cpu")
-    detect.setup()
-    samples = []
-    for shard in DEMO_SHARDS:
-        for key, files in sorted(read_tar(shard).items()):
-            s = Sample(RawSample(len(samples), key, {"jpg": files["jpg"]}, "jpg"))
-            s.image = decode_image(files["jpg"], 10**8, False)
-            samples.append(s)
-    detect.process(samples)
-    for s in samples:
-        assert s.faces, f"MTCNN finds no face in {s.raw.key}"
-        s.faces = [max(s.faces, key=lambda f: f.box[2] - f.box[0])]
-    AlignStage(128, "blur", "pixelate", 0, 0.0, 0, "pass").process(samples)
-    return ([s.raw.key for s in samples], [s.image.rgb for s in samples], [s.faces[0].transform for s in samples],
-            np.stack([s.faces[0].crop for s in samples]))
+    return aligned_demo_faces(128)
 
 
 def as_tensor(crops: np.ndarray) -> torch.Tensor:

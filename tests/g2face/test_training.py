@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import DEMO_SHARDS
+from helpers import prepare_small
 from PIL import Image
 from test_train_step import TINY
 
@@ -21,7 +22,6 @@ from g2face import train_step as ts
 from g2face.checkpoint import load_artifact
 from g2face.config import LITE_128
 from pipeline import align
-from pipeline.prepare import prepare
 
 SETTINGS = dict(batch_size=2, steps=3, seed=5, hiding_warmup_steps=1, checkpoint_every=2, grid_every=2,
                 grid_faces=3, log_every=1)
@@ -29,12 +29,8 @@ SETTINGS = dict(batch_size=2, steps=3, seed=5, hiding_warmup_steps=1, checkpoint
 
 @pytest.fixture(scope="module")
 def faces(tmp_path_factory):
-    out = tmp_path_factory.mktemp("prepared64")
-    torch.set_num_threads(1)
-    prepare({"dataset": {"id": "nasa"}, "input": {"format": "webdataset", "paths": [str(DEMO_SHARDS[0])]},
-             "output": {"dir": str(out)}, "detection": {"min_face_size": 40}, "prepare": {"resolution": 64},
-             "runtime": {"progress": False, "torch_threads": 1}}, echo=lambda s: None)
-    return training.read_faces(sorted((out / "shards").glob("*.tar")))
+    shards = prepare_small(DEMO_SHARDS[0], tmp_path_factory.mktemp("prepared64"))
+    return training.read_faces(sorted(shards.glob("*.tar")))
 
 
 @pytest.fixture(scope="module")

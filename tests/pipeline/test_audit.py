@@ -7,7 +7,6 @@ import json
 import re
 import shutil
 import subprocess
-import tarfile
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import DEMO_SHARDS, ROOT, job_tree
-from helpers import decode, encode, read_tar, write_tar
+from helpers import decode, encode, read_tar, val_pairs_slice, write_tar
 from g2face.identity import crop_to_chip_matrix, load_dlib_face_resnet
 from pipeline import align
 from pipeline.audit import coverage, far_threshold, psnr_ssim_mae, rank1, write_audit
@@ -30,17 +29,10 @@ from pipeline.manifest import PRIVATE_SCHEMA, PUBLIC_SCHEMA
 from pipeline.runner import run_job
 from pipeline.spec import parse_spec
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SECTIONS = ("coverage", "privacy", "utility", "recovery", "figures", "examples", "provenance")
 QUIET = {"executor": "local", "progress": False, "torch_threads": 1}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # On this shared 2-core machine two OpenMP threads under load run the networks 30-50x slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -373,17 +365,7 @@ def test_recovery_section_measures_recovered_faces(audited, tmp_path):
 @pytest.mark.shared_data
 def test_val_slice_numbers_agree_with_an_independent_computation(shared_data, tmp_path):
     """CelebA val: the first 15 genuine and 15 impostor pairs of the shipped pairs file, on a slice of its images."""
-    rows = list(csv.DictReader((shared_data / "val" / "celeba-200id-pairs.csv").open()))
-    chosen = [r for r in rows if r["same"] == "1"][:15] + [r for r in rows if r["same"] == "0"][:15]
-    keys = {r["key_a"] for r in chosen} | {r["key_b"] for r in chosen}
-    members = []
-    for shard in sorted((shared_data / "val").glob("celeba-200id-*.tar")):
-        with tarfile.open(shard) as tar:
-            for m in tar.getmembers():
-                if m.name.split(".")[0] in keys and m.name.endswith(".jpg"):
-                    members.append((m.name, tar.extractfile(m).read()))
-    assert len(members) == len(keys)
-    slice_tar = write_tar(tmp_path / "val-slice-000000.tar", sorted(members))
+    chosen, slice_tar = val_pairs_slice(shared_data / "val", tmp_path / "val-slice-000000.tar", 15)
     pairs = tmp_path / "pairs.csv"
     with open(pairs, "w", newline="") as f:
         w = csv.DictWriter(f, ["key_a", "key_b", "same"])

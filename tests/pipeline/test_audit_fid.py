@@ -28,16 +28,10 @@ from pipeline.metrics_stage import metric_transform
 from pipeline.runner import run_job
 from pipeline.spec import parse_spec
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 QUIET = {"executor": "local", "progress": False, "torch_threads": 1}
 FID_FACES = 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _weights(path: Path, classes: int, aux: bool) -> Path:

@@ -23,16 +23,8 @@ from pipeline.audit import load_run, payload_section, write_audit
 from pipeline.runner import run_job
 from pipeline.spec import parse_spec
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]
 QUIET = {"executor": "local", "progress": False, "torch_threads": 1}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _artifact(path: Path, seed: int) -> Path:

@@ -6,7 +6,6 @@ computed correctly from what the pipeline wrote, never the quality of a model.
 
 import csv
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -16,22 +15,14 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import DEMO_SHARDS
-from helpers import decode, read_tar, write_tar
+from helpers import decode, read_tar, val_pairs_slice
 from pipeline import align
 from pipeline.audit import write_audit
 from pipeline.cli import app
 from pipeline.evaluate import BARS, evaluate
 from test_audit import _copies_shard, _independent_faces, _pairs_csv, _roc_tar
 
-pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")
@@ -243,16 +234,7 @@ def test_limit_takes_the_first_samples_and_the_cli_writes_the_json(tmp_path, art
 @pytest.mark.shared_data
 def test_val_slice_numbers_agree_with_an_independent_computation(shared_data, tmp_path, artifact):
     """CelebA val: the first 8 genuine and 8 impostor pairs of the shipped pairs file, on a slice of its images."""
-    rows = list(csv.DictReader((shared_data / "val" / "celeba-200id-pairs.csv").open()))
-    chosen = [r for r in rows if r["same"] == "1"][:8] + [r for r in rows if r["same"] == "0"][:8]
-    keys = {r["key_a"] for r in chosen} | {r["key_b"] for r in chosen}
-    members = []
-    for shard in sorted((shared_data / "val").glob("celeba-200id-*.tar")):
-        with tarfile.open(shard) as tar:
-            for m in tar.getmembers():
-                if m.name.split(".")[0] in keys and m.name.endswith(".jpg"):
-                    members.append((m.name, tar.extractfile(m).read()))
-    slice_tar = write_tar(tmp_path / "val-slice-000000.tar", sorted(members))
+    chosen, slice_tar = val_pairs_slice(shared_data / "val", tmp_path / "val-slice-000000.tar", 8)
     pairs = tmp_path / "pairs.csv"
     with open(pairs, "w", newline="") as f:
         w = csv.DictWriter(f, ["key_a", "key_b", "same"])

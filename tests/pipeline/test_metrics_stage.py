@@ -29,14 +29,7 @@ from pipeline.shardio import RawSample, read_webdataset
 from pipeline.spec import JobSpecError, parse_spec
 from pipeline.stages import AlignStage, AnonymizeStage, DecodeStage, DetectStage, PasteEncodeStage, Sample, StageError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # On this shared 2-core machine two OpenMP threads under load run MTCNN 30-50x slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

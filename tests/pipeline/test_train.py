@@ -11,12 +11,12 @@ import sys
 import pytest
 import torch
 from conftest import DEMO_SHARDS, ROOT
+from helpers import prepare_small
 from typer.testing import CliRunner
 
 from g2face import training
 from pipeline import align
 from pipeline.cli import app
-from pipeline.prepare import prepare
 from pipeline.spec import JobSpecError
 from pipeline.train import latest_ray_checkpoint, load_train_spec, model_config, parse_train_spec, shard_paths, train
 
@@ -26,12 +26,7 @@ from test_train_step import TINY  # noqa: E402
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("prepared64")
-    torch.set_num_threads(1)
-    prepare({"dataset": {"id": "nasa"}, "input": {"format": "webdataset", "paths": [str(DEMO_SHARDS[0])]},
-             "output": {"dir": str(out)}, "detection": {"min_face_size": 40}, "prepare": {"resolution": 64},
-             "runtime": {"progress": False, "torch_threads": 1}}, echo=lambda s: None)
-    return str(out / "shards" / "*.tar")
+    return str(prepare_small(DEMO_SHARDS[0], tmp_path_factory.mktemp("prepared64")) / "*.tar")
 
 
 def job(shards, out, steps: int) -> dict:
