@@ -291,6 +291,7 @@ class RunSettings:
         hiding_warmup_steps: warm-up steps before full training (0: none): the generator reproduces its input
             while hiding the payload on the inference path (``_hiding_warmup_step``).
         hiding_warmup_lr: Adam learning rate of the warm-up.
+        hiding_warmup_min_psnr: visibility budget of the payload during the warm-up, in dB (None: none).
         checkpoint_every: steps between checkpoints (a last one is always written at the end).
         grid_every: steps between sample grids (0: only at the end).
         grid_faces: faces in a grid.
@@ -304,6 +305,7 @@ class RunSettings:
     seed: int = 0
     hiding_warmup_steps: int = 0
     hiding_warmup_lr: float = 2e-3
+    hiding_warmup_min_psnr: float | None = None
     checkpoint_every: int = 100
     grid_every: int = 200
     grid_faces: int = 6
@@ -481,25 +483,37 @@ def new_state(config: G2FaceConfig, train: ts.TrainConfig, seed: int, device: to
 
 
 def _hiding_warmup_step(state: ts.TrainState, priors: ts.Priors, batch: ts.Batch, optimizer: torch.optim.Optimizer,
-                        grad_sync: Callable | None) -> dict[str, float]:
+                        grad_sync: Callable | None, min_psnr: float | None = None,
+                        distortion_weight: float = 10.0) -> dict[str, float]:
     """One warm-up step: the generator reproduces its input from the input's own identity and geometry (the
     recovery pass's target, applied to the original) while hiding payload bits on the real inference path:
 
         loss = weights.hiding * BCE(extract(paste/re-align/encode(G(x, w(id_x, geo_x), bits))), bits)
                + weights.l1 * L1(G(x, w(id_x, geo_x), bits), x)
+               [+ distortion_weight * max(0, MSE_payload / MSE_budget - 1)]
 
     Without a pretrained StyleGAN2 the generator starts as noise; this gives the main objective a face-like
     generator and a working payload path to start from (an earlier residual-only warm-up let the absolute
-    image drift into saturated colours). The dummy-identity generator and the mapper stay as they are."""
+    image drift into saturated colours). The dummy-identity generator and the mapper stay as they are.
+
+    With ``min_psnr`` the payload's own change, G(x, w, bits) - G(x, w, 0) seen through the paste mask, is
+    held to that PSNR (dB, [-1, 1] scale), at the cost of a second generator pass: without it the hiding
+    weight (10 against L1's 1) wins and the payload shows as coloured noise over the face."""
     model = state.model
     model.train()
     x, id_o, geo_o, _ = ts.reference_priors(state, priors, batch)
-    bits = torch.randint(0, 2, (x.shape[0], model.config.payload_bits), generator=state.rng).float().to(x.device)
+    b = x.shape[0]
+    bits = torch.randint(0, 2, (b, model.config.payload_bits), generator=state.rng).float().to(x.device)
     w = state.config.weights
     with torch.no_grad():
         w_plus = model.styles(id_o, geo_o)
     with ts._autocast(state):
-        image = model.generate(x, w_plus, bits, ts.zero_noise(model, x.shape[0], x.device))
+        if min_psnr is None:
+            image = model.generate(x, w_plus, bits, ts.zero_noise(model, b, x.device))
+        else:  # one batch: with the payload and without it
+            both = model.generate(torch.cat([x, x]), torch.cat([w_plus, w_plus]),
+                                  torch.cat([bits, torch.zeros_like(bits)]), ts.zero_noise(model, 2 * b, x.device))
+            image, clean = both[:b], both[b:]
     image = image.float()
     with ts._full_precision(image.device):
         seen = degrade.random_paste_and_realign(image, x.float(), priors.paste_mask, state.config.paste, state.rng)
@@ -507,6 +521,13 @@ def _hiding_warmup_step(state: ts.TrainState, priors: ts.Priors, batch: ts.Batch
     hiding = losses.hiding_loss(logits, bits)
     l1 = (image - x).abs().mean()
     loss = w.hiding * hiding + w.l1 * l1
+    extra = {}
+    if min_psnr is not None:
+        mask = priors.paste_mask.to(image.device, image.dtype)
+        visible = (mask * (image - clean.float())).square().mean()
+        budget = 4.0 / 10 ** (min_psnr / 10)
+        loss = loss + distortion_weight * F.relu(visible / budget - 1)
+        extra["hiding_warmup/payload_psnr_db"] = float(10 * torch.log10(4.0 / visible.detach().clamp_min(1e-12)))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -516,7 +537,7 @@ def _hiding_warmup_step(state: ts.TrainState, priors: ts.Priors, batch: ts.Batch
     optimizer.step()
     return {"hiding_warmup/loss": float(loss.detach()), "hiding_warmup/hiding": float(hiding.detach()),
             "hiding_warmup/l1": float(l1.detach()), "hiding_warmup/hiding_ber":
-            float(losses.bit_error_rate(logits.detach(), bits)), "grad_norm/hiding_warmup": float(norm)}
+            float(losses.bit_error_rate(logits.detach(), bits)), "grad_norm/hiding_warmup": float(norm), **extra}
 
 
 def warmup_parameters(model: G2Face) -> list[nn.Parameter]:
@@ -668,7 +689,8 @@ def run_training(settings: RunSettings, state: ts.TrainState, faces: Sequence[Fa
         batch = collate(sampler.next_faces(), resolution)
         if run.warmup_step < settings.hiding_warmup_steps:
             metrics = {"phase": "hiding_warmup", "step": run.warmup_step + 1, "lr": settings.hiding_warmup_lr,
-                       **_hiding_warmup_step(state, priors, batch, run.warmup_opt, grad_sync)}
+                       **_hiding_warmup_step(state, priors, batch, run.warmup_opt, grad_sync,
+                                             settings.hiding_warmup_min_psnr)}
             run.warmup_step += 1
             if run.warmup_step == settings.hiding_warmup_steps:
                 state.ema.load_state_dict(state.model.state_dict())  # the EMA starts from the warmed-up model

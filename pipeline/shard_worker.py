@@ -17,6 +17,7 @@ import torch
 
 from . import storage
 from .anonymizers import anonymizer_for
+from .identity_guard import IdentityGuard
 from .imaging import EXT_FORMAT, FORMAT_EXT
 from .keys import pseudonymize
 from .manifest import PRIVATE_SCHEMA, PUBLIC_SCHEMA, check_status
@@ -123,7 +124,8 @@ class ShardWorker:
                 an.resolution, an.method, an.fallback, an.min_size, det.score_threshold, spec.seed,
                 spec.policy.on_no_face, fail_fast,
             ),
-            AnonymizeStage(anonymizers, spec.resources.anonymize.batch_size, device, fail_fast, payload_mode),
+            AnonymizeStage(anonymizers, spec.resources.anonymize.batch_size, device, fail_fast, payload_mode,
+                           self._identity_guard(), an.fallback),
             PasteEncodeStage(spec.output.image_format, spec.output.jpeg_quality, spec.policy.on_no_face, fail_fast),
         ]
         if payload_mode:  # always on for g2face, whatever metrics.enabled says; before metrics, which measure the final bytes
@@ -136,6 +138,12 @@ class ShardWorker:
             self.stages.append(MetricsStage(measurer, an.resolution, spec.input.aligned, spec.input.max_pixels, fail_fast))
         for st in self.stages:
             st.setup()
+
+    def _identity_guard(self) -> IdentityGuard | None:
+        an = self.spec.anonymizer
+        if an.method != "g2face" or an.identity_guard == "off":
+            return None
+        return IdentityGuard(an.resolution, an.identity_guard_distance, an.identity_guard)
 
     def _payload_setup(self, anonymizers: dict, payload_mode: str | None):
         """Master key (memory only) and payload context for reversible g2face; returns the model that verifies."""

@@ -140,6 +140,19 @@ class AnonymizerSpec:
         "published as irreversible; 'irreversible' publishes them as irreversible at once; 'withhold' withholds "
         "the image. A face is labelled reversible only when its payload verified.",
     )
+    identity_guard: Literal["fallback", "withhold", "off"] = Field(
+        default="fallback",
+        description="Method g2face: each output is compared with its original in dlib's identity space (aligned "
+        "crops); a face closer than identity_guard_distance still shows the same person and is not published as "
+        "it is: 'fallback' gives it the job's fallback method (fallback_reason identity_match; with fallback "
+        "'withhold' the image is withheld), 'withhold' withholds the image, 'off' publishes it anyway (only for "
+        "measuring the model itself, as `g2face-pipe evaluate` does).",
+    )
+    identity_guard_distance: float = Field(
+        default=0.6, gt=0, le=2,
+        description="Euclidean distance between dlib embeddings below which the guard treats two faces as the "
+        "same person (dlib's own threshold is 0.6; raise it for a wider safety margin).",
+    )
 
     @model_validator(mode="after")
     def _official_weights(self) -> "AnonymizerSpec":

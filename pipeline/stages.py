@@ -318,19 +318,25 @@ class AnonymizeStage(_Stage):
         batch_size: faces per forward pass.
         device: torch device the crops are moved to.
         payload_mode: for method g2face: 'reversible' or 'irreversible' (None for jobs of other methods).
+        identity_guard: a ``pipeline.identity_guard.IdentityGuard`` checking every g2face output against its
+            original (None: off); a face that still matches gets ``fallback`` (reason ``identity_match``) or,
+            with action 'withhold' or fallback 'withhold', its image is withheld.
+        fallback: the job's fallback method (a key of ``anonymizers``) or 'withhold'.
 
     Reversible g2face: the shard worker sets ``payload`` (a ``pipeline.verify.ShardPayload``) before each
     shard; each face's identity embedding is encoded into its payload bits here and never kept.
     """
 
     def __init__(self, anonymizers: dict, batch_size: int, device: str, fail_fast: bool = False,
-                 payload_mode: str | None = None):
+                 payload_mode: str | None = None, identity_guard=None, fallback: str = "pixelate"):
         super().__init__(fail_fast)
         self.anonymizers = anonymizers
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.payload_mode = payload_mode
         self.payload = None
+        self.identity_guard = identity_guard
+        self.fallback = fallback
 
     def _g2face(self, model, x: torch.Tensor, chunk: list) -> torch.Tensor:
         seeds = [f.seed for _, _, f in chunk]
@@ -351,6 +357,32 @@ class AnonymizeStage(_Stage):
     def setup(self) -> None:
         for a in self.anonymizers.values():
             a.setup(self.device)
+        if self.identity_guard is not None:
+            self.identity_guard.setup(self.device)
+
+    def _guard(self, x: torch.Tensor, y: torch.Tensor, chunk: list) -> torch.Tensor:
+        """Faces of this g2face chunk that still match their originals get the fallback (or withhold)."""
+        guard = self.identity_guard
+        matches = guard.still_matches(x, y)
+        if not matches.any():
+            return y
+        idx = np.flatnonzero(matches)
+        if guard.action == "withhold" or self.fallback == "withhold":
+            why = ("anonymizer.identity_guard is 'withhold'" if guard.action == "withhold"
+                   else "anonymizer.fallback is 'withhold'")
+            for j in idx:
+                s, i, f = chunk[j]
+                f.payload_sent = None
+                if s.live:
+                    s.fail("withheld", f"face {i}: the G2Face output still matches the original identity (dlib "
+                                       f"distance below {guard.max_distance}) and {why}")
+            return y
+        y = y.clone()
+        y[idx] = self.anonymizers[self.fallback].anonymize(x[idx], [chunk[j][2].seed for j in idx])
+        for j in idx:
+            f = chunk[j][2]
+            f.method, f.fallback_reason, f.payload_sent = self.fallback, "identity_match", None
+        return y
 
     def process(self, batch: list[Sample]) -> list[Sample]:
         by_method: dict[str, list[tuple[Sample, int, Face]]] = defaultdict(list)
@@ -370,8 +402,10 @@ class AnonymizeStage(_Stage):
                             y = self._g2face(model, x, chunk)
                         else:
                             y = model.anonymize(x, [f.seed for _, _, f in chunk])
-                    if y.shape != x.shape:
-                        raise RuntimeError(f"anonymizer returned shape {tuple(y.shape)} for input {tuple(x.shape)}")
+                        if y.shape != x.shape:
+                            raise RuntimeError(f"anonymizer returned shape {tuple(y.shape)} for input {tuple(x.shape)}")
+                        if method == "g2face" and self.identity_guard is not None:
+                            y = self._guard(x, y, chunk)
                 except Exception as e:
                     if self.fail_fast:
                         raise
@@ -382,7 +416,7 @@ class AnonymizeStage(_Stage):
                 out = y.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
                 for (_, _, f), crop in zip(chunk, out):
                     f.crop = np.ascontiguousarray(crop)
-                    if method == "g2face":
+                    if f.method == "g2face":
                         f.payload_mode = self.payload_mode or "irreversible"
         return batch
 

@@ -51,6 +51,9 @@ class TrainRunSpec:
     seed: int = Field(default=0, ge=0, description="Seed of the weights, the random draws and the data order.")
     hiding_warmup_steps: int = Field(default=0, ge=0, description="Steps of the hiding objective alone first.")
     hiding_warmup_lr: float = Field(default=2e-3, gt=0, description="Adam learning rate of the hiding warm-up.")
+    hiding_warmup_min_psnr: float | None = Field(
+        default=None, gt=0, description="Visibility budget of the payload during the warm-up in dB (PSNR of the "
+        "payload's own change inside the paste mask); none: the hiding weight alone decides.")
     checkpoint_every: int = Field(default=100, ge=1, description="Steps between checkpoints (and one at the end).")
     grid_every: int = Field(default=200, ge=0, description="Steps between sample grids (0: only at the end).")
     grid_faces: int = Field(default=6, ge=1, description="Faces in a sample grid.")
@@ -196,6 +199,7 @@ def train_loop_per_worker(config: dict) -> None:
     run = spec.run
     settings = training.RunSettings(batch_size=run.batch_size, steps=run.steps, minutes=run.minutes, seed=run.seed,
                                     hiding_warmup_steps=run.hiding_warmup_steps, hiding_warmup_lr=run.hiding_warmup_lr,
+                                    hiding_warmup_min_psnr=run.hiding_warmup_min_psnr,
                                     checkpoint_every=run.checkpoint_every, grid_every=run.grid_every,
                                     grid_faces=run.grid_faces, keep_checkpoints=run.keep_checkpoints,
                                     log_every=run.log_every)

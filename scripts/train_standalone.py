@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hiding-warmup-steps", type=int, default=0)
     ap.add_argument("--hiding-warmup-lr", type=float, default=2e-3)
+    ap.add_argument("--hiding-warmup-min-psnr", type=float, default=None,
+                    help="visibility budget (dB) of the payload during the warm-up (default: none)")
     ap.add_argument("--checkpoint-every", type=int, default=100)
     ap.add_argument("--grid-every", type=int, default=200)
     ap.add_argument("--log-every", type=int, default=10)
@@ -118,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     train_config = training.train_config_from_dict(train_tree)
     settings = training.RunSettings(batch_size=args.batch, steps=args.steps, minutes=args.minutes, seed=args.seed,
                                     hiding_warmup_steps=args.hiding_warmup_steps,
-                                    hiding_warmup_lr=args.hiding_warmup_lr, checkpoint_every=args.checkpoint_every,
+                                    hiding_warmup_lr=args.hiding_warmup_lr,
+                                    hiding_warmup_min_psnr=args.hiding_warmup_min_psnr,
+                                    checkpoint_every=args.checkpoint_every,
                                     grid_every=args.grid_every, log_every=args.log_every)
     t0 = time.monotonic()
     faces = training.read_faces(shard_paths(args.data))
