@@ -89,16 +89,28 @@ def _append_log(path: str, entry: dict) -> None:
 
 
 def _load_model(run: dict, checkpoint: str | None, device: torch.device):
+    """The run's own model: its shipped-priors artifact (or ``checkpoint``), or for a run of the official
+    weights the files its spec names (``checkpoint`` then replaces the G2Face.pth path); the hash must be
+    the one run.json recorded, so payloads are never opened with other weights."""
     from .g2face_method import G2FaceAnonymizer, G2FaceUnavailable
 
     spec_an = run["spec"]["anonymizer"]
     sha = (run.get("payload") or {}).get("artifact_sha256")
-    path = checkpoint or spec_an.get("checkpoint")
+    official = spec_an.get("official") if spec_an.get("weights") == "official" else None
+    path = checkpoint or (official["g2face"] if official else spec_an.get("checkpoint"))
     try:
-        model = G2FaceAnonymizer(path, spec_an["resolution"], expected_sha256=sha)
+        if official:
+            from .official import OfficialG2FaceAnonymizer
+
+            model = OfficialG2FaceAnonymizer(path, official["arcface"], official["deep3d"], official.get("bfm"),
+                                             spec_an["resolution"])
+            if sha and model.artifact_sha256 != sha:
+                raise G2FaceUnavailable(f"{path} has sha256 {model.artifact_sha256}, but the run used {sha}")
+        else:
+            model = G2FaceAnonymizer(path, spec_an["resolution"], expected_sha256=sha)
     except G2FaceUnavailable as e:
-        raise RecoveryError(f"the run's model cannot be loaded ({e}); pass --checkpoint with the run's artifact "
-                            f"(sha256 {sha})") from None
+        raise RecoveryError(f"the run's model cannot be loaded ({e}); pass --checkpoint with the run's "
+                            f"{'G2Face.pth' if official else 'artifact'} (sha256 {sha})") from None
     model.setup(device)
     return model
 

@@ -161,6 +161,16 @@ def test_reversible_official_job_hides_512_d_payloads_and_labels_only_verified_f
     faces = [f for r in rows for f in r["faces"]]
     assert faces and all((f["payload_mode"] == "reversible") == bool(f["payload_ok"]) for f in faces)
 
+    # `recover` rebuilds the run's own official model from its spec, bound to the hash run.json recorded.
+    from pipeline.official import OfficialG2FaceAnonymizer
+    from pipeline.recover import RecoveryError, _load_model
+
+    model = _load_model(run, None, torch.device("cpu"))
+    assert isinstance(model, OfficialG2FaceAnonymizer) and model.artifact_sha256 == run["payload"]["artifact_sha256"]
+    run["payload"]["artifact_sha256"] = "0" * 64
+    with pytest.raises(RecoveryError, match="but the run used 0000"):
+        _load_model(run, None, torch.device("cpu"))
+
 
 def _official_an(tmp_path, files, **changes):
     return parse_spec(_tree(tmp_path / "o", DEMO_SHARDS[0], files, **changes)).anonymizer
