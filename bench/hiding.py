@@ -50,8 +50,8 @@ from pipeline.imaging import encode_image  # noqa: E402
 _NARROW = LITE_128.replace(name="lite-128-narrow", channels=(32, 32, 32, 16, 16, 16),
                            discriminator_channels=(32, 32, 32, 16, 16, 16), extractor_width=32)
 CONFIGS = {
-    "lite-128": LITE_128,  # full width, 4096 bits on 3 face planes
-    "lite-128-narrow": _NARROW,  # narrow features, lite-128's 4096 bits
+    "lite-128": LITE_128,  # full width, 3240 bits on 2 face planes
+    "lite-128-narrow": _NARROW,  # narrow features, lite-128's 3240 bits
     # the hiding test's configuration: narrow, one face plane of bits
     "lite-128-narrow-1plane": _NARROW.replace(name="lite-128-narrow-1plane",
                                               payload_bits=face_capacity_per_plane(LITE_128.resolution)),

@@ -65,13 +65,13 @@ def jpeg_decode_rate(run: Run, key: Path, images: list, device: str = "cpu") -> 
     from .g2face_method import G2FaceAnonymizer
     from .keys import ShardKey, load_master_key
     from .stages import payload_sample_key
-    from .verify import PayloadJob, ShardPayload, extract_logits
+    from .verify import ShardPayload, extract_logits, run_payload_job
 
     an, res = run.spec.anonymizer, run.spec.anonymizer.resolution
     model = G2FaceAnonymizer(an.checkpoint, res)
     model.setup(torch.device(device))
     master, _ = load_master_key(key)
-    job = PayloadJob.of(run.spec.dataset.id, run.spec.seed, model.artifact_sha256, model.payload_bits)
+    job = run_payload_job(run.doc, run.spec.dataset.id, run.spec.seed, model)
     payloads: dict[str, ShardPayload] = {}
     ok, ok_of_verified = [], []
     for im in images:

@@ -1,6 +1,8 @@
-"""The key-gated payload hidden in each anonymized face (format version 1; spec: schemas/payload.md).
+"""The key-gated payload hidden in each anonymized face (format version 2, version 1 still read; spec:
+schemas/payload.md).
 
-encode: identity embedding -> float16 plaintext with a 4-byte header -> AES-256-GCM-SIV under a key
+encode: identity embedding -> plaintext with a 4-byte header (version 2: int8 values with one float16
+scale; version 1: float16 values) -> AES-256-GCM-SIV under a key
 derived from the shard key (nonce from job seed, sample key and face index; associated data binds
 dataset, shard, sample, face, model and layout) -> Reed-Solomon over GF(256) -> codewords interleaved
 byte by byte -> the stream repeated cyclically to fill exactly ``capacity_bits`` bits.
@@ -26,8 +28,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 
 from .keys import ShardKey
 
-FORMAT_VERSION = 1
-DTYPE_FLOAT16 = 1
+FORMAT_VERSION = 2  # what new payloads are written in
+FORMAT_VERSIONS = (1, 2)  # what can be read
+DTYPE_FLOAT16 = 1  # version 1: dim float16 values
+DTYPE_INT8_SCALED = 2  # version 2: float16 scale, then dim int8 values; value = int8 * scale
+ELEMENT_TYPE = {1: DTYPE_FLOAT16, 2: DTYPE_INT8_SCALED}
 HEADER_BYTES = 4  # version u8 | dtype u8 | dim u16 big-endian
 TAG_BYTES = 16
 NONCE_BYTES = 12
@@ -39,6 +44,7 @@ MAX_DIM = 4096
 
 __all__ = [
     "FORMAT_VERSION",
+    "FORMAT_VERSIONS",
     "PayloadError",
     "PayloadContext",
     "PayloadLayout",
@@ -46,6 +52,7 @@ __all__ = [
     "encode",
     "decode",
     "minimum_capacity_bits",
+    "quantize",
 ]
 
 
@@ -63,19 +70,52 @@ def _split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
-def _ciphertext_bytes(dim: int) -> int:
-    return HEADER_BYTES + 2 * dim + TAG_BYTES
+def _plaintext_bytes(dim: int, version: int) -> int:
+    return HEADER_BYTES + (2 * dim if version == 1 else 2 + dim)
 
 
-def _min_stream_bytes(dim: int) -> int:
-    k = _ciphertext_bytes(dim)
+def _ciphertext_bytes(dim: int, version: int) -> int:
+    return _plaintext_bytes(dim, version) + TAG_BYTES
+
+
+def _min_stream_bytes(dim: int, version: int) -> int:
+    k = _ciphertext_bytes(dim, version)
     c0 = -(-k // (RS_MAX_N - MIN_PARITY))
     return c0 * (-(-k // c0) + MIN_PARITY)
 
 
-def minimum_capacity_bits(embedding_dim: int) -> int:
+def _check_version(version) -> None:
+    if version not in FORMAT_VERSIONS:
+        raise PayloadError(f"payload format_version must be one of {FORMAT_VERSIONS}, got {version!r}")
+
+
+def minimum_capacity_bits(embedding_dim: int, format_version: int = FORMAT_VERSION) -> int:
     """Smallest hiding capacity that carries a payload for this embedding size (one copy, minimum parity)."""
-    return 8 * _min_stream_bytes(embedding_dim)
+    _check_version(format_version)
+    return 8 * _min_stream_bytes(embedding_dim, format_version)
+
+
+def _int8_scale(emb: np.ndarray) -> np.float16:
+    """The float16 scale of version 2: the smallest float16 >= max|x| / 127 that keeps every |x| / scale
+    within 127.5 (so rounding never leaves int8's symmetric range)."""
+    peak = float(np.max(np.abs(emb.astype(np.float64)))) if emb.size else 0.0
+    scale = np.float16(peak / 127)
+    while float(scale) * 127.5 < peak:
+        scale = np.nextafter(scale, np.float16(np.inf))
+    return scale
+
+
+def quantize(embedding, format_version: int = FORMAT_VERSION) -> np.ndarray:
+    """Exactly the embedding that ``decode`` returns for ``embedding`` in this format: float16 values
+    (version 1) or float32 values int8 * scale (version 2, error at most scale / 2: max|x| / 254, or
+    2^-25 for vectors so small that float16 holds no smaller scale)."""
+    _check_version(format_version)
+    emb = np.asarray(embedding, dtype=np.float64)
+    if format_version == 1:
+        return emb.astype(np.float16)
+    scale = _int8_scale(emb)
+    q = np.clip(np.rint(emb / float(scale)) if scale else np.zeros_like(emb), -127, 127).astype(np.int8)
+    return q.astype(np.float32) * np.float32(scale)
 
 
 @dataclass(frozen=True)
@@ -107,29 +147,33 @@ class PayloadContext:
 
 @dataclass(frozen=True)
 class PayloadLayout:
-    """How one payload fills ``capacity_bits`` bits; a pure function of (capacity, embedding dim).
+    """How one payload fills ``capacity_bits`` bits; a pure function of (capacity, embedding dim, format).
 
     capacity_bits: number of bits the hiding model carries per face; embedding_dim: length of the identity
-    embedding (128 for the dlib-based prior, 512 for ArcFace).
+    embedding (128 for the dlib-based prior, 512 for ArcFace); format_version: 2 for new payloads, 1 to
+    read payloads written before version 2 (run.json's ``payload.layout.format_version`` says which).
     """
 
     capacity_bits: int
     embedding_dim: int
+    format_version: int = FORMAT_VERSION
     ciphertext_bytes: int = field(init=False)
     copies: int = field(init=False)  # the largest odd r with capacity // (8 r) >= minimum stream length
     codewords: tuple[tuple[int, int], ...] = field(init=False)  # (n, k) per RS codeword
     stream_bytes: int = field(init=False)
 
     def __post_init__(self):
-        c_bits, dim = self.capacity_bits, self.embedding_dim
+        c_bits, dim, version = self.capacity_bits, self.embedding_dim, self.format_version
+        _check_version(version)
         if not isinstance(dim, int) or not 1 <= dim <= MAX_DIM:
             raise PayloadError(f"embedding_dim must be an int in [1, {MAX_DIM}], got {dim!r}")
-        if not isinstance(c_bits, int) or c_bits < 8 * _min_stream_bytes(dim):
+        if not isinstance(c_bits, int) or c_bits < 8 * _min_stream_bytes(dim, version):
             raise PayloadError(
-                f"capacity of {c_bits!r} bits is too small for a {dim}-d float16 payload: it needs at least "
-                f"{minimum_capacity_bits(dim)} bits (use a hiding model with more capacity or a shorter embedding)"
+                f"capacity of {c_bits!r} bits is too small for a {dim}-d payload of format version {version}: it "
+                f"needs at least {minimum_capacity_bits(dim, version)} bits (use a hiding model with more capacity "
+                "or a shorter embedding)"
             )
-        k_total, l_min = _ciphertext_bytes(dim), _min_stream_bytes(dim)
+        k_total, l_min = _ciphertext_bytes(dim, version), _min_stream_bytes(dim, version)
         r = 1
         while c_bits // (8 * (r + 2)) >= l_min:
             r += 2
@@ -152,7 +196,7 @@ class PayloadLayout:
 
     @property
     def plaintext_bytes(self) -> int:
-        return HEADER_BYTES + 2 * self.embedding_dim
+        return _plaintext_bytes(self.embedding_dim, self.format_version)
 
     @property
     def min_copies(self) -> int:
@@ -204,7 +248,7 @@ class PayloadLayout:
     def describe(self) -> dict:
         """Public figures of this layout, e.g. for run.json (no secrets)."""
         return {
-            "format_version": FORMAT_VERSION,
+            "format_version": self.format_version,
             "capacity_bits": self.capacity_bits,
             "embedding_dim": self.embedding_dim,
             "plaintext_bytes": self.plaintext_bytes,
@@ -231,7 +275,8 @@ class PayloadLayout:
 
 @dataclass(frozen=True)
 class DecodeResult:
-    """Outcome for one face. ``embedding`` (float16) is set only when ok; it never appears in repr().
+    """Outcome for one face. ``embedding`` (``quantize``'s values: float32 for version 2, float16 for version 1)
+    is set only when ok; it never appears in repr().
 
     status: "ok", "uncorrectable" (too many bit errors for the RS code), "authentication_failed" (wrong key,
     modified image, or a payload that belongs to another face, sample, shard, dataset, model or seed).
@@ -255,7 +300,7 @@ class DecodeResult:
 def _aad(ctx: PayloadContext, layout: PayloadLayout) -> bytes:
     return (
         b"g2face-pipe/payload"
-        + FORMAT_VERSION.to_bytes(1, "big")
+        + layout.format_version.to_bytes(1, "big")
         + layout.capacity_bits.to_bytes(4, "big")
         + layout.embedding_dim.to_bytes(2, "big")
         + _lp(ctx.dataset_id)
@@ -301,12 +346,15 @@ def encode(embedding, ctx: PayloadContext, key: ShardKey, layout: PayloadLayout)
         half = emb.astype("<f2")
     if not np.all(np.isfinite(half)):
         raise PayloadError("embedding has values beyond the float16 range (|x| > 65504); normalise it first")
-    plaintext = (
-        FORMAT_VERSION.to_bytes(1, "big")
-        + DTYPE_FLOAT16.to_bytes(1, "big")
-        + layout.embedding_dim.to_bytes(2, "big")
-        + half.tobytes()
-    )
+    version = layout.format_version
+    header = bytes([version, ELEMENT_TYPE[version]]) + layout.embedding_dim.to_bytes(2, "big")
+    if version == 1:
+        plaintext = header + half.tobytes()
+    else:
+        scale = _int8_scale(emb)
+        q = np.clip(np.rint(emb.astype(np.float64) / float(scale)) if scale else np.zeros(emb.shape), -127, 127)
+        plaintext = header + np.array([scale], dtype="<f2").tobytes() + q.astype(np.int8).tobytes()
+    assert len(plaintext) == layout.plaintext_bytes
     ct = AESGCMSIV(key.derive(b"payload/v1/aead")).encrypt(_nonce(key, ctx), plaintext, _aad(ctx, layout))
     assert len(ct) == layout.ciphertext_bytes
     stream = np.empty(layout.stream_bytes, dtype=np.uint8)
@@ -424,10 +472,16 @@ def decode(received, ctx: PayloadContext, key: ShardKey, layout: PayloadLayout, 
             ),
             **common,
         )
-    header = (FORMAT_VERSION, DTYPE_FLOAT16, layout.embedding_dim)
+    version = layout.format_version
+    header = (version, ELEMENT_TYPE[version], layout.embedding_dim)
     got = (plaintext[0], plaintext[1], int.from_bytes(plaintext[2:4], "big"))
     if got != header or len(plaintext) != layout.plaintext_bytes:
         # authenticated yet inconsistent: only a writer of another format version could produce this
         raise PayloadError(f"authenticated payload has header {got}, expected {header}; format version mismatch")
-    embedding = np.frombuffer(plaintext[HEADER_BYTES:], dtype="<f2").astype(np.float16)
+    body = plaintext[HEADER_BYTES:]
+    if version == 1:
+        embedding = np.frombuffer(body, dtype="<f2").astype(np.float16)
+    else:
+        scale = np.frombuffer(body[:2], dtype="<f2")[0]
+        embedding = np.frombuffer(body[2:], dtype=np.int8).astype(np.float32) * np.float32(scale)
     return DecodeResult(ok=True, status="ok", message="ok", embedding=embedding, **common)

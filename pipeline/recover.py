@@ -33,7 +33,7 @@ from .keys import KeyFileError, load_shard_key
 from .shardio import read_parquet, read_webdataset, write_parquet, write_webdataset
 from .spec import parse_spec
 from .stages import face_seed, payload_sample_key
-from .verify import PayloadJob, ShardPayload, extract_logits
+from .verify import ShardPayload, extract_logits, run_payload_job
 
 REPORT_SCHEMA = pa.schema(
     [
@@ -154,7 +154,10 @@ def recover_shard(shard: str, key_path: str, out_dir: str, *, samples: list[str]
         todo = [r for r in in_scope if any(f["payload_mode"] == "reversible" for f in r["faces"])]
         model = _load_model(run, checkpoint, dev) if todo else None
         if model is not None:
-            sp = ShardPayload(PayloadJob.of(spec.dataset.id, spec.seed, model.artifact_sha256, model.payload_bits), key)
+            try:
+                sp = ShardPayload(run_payload_job(run, spec.dataset.id, spec.seed, model), key)
+            except ValueError as e:
+                raise RecoveryError(f"{shard}: {e}") from None
         published = _read_published(spec, shard) if todo else {}
         res = spec.anonymizer.resolution
         for r in in_scope:

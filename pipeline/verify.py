@@ -21,7 +21,7 @@ import torch
 from . import align
 from .imaging import decode_image, encode_image
 from .keys import ShardKey
-from .payload import DecodeResult, PayloadContext, PayloadLayout, decode, encode
+from .payload import FORMAT_VERSION, DecodeResult, PayloadContext, PayloadLayout, decode, encode
 from .stages import Face, Sample, _Stage, payload_sample_key
 
 EMBEDDING_DIM = 128  # the dlib identity embedding the g2face method hides
@@ -39,8 +39,22 @@ class PayloadJob:
 
     @classmethod
     def of(cls, dataset_id: str, seed: int, artifact_sha256: str, capacity_bits: int,
-           embedding_dim: int = EMBEDDING_DIM) -> "PayloadJob":
-        return cls(dataset_id, seed, artifact_sha256, PayloadLayout(capacity_bits, embedding_dim))
+           embedding_dim: int = EMBEDDING_DIM, format_version: int = FORMAT_VERSION) -> "PayloadJob":
+        """format_version: the payload format of the run (new runs write the current one; a recovery reads
+        run.json's ``payload.layout.format_version``)."""
+        return cls(dataset_id, seed, artifact_sha256, PayloadLayout(capacity_bits, embedding_dim, format_version))
+
+
+def run_payload_job(run_doc: dict, dataset_id: str, seed: int, model) -> PayloadJob:
+    """The payload job a finished run wrote with: the layout recorded in its run.json (format version,
+    capacity, embedding size), checked against the model that will read it."""
+    layout = (run_doc.get("payload") or {}).get("layout") or {}
+    capacity = layout.get("capacity_bits", model.payload_bits)
+    if capacity != model.payload_bits:
+        raise ValueError(f"run.json records payloads of {capacity} bits, but the model carries {model.payload_bits}; "
+                         "use the run's own model")
+    return PayloadJob.of(dataset_id, seed, model.artifact_sha256, capacity,
+                         layout.get("embedding_dim", model.identity_dim), layout.get("format_version", 1))
 
 
 class ShardPayload:

@@ -190,7 +190,7 @@ def test_identity_perturbations_keep_the_dlib_identity(dlib_net, aligned):
 # ---- hiding learns --------------------------------------------------------------------------------
 
 # lite-128's resolution, hiding resolutions and face layout with narrower features and one extractor
-# plane of payload (1,620 bits, all inside the paste region; lite-128 carries 4,096 on three planes,
+# plane of payload (1,620 bits, all inside the paste region; lite-128 carries 3,240 on two planes,
 # which takes far longer to learn), so the test trains in about a minute on two cores.
 HIDING = LITE_128.replace(name="lite-128-narrow", channels=(32, 32, 32, 16, 16, 16),
                           discriminator_channels=(32, 32, 32, 16, 16, 16), extractor_width=32,

@@ -1,4 +1,7 @@
-"""Key-gated payload: layout figures, round trips, correction limits, binding, leakage, soft decoding."""
+"""Key-gated payload: layout figures, round trips, correction limits, binding, leakage, soft decoding.
+
+These pin format version 1 (float16 values), which runs written before version 2 still use; error
+correction, binding and leakage are shared by both versions. Version 2 (int8 + scale): test_payload_v2.py."""
 from __future__ import annotations
 
 import base64
@@ -23,8 +26,8 @@ from pipeline.payload import (
 
 MASTER = bytes(range(32))
 DS, SHARD = "demo-ds", "shard-000001.tar"
-L128 = PayloadLayout(4096, 128)  # one copy, 3 RS codewords
-L128_REP = PayloadLayout(16384, 128)  # five copies, 2 RS codewords
+L128 = PayloadLayout(4096, 128, 1)  # one copy, 3 RS codewords
+L128_REP = PayloadLayout(16384, 128, 1)  # five copies, 2 RS codewords
 
 
 def _key(master=MASTER, ds=DS, shard=SHARD) -> ShardKey:
@@ -62,22 +65,22 @@ def _flip_symbols(bits: np.ndarray, layout: PayloadLayout, per_codeword: list[in
 
 
 def test_minimum_capacities_and_too_small_capacity_is_a_clear_error():
-    assert minimum_capacity_bits(128) == 2720
-    assert minimum_capacity_bits(512) == 9640
-    PayloadLayout(2720, 128)
+    assert minimum_capacity_bits(128, 1) == 2720
+    assert minimum_capacity_bits(512, 1) == 9640
+    PayloadLayout(2720, 128, 1)
     with pytest.raises(PayloadError, match="at least 2720 bits"):
-        PayloadLayout(2719, 128)
+        PayloadLayout(2719, 128, 1)
     with pytest.raises(PayloadError, match="at least 2720 bits"):
-        PayloadLayout(2048, 128)
+        PayloadLayout(2048, 128, 1)
     with pytest.raises(PayloadError, match="at least 9640 bits"):
-        PayloadLayout(8192, 512)
+        PayloadLayout(8192, 512, 1)
 
 
 def test_every_capacity_above_the_minimum_gives_a_valid_layout():
     for dim in (128, 512):
-        lo = minimum_capacity_bits(dim)
+        lo = minimum_capacity_bits(dim, 1)
         for cap in list(range(lo, lo + 2100, 7)) + [c for c in (4096, 8192, 16384, 32768, 65536) if c >= lo]:
-            lay = PayloadLayout(cap, dim)
+            lay = PayloadLayout(cap, dim, 1)
             assert sum(k for _, k in lay.codewords) == lay.ciphertext_bytes == 4 + 2 * dim + 16
             assert sum(n for n, _ in lay.codewords) == lay.stream_bytes
             assert all(n <= 255 and n - k >= MIN_PARITY for n, k in lay.codewords)
@@ -88,13 +91,13 @@ def test_every_capacity_above_the_minimum_gives_a_valid_layout():
 def test_layouts_for_any_dim_keep_the_parity_floor_including_the_fewer_codewords_case():
     fewer = 0
     for dim in range(1, 700, 7):
-        lo = minimum_capacity_bits(dim)
+        lo = minimum_capacity_bits(dim, 1)
         for cap in range(lo, lo + 8 * 600, 13):
-            lay = PayloadLayout(cap, dim)
+            lay = PayloadLayout(cap, dim, 1)
             assert all(n <= 255 and n - k >= MIN_PARITY for n, k in lay.codewords)
             fewer += lay.stream_bytes != cap // (8 * lay.copies)
     assert fewer > 0  # the rule's step 3 fallback is exercised
-    lay = PayloadLayout(2057, 92)  # 257 bytes would make two codewords with < 32 parity each
+    lay = PayloadLayout(2057, 92, 1)  # 257 bytes would make two codewords with < 32 parity each
     assert lay.codewords == ((255, 204),) and lay.stream_bytes == 255
     key, ctx, e = _key(), _ctx(), _emb(22, 92)
     res = decode(encode(e, ctx, key, lay), ctx, key, lay)
@@ -109,7 +112,7 @@ def test_documented_figures_for_the_reference_layouts():
     d = L128_REP.describe()
     assert d["rs_codewords"] == [[205, 138], [204, 138]] and d["copies_min"] == 5
     assert d["guaranteed_bit_errors"] == 101  # 34 symbols x 3 flipped copies - 1
-    assert PayloadLayout(16384, 512).describe()["guaranteed_bit_errors"] == 55
+    assert PayloadLayout(16384, 512, 1).describe()["guaranteed_bit_errors"] == 55
     # the random-error limit grows with capacity
     assert L128.random_ber_limit() < L128_REP.random_ber_limit()
     assert 0.015 < L128.random_ber_limit() < 0.02 and 0.10 < L128_REP.random_ber_limit() < 0.12
@@ -120,7 +123,7 @@ def test_documented_figures_for_the_reference_layouts():
 
 @pytest.mark.parametrize("cap,dim", [(4096, 128), (16384, 128), (2720, 128), (9640, 512), (16384, 512)])
 def test_round_trip_returns_the_float16_embedding(cap, dim):
-    lay, key, ctx, e = PayloadLayout(cap, dim), _key(), _ctx(), _emb(3, dim)
+    lay, key, ctx, e = PayloadLayout(cap, dim, 1), _key(), _ctx(), _emb(3, dim)
     bits = encode(e, ctx, key, lay)
     assert bits.shape == (cap,) and bits.dtype == np.uint8 and set(np.unique(bits)) <= {0, 1}
     res = decode(bits, ctx, key, lay)
@@ -151,7 +154,7 @@ def test_format_known_answer():
     # written needs a new FORMAT_VERSION and a spec update
     e = (np.arange(128, dtype=np.float32) - 64) / 32
     bits = encode(e, _ctx(), _key(), L128)
-    assert FORMAT_VERSION == 1
+    assert L128.format_version == 1 and FORMAT_VERSION == 2  # version 1 is still read
     assert hashlib.sha256(np.packbits(bits).tobytes()).hexdigest() == KNOWN_ANSWER_SHA256
 
 
@@ -346,8 +349,8 @@ def test_a_payload_moved_to_another_face_sample_shard_or_dataset_fails(change):
 
 def test_a_payload_read_with_another_layout_fails():
     key, ctx = _key(), _ctx()
-    bits = encode(_emb(14), ctx, key, PayloadLayout(4096, 128))
-    assert not decode(bits, ctx, key, PayloadLayout(4096, 136)).ok
+    bits = encode(_emb(14), ctx, key, PayloadLayout(4096, 128, 1))
+    assert not decode(bits, ctx, key, PayloadLayout(4096, 136, 1)).ok
 
 
 def test_wrong_master_key_fails_authentication():

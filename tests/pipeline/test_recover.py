@@ -12,6 +12,7 @@ from conftest import DEMO_SHARDS, job_tree
 from hiding_model import trained_hiding_artifact
 from pipeline.cli import app
 from pipeline.keys import ShardKey, create_master_key, export_shard_key
+from pipeline.payload import quantize
 from pipeline.recover import RecoveryError, recover_shard
 from pipeline.runner import run_job
 from pipeline.spec import parse_spec
@@ -35,7 +36,7 @@ def test_bit_flips_up_to_the_limit_decode_and_beyond_fail_authentication():
         flipped = bits.copy()
         flipped[rng.choice(bits.size, limit, replace=False)] ^= 1
         res = sp.decode(flipped, "k", 0)
-        assert res.ok and np.array_equal(res.embedding, emb.astype(np.float16))
+        assert res.ok and np.array_equal(res.embedding, quantize(emb))
     for n in (limit * 4, bits.size // 4):
         flipped = bits.copy()
         flipped[rng.choice(bits.size, n, replace=False)] ^= 1

@@ -64,7 +64,7 @@ def test_unverified_faces_are_reencoded_then_marked_irreversible(tmp_path, untra
     n = sum(r["n_faces"] for r in rows)
     assert doc["counts"]["faces_by_payload"] == {"irreversible": n, "unverified": n}
     assert doc["payload"]["mode"] == "reversible" and len(doc["payload"]["artifact_sha256"]) == 64
-    assert doc["payload"]["layout"]["capacity_bits"] == 4096
+    assert doc["payload"]["layout"]["capacity_bits"] == 3240 and doc["payload"]["layout"]["format_version"] == 2
     # nothing opens, so recovery refuses the shard with one message and writes nothing
     with pytest.raises(RecoveryError, match="no reversible face"):
         recover_shard(str(tmp_path / "out" / "shards" / SHARD.name), str(tmp_path / "master.key"), str(tmp_path / "rec"))
