@@ -87,3 +87,19 @@ def test_irreversible_policy_keeps_the_jpeg(tmp_path, untrained):
     rows = _rows(tmp_path)
     assert all(r["image_format"] == "JPEG" and r["payload_reencoded"] is False for r in rows)
     assert all(f["payload_mode"] == "irreversible" for r in rows for f in r["faces"])
+
+
+def test_recovery_reads_payloads_in_the_format_version_the_run_recorded():
+    """A run written in payload format 1 stays recoverable: its run.json layout decides the version."""
+    from types import SimpleNamespace
+
+    from pipeline.payload import PayloadLayout
+    from pipeline.verify import run_payload_job
+
+    model = SimpleNamespace(payload_bits=4096, identity_dim=128, artifact_sha256="ab" * 32)
+    for doc, version in (({"payload": {"layout": PayloadLayout(4096, 128, 1).describe()}}, 1),
+                         ({"payload": {"layout": PayloadLayout(4096, 128).describe()}}, 2),
+                         ({"payload": {"mode": "reversible"}}, 1)):  # runs from before layouts were recorded
+        assert run_payload_job(doc, "ds", 3, model).layout == PayloadLayout(4096, 128, version)
+    with pytest.raises(ValueError, match="records payloads of 3240 bits, but the model carries 4096"):
+        run_payload_job({"payload": {"layout": PayloadLayout(3240, 128).describe()}}, "ds", 3, model)
