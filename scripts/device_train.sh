@@ -13,6 +13,9 @@ shift || true
 warm=()
 if [ -f carry/warm_start/meta.json ]; then warm=(--warm-start carry/warm_start); fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+# GPU inference speed of the model library (random weights; issue 4's CUDA figures), printed again at the end
+# because $OUT holds at most 8 files and the reply shows only the tail of the output.
+PYTHONPATH=. timeout 75 python3 bench/model_speed.py --no-cpu --iters 5 > /tmp/model_speed.txt 2>&1 || true
 PYTHONUNBUFFERED=1 python3 scripts/train_standalone.py --data carry/shards \
   --dlib-resnet carry/dlib_face_recognition_resnet_model_v1.dat --config lite-128 --batch 32 \
   --minutes "$minutes" --checkpoint-every 200 --grid-every 500 --log-every 50 --device cuda \
@@ -21,3 +24,4 @@ cp /tmp/run/warm_start/* "$OUT/"
 cp /tmp/run/stats.jsonl "$OUT/"
 last_grid=$(ls /tmp/run/grids/*.png 2>/dev/null | tail -1 || true)
 if [ -n "$last_grid" ]; then cp "$last_grid" "$OUT/grid.png"; fi
+cat /tmp/model_speed.txt
