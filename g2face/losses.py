@@ -18,6 +18,8 @@ geometry landmarks     0.01    MSE of the projected 68 landmarks in 224-frame pi
 hiding                 10      BCE of the extracted bit logits (after the degradations of degrade.py)
 adversarial            1       non-saturating softplus(-D(fake))
 R1                     5       every 16 discriminator steps, unscaled (the official schedule)
+payload visibility     10      ours, off by default (``payload_min_psnr``): the payload's own change
+                               beyond a PSNR budget, both passes
 =====================  ======  ===========================================================
 
 Images are in [-1, 1]. Every loss returns a scalar (mean over the batch) unless documented otherwise.
@@ -63,6 +65,10 @@ class LossWeights:
         adversarial: non-saturating generator loss.
         r1: weight of the R1 penalty on real images.
         r1_interval: discriminator steps between R1 penalties.
+        payload_min_psnr: visibility budget of the payload in dB: the change the payload makes to an output,
+            G(x, w, bits) - G(x, w, 0) seen through the paste mask, is penalised beyond this PSNR ([-1, 1]
+            scale). None (official): no budget, the hiding weight alone decides.
+        payload_visibility: weight of that penalty, max(0, MSE_payload / MSE_budget - 1).
     """
 
     l1: float = 1.0
@@ -81,9 +87,13 @@ class LossWeights:
     adversarial: float = 1.0
     r1: float = 5.0
     r1_interval: int = 16
+    payload_min_psnr: float | None = None
+    payload_visibility: float = 10.0
 
     def __post_init__(self) -> None:
         bad = [f"{k}={v}" for k, v in vars(self).items() if isinstance(v, float) and not (v >= 0 and math.isfinite(v))]
+        if self.payload_min_psnr is not None and not self.payload_min_psnr > 0:
+            bad.append(f"payload_min_psnr={self.payload_min_psnr}")
         if bad or self.r1_interval < 1:
             raise ValueError(f"LossWeights: weights must be finite and >= 0 and r1_interval >= 1; got "
                              f"{', '.join(bad) or f'r1_interval={self.r1_interval}'}")
@@ -407,3 +417,10 @@ def r1_penalty(real_logits: Tensor, real_images: Tensor) -> Tensor:
     """Per-sample squared norm of dD/dx at real images, averaged (create_graph: it is trained through)."""
     (grad,) = torch.autograd.grad(real_logits.float().sum(), real_images, create_graph=True)
     return grad.float().square().flatten(1).sum(1).mean()
+
+
+def payload_visibility_loss(output: Tensor, without_payload: Tensor, paste_mask: Tensor, min_psnr: float) -> Tensor:
+    """max(0, MSE / MSE_budget - 1) of the payload's own change seen through the paste mask; the budget is
+    the MSE of ``min_psnr`` dB on the [-1, 1] scale (peak-to-peak 2)."""
+    visible = (paste_mask.to(output.device, torch.float32) * (output.float() - without_payload.float())).square().mean()
+    return F.relu(visible / (4.0 / 10 ** (min_psnr / 10)) - 1)

@@ -258,9 +258,20 @@ def _weighted(terms: dict[str, Tensor], w: LossWeights) -> Tensor:
         "identity_dummy": w.identity_dummy, "identity_dissimilar": w.identity_dissimilar,
         "identity_recover": w.identity_recover, "diversity": w.diversity,
         "geometry_coefficients": w.geometry_coefficients, "geometry_landmarks": w.geometry_landmarks,
-        "hiding": w.hiding, "adversarial": w.adversarial,
+        "hiding": w.hiding, "adversarial": w.adversarial, "payload_visibility": w.payload_visibility,
     }
     return sum(table[k] * v for k, v in terms.items())
+
+
+def _payload_visibility(state: TrainState, priors: Priors, output: Tensor, source: Tensor, identity: Tensor,
+                        geometry: Tensor, noise) -> Tensor:
+    """Visibility penalty of the payload in ``output`` = G(source, w(identity, geometry), bits): the same
+    generation without payload is the reference (no gradient; one extra forward pass)."""
+    model = state.model
+    with torch.no_grad():
+        reference = model.generate(source, model.styles(identity, geometry),
+                                   torch.zeros(output.shape[0], model.config.payload_bits, device=output.device), noise)
+    return losses.payload_visibility_loss(output, reference, priors.paste_mask, state.config.weights.payload_min_psnr)
 
 
 @dataclass
@@ -294,6 +305,9 @@ def anonymization_pass(state: TrainState, priors: Priors, x: Tensor, id_o: Tenso
         }
         if w.anonymized_reconstruction:
             terms.update(_reconstruction(state, priors, x_a, x))
+        if w.payload_min_psnr is not None:
+            terms["payload_visibility"] = _payload_visibility(state, priors, x_a, x, dummy, geo_o,
+                                                              draws.noise_anonymize)
     return PassResult(_weighted(terms, w), terms, x_a, geo_a, cam_a, losses.bit_error_rate(logits, draws.bits))
 
 
@@ -316,6 +330,9 @@ def recovery_pass(state: TrainState, priors: Priors, x: Tensor, id_o: Tensor, ge
             "hiding": losses.hiding_loss(logits, draws.placeholder),
             **_reconstruction(state, priors, x_r, x),
         }
+        if w.payload_min_psnr is not None:
+            terms["payload_visibility"] = _payload_visibility(state, priors, x_r, x_a, id_o,
+                                                              anonymized.geometry.detach(), draws.noise_recover)
     return PassResult(_weighted(terms, w), terms, x_r, geo_r, cam_r, losses.bit_error_rate(logits, draws.placeholder))
 
 

@@ -19,7 +19,7 @@ PYTHONPATH=. timeout 75 python3 bench/model_speed.py --no-cpu --iters 5 > /tmp/m
 PYTHONUNBUFFERED=1 python3 scripts/train_standalone.py --data carry/shards \
   --dlib-resnet carry/dlib_face_recognition_resnet_model_v1.dat --config lite-128 --batch 32 \
   --minutes "$minutes" --checkpoint-every 200 --grid-every 500 --log-every 50 --device cuda \
-  --train-set steps_per_epoch=100 --hiding-warmup-steps 1000 --hiding-warmup-min-psnr 32 --out /tmp/run "${warm[@]}" "$@"
+  --train-set steps_per_epoch=100 --hiding-warmup-steps 1000 --hiding-warmup-min-psnr 32 --train-set weights.payload_min_psnr=32 --out /tmp/run "${warm[@]}" "$@"
 cp /tmp/run/warm_start/* "$OUT/"
 cp /tmp/run/stats.jsonl "$OUT/"
 last_grid=$(ls /tmp/run/grids/*.png 2>/dev/null | tail -1 || true)

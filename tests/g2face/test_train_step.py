@@ -130,6 +130,45 @@ def test_train_step_runs_and_resumes_exactly(dlib_net, aligned):
             assert torch.equal(p, q), name
 
 
+def test_payload_visibility_budget_measures_and_shrinks_the_payloads_own_change(dlib_net, aligned):
+    """With weights.payload_min_psnr the anonymisation pass adds max(0, MSE/budget - 1) of
+    G(x, w, bits) - G(x, w, 0) inside the paste mask (checked against a direct computation), and a step on
+    that term alone makes the payload's change smaller."""
+    import dataclasses
+
+    priors = make_priors(dlib_net, 64)
+    x = F.avg_pool2d(as_tensor(aligned[3][:2]), 2)
+    state = _tiny_state(0)
+    state.config = dataclasses.replace(state.config, weights=dataclasses.replace(
+        state.config.weights, payload_min_psnr=40.0))
+    with torch.no_grad():  # give the untrained hiding path (zero gains) a visible payload
+        for p in state.model.hiding.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    mask = torch.from_numpy(align.paste_mask(64).copy())
+
+    def change(draws, id_o, geo_o):
+        m = state.model
+        with torch.no_grad():
+            w = m.styles(m.dummy(draws.z), geo_o)
+            diff = m.generate(x, w, draws.bits, draws.noise_anonymize) - m.generate(
+                x, w, torch.zeros_like(draws.bits), draws.noise_anonymize)
+        return (mask * diff).square().mean().item()
+
+    x_, id_o, geo_o, cam_o = ts.reference_priors(state, priors, ts.Batch(x))
+    draws = ts.draw(state, 2)
+    before = change(draws, id_o, geo_o)
+    anon = ts.anonymization_pass(state, priors, x_, id_o, geo_o, cam_o, draws)
+    expected = max(0.0, before / (4.0 / 10 ** 4.0) - 1)
+    assert before > 0 and anon.terms["payload_visibility"].item() == pytest.approx(expected, rel=1e-3)
+    opt = torch.optim.Adam(state.model.parameters(), lr=1e-2)
+    anon.terms["payload_visibility"].backward()
+    opt.step()
+    assert change(draws, id_o, geo_o) < before
+    # off by default: the official objective has no such term
+    assert "payload_visibility" not in ts.anonymization_pass(_tiny_state(0), priors, x_, id_o, geo_o, cam_o,
+                                                            draws).terms
+
+
 # ---- gradients of the full lite-128 objective --------------------------------------------------------
 
 
