@@ -128,6 +128,15 @@ class Draws:
     noise_recover: list[Tensor]
 
 
+def _with_defaults(saved, default):
+    """``saved`` (nested plain dicts) with the keys it lacks taken from ``default``."""
+    if not (isinstance(saved, dict) and isinstance(default, dict)):
+        return saved
+    out = {k: _with_defaults(saved[k], v) if k in saved else v for k, v in default.items()}
+    out.update({k: v for k, v in saved.items() if k not in default})
+    return out
+
+
 class TrainState:
     """Everything a run needs to continue exactly: models, EMA, optimisers, step and RNG.
 
@@ -172,8 +181,10 @@ class TrainState:
 
     def load_state_dict(self, state: dict) -> None:
         mine = dataclasses.asdict(self.config)
-        if state["config"] != mine:
-            diff = sorted(k for k in mine if state["config"].get(k) != mine[k])
+        # A setting added after the checkpoint was written counts as its default (which keeps the old behaviour).
+        saved = _with_defaults(state["config"], dataclasses.asdict(TrainConfig()))
+        if saved != mine:
+            diff = sorted(k for k in mine if saved.get(k) != mine[k])
             raise ValueError(f"training state was saved with a different TrainConfig (fields {diff}); "
                              "build the TrainState with the saved config to resume exactly")
         self.model.load_state_dict(state["model"], strict=True)

@@ -121,10 +121,16 @@ def test_train_step_runs_and_resumes_exactly(dlib_net, aligned):
     assert "discriminator/r1" not in second and second["lr_factor"] == 1.0
 
     resumed = _tiny_state(99)  # different initial weights: everything must come from the saved state
-    resumed.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    saved = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    # a checkpoint from before a setting existed resumes with that setting at its default
+    del saved["config"]["weights"]["payload_min_psnr"], saved["config"]["grad_clip"]
+    resumed.load_state_dict(saved)
     assert resumed.step == 1
     again = ts.train_step(resumed, batch, priors)
     assert again == second
+    saved["config"]["weights"]["payload_min_psnr"] = 30.0  # but a setting that differs is refused by name
+    with pytest.raises(ValueError, match=r"different TrainConfig \(fields \['weights'\]\)"):
+        _tiny_state(99).load_state_dict(saved)
     for a, b in ((state.model, resumed.model), (state.ema, resumed.ema), (state.discriminator, resumed.discriminator)):
         for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
             assert torch.equal(p, q), name
