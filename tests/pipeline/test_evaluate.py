@@ -14,7 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import DEMO_SHARDS
+from conftest import DEMO_SHARDS, ROOT
 from helpers import decode, read_tar, val_pairs_slice
 from pipeline import align
 from pipeline.audit import write_audit
@@ -247,3 +247,34 @@ def test_val_slice_numbers_agree_with_an_independent_computation(shared_data, tm
     audit = json.loads(audit_json.read_text())
     assert [r["tar"] for r in doc["verification"]["rows"]] == [r["tar"] for r in audit["privacy"]["verification"]["rows"]]
     assert doc["privacy_rows"][0]["share_still_matching"] == audit["privacy"]["rows"][0]["share_still_matching"]
+
+
+def test_model_card_states_exactly_the_evaluated_numbers(evaluated, artifact, tmp_path):
+    """scripts/make_model_card.py: the bar table is evaluate's JSON (no number typed by hand), the card names
+    the artifact's sha256, and the grid is three rows (original / anonymized / recovered) of all 12 portraits."""
+    import hashlib
+    import importlib.util
+    import re
+
+    from PIL import Image
+
+    spec = importlib.util.spec_from_file_location("make_model_card", ROOT / "scripts" / "make_model_card.py")
+    card_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(card_mod)
+    eval_json = evaluated["tmp"] / "eval.json"
+    assert card_mod.main(["--artifact", str(artifact), "--eval", str(eval_json), "--hardware", "test",
+                          "--out-dir", str(tmp_path)]) == 0
+    text = (tmp_path / f"{artifact.stem}.md").read_text()
+    assert hashlib.sha256(artifact.read_bytes()).hexdigest() in text
+    doc = json.loads(eval_json.read_text())
+    rows = dict(re.findall(r"^\| (\d_[a-z0-9_]+) \| ([^|]+) \|", text, re.M))
+    bars = {k: b for k, b in doc["bars"].items() if isinstance(b, dict)}
+    assert set(rows) == set(bars)
+    for name, b in bars.items():
+        assert rows[name].strip() == card_mod._fmt(b["value"]), name
+    missed = sorted(k for k, b in bars.items() if b["pass"] is False)
+    assert f"{len(missed)} not yet" in text and all(k in text for k in missed)
+    grid = np.asarray(Image.open(tmp_path / f"{artifact.stem}-grid.png"))
+    assert grid.shape == (3 * 128, 12 * 128, 3)
+    # an untrained model's payloads never open: the recovered row is left white, not filled with anything else
+    assert (grid[256:] == 255).all()

@@ -1,0 +1,187 @@
+"""Write the model card of a G2Face artifact: every number from its `g2face-pipe evaluate` JSON, the bars it
+meets and misses, how it was trained, and a grid of the committed NASA portraits made by the real pipeline.
+
+The grid comes from `run` (the artifact, reversible payloads, PNG output, identity guard off so that the
+row shows the model's own output) and `recover` (the payload read from the written image, decrypted with
+the run's key, the face re-synthesised): rows original / anonymized / recovered, one column per portrait,
+each the aligned crop (the stored transform) of the photo, the published image and the recovered image.
+Nothing in the card is typed by hand: regenerate it whenever the artifact or its evaluation changes.
+
+    python scripts/make_model_card.py --artifact g2face/weights/g2face-lite-128.pt --eval eval.json \\
+        --stats RUN/stats.jsonl --hardware "1x H100 80GB (device tool), 8 min" --out-dir g2face/weights
+
+Writes OUT_DIR/<artifact stem>.md and OUT_DIR/<artifact stem>-grid.png.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DEMO = sorted((ROOT / "data" / "demo").glob("nasa-*.tar"))
+DATA_TERMS = ("Training: LFW deep-funneled, peopleDevTrain split (`../shared/data/train`), prepared by "
+              "`g2face-pipe prepare jobs/prepare-train.yaml`; evaluation: the CelebA 200-identity subset "
+              "(`../shared/data/val`), no person in common. Both are for non-commercial research only "
+              "(see `../shared/data/README.md`); so is this model. The grid shows public-domain NASA portraits.")
+
+
+def portrait_grid(artifact: Path, work: Path) -> tuple[np.ndarray, dict]:
+    """(uint8 grid image, figures) from run + recover on the committed NASA portraits."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from pipeline import align
+    from pipeline.keys import create_master_key
+    from pipeline.recover import recover_shard
+    from pipeline.runner import run_job
+    from pipeline.shardio import read_webdataset
+    from pipeline.spec import parse_spec
+
+    key = work / "card.key"
+    create_master_key(key)
+    out = work / "run"
+    tree = {"dataset": {"id": "model-card"},
+            "input": {"format": "webdataset", "paths": [str(p) for p in DEMO]},
+            "output": {"dir": str(out), "image_format": "png", "keys": "keep"},
+            "anonymizer": {"method": "g2face", "checkpoint": str(artifact), "identity_guard": "off"},
+            "keys": {"master": str(key)}, "metrics": {"enabled": False},
+            "runtime": {"executor": "local", "progress": False}}
+    spec = parse_spec(tree)
+    run_job(spec, echo=lambda *_: None)
+    res = spec.anonymizer.resolution
+    columns, figures = [], {"portraits": 0, "recovered": 0}
+    for shard in DEMO:
+        originals = {s.key: s.fields[s.image_field] for s in read_webdataset(str(shard), None)}
+        published = {s.key: s.fields[s.image_field] for s in read_webdataset(str(out / "shards" / shard.name), None)}
+        rows = pq.read_table(out / "manifests" / f"{shard.name}.parquet").to_pylist()
+        try:
+            rec = recover_shard(str(out / "shards" / shard.name), str(key), str(work / "recovered" / shard.stem),
+                                user="model-card", reason="model card grid")
+            faces = {(f["key"], f["face_index"]): f for f in rec["faces"]}
+            images = rec["images"]
+        except Exception:  # noqa: BLE001 - a model whose payloads do not open still gets its grid (blank row)
+            faces, images = {}, {}
+        for r in rows:
+            if not r["faces"]:
+                continue
+            figures["portraits"] += 1
+            j = max(range(len(r["faces"])), key=lambda i: r["faces"][i]["box"][2] - r["faces"][i]["box"][0])
+            f = faces.get((r["key"], j))
+            transform = np.array(f["transform"]).reshape(2, 3) if f else None
+            if transform is None:  # no recovery row: align from the original's landmarks as the run did
+                pts = np.array(r["faces"][j]["landmarks"], np.float32).reshape(5, 2)
+                transform = align.landmark_transform(pts, res)
+
+            def crop(data: bytes) -> np.ndarray:
+                return align.warp_to_crop(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), transform, res)
+
+            orig = crop(originals[r["key"]])
+            anon = crop(published[r["key"]])
+            if f and f["recovered"] and r["key"] in images:
+                recovered = crop(images[r["key"]])
+                figures["recovered"] += 1
+            else:
+                recovered = np.full_like(orig, 255)
+            columns.append(np.concatenate([orig, anon, recovered], axis=0))
+    return np.concatenate(columns, axis=1), figures
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def card_text(artifact: Path, sha256: str, meta: dict, ev: dict, stats: list[dict], hardware: str,
+              grid_name: str, grid_figures: dict) -> str:
+    bars = ev["bars"]
+    met = [k for k, b in bars.items() if isinstance(b, dict) and b.get("pass") is True]
+    missed = [k for k, b in bars.items() if isinstance(b, dict) and b.get("pass") is False]
+    unknown = [k for k, b in bars.items() if isinstance(b, dict) and b.get("pass") is None]
+    train = [s for s in stats if s.get("phase") == "train"]
+    warm = [s for s in stats if s.get("phase") == "hiding_warmup"]
+    cfg = meta.get("config", {})
+    lines = [
+        f"# G2Face {cfg.get('name', artifact.stem)} (`{artifact.name}`)",
+        "",
+        f"sha256: `{sha256}`",
+        "",
+        "**Quality bars (issue 6): " + ("all met.**" if not missed and not unknown else
+                                         f"{len(met)} met, {len(missed)} not yet, {len(unknown)} not measured.**"),
+        f"Met: {', '.join(met) or 'none'}. Not yet: {', '.join(missed) or 'none'}."
+        + (f" Not measured: {', '.join(unknown)}." if unknown else ""),
+        "",
+        "## Training",
+        f"- Hardware and time: {hardware}.",
+        f"- Steps: {len(warm)} warm-up + {len(train)} full-objective steps"
+        + (f" (last: step {stats[-1].get('total_steps')}, {stats[-1].get('time', 0) / 60:.1f} min)" if stats else "")
+        + ".",
+        f"- Config: `{json.dumps(cfg, sort_keys=True)}`",
+        f"- Data and terms: {DATA_TERMS}",
+        "",
+        "## Evaluation (`g2face-pipe evaluate`)",
+        f"Data: {', '.join(ev['data']['shards'])} ({ev['data']['samples']} samples"
+        + (f", limit {ev['data']['limit']}" if ev['data'].get('limit') else "") + f"); pairs `{ev['data'].get('pairs_file')}`.",
+        "",
+        "| bar | value | needs | met |",
+        "|---|---|---|---|",
+    ]
+    for name, b in bars.items():
+        if isinstance(b, dict):
+            ok = {True: "yes", False: "no", None: "n/a"}[b.get("pass")]
+            lines.append(f"| {name} | {_fmt(b.get('value'))} | {b['comparison']} {_fmt(b['threshold'])} | {ok} |")
+    lines += ["", "Every other number of the evaluation, as written by `evaluate`:", "", "```json",
+              json.dumps({k: v for k, v in ev.items() if k != "bars"}, indent=1, sort_keys=True), "```", "",
+              "## Grid", "",
+              f"![original / anonymized / recovered]({grid_name})", "",
+              f"Rows: original, anonymized, recovered (`run` then `recover` with the run's key) of the "
+              f"{grid_figures['portraits']} committed NASA portraits; {grid_figures['recovered']} recovered "
+              "(a white cell: the payload did not open). Made by `scripts/make_model_card.py`.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--artifact", type=Path, required=True)
+    ap.add_argument("--eval", type=Path, required=True, help="eval.json of this artifact (g2face-pipe evaluate)")
+    ap.add_argument("--stats", type=Path, help="stats.jsonl of the training run")
+    ap.add_argument("--hardware", required=True, help="where and how long it trained, e.g. '1x H100, 8 min'")
+    ap.add_argument("--out-dir", type=Path, default=ROOT / "g2face" / "weights")
+    args = ap.parse_args(argv)
+
+    from g2face.checkpoint import load_artifact
+
+    model = load_artifact(args.artifact)  # hash-checked, strict
+    sha = hashlib.sha256(args.artifact.read_bytes()).hexdigest()
+    ev = json.loads(args.eval.read_text())
+    if ev.get("model", {}).get("artifact_sha256") not in (None, sha, model.artifact_sha256):
+        raise SystemExit(f"{args.eval} evaluates another model ({ev['model']['artifact_sha256']}), not {args.artifact}")
+    stats = [json.loads(line) for line in args.stats.read_text().splitlines()] if args.stats else []
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory(prefix="g2face-card-") as tmp:
+        grid, figures = portrait_grid(args.artifact, Path(tmp))
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    grid_path = args.out_dir / f"{args.artifact.stem}-grid.png"
+    Image.fromarray(grid).save(grid_path)
+    meta = {"config": model.config.to_dict()}
+    text = card_text(args.artifact, sha, meta, ev, stats, args.hardware, grid_path.name, figures)
+    (args.out_dir / f"{args.artifact.stem}.md").write_text(text)
+    print(f"wrote {args.out_dir / (args.artifact.stem + '.md')} and {grid_path} "
+          f"({figures['portraits']} portraits, {figures['recovered']} recovered)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
