@@ -419,8 +419,16 @@ def r1_penalty(real_logits: Tensor, real_images: Tensor) -> Tensor:
     return grad.float().square().flatten(1).sum(1).mean()
 
 
+def visible_mse(output: Tensor, reference: Tensor, paste_mask: Tensor) -> Tensor:
+    """MSE (float32) of output - reference seen through the paste mask: what a published photo shows of it."""
+    return (paste_mask.to(output.device, torch.float32) * (output.float() - reference.float())).square().mean()
+
+
+def over_budget(mse: Tensor, min_psnr: float) -> Tensor:
+    """max(0, MSE / MSE_budget - 1), the budget being the MSE of ``min_psnr`` dB on the [-1, 1] scale."""
+    return F.relu(mse / (4.0 / 10 ** (min_psnr / 10)) - 1)
+
+
 def payload_visibility_loss(output: Tensor, without_payload: Tensor, paste_mask: Tensor, min_psnr: float) -> Tensor:
-    """max(0, MSE / MSE_budget - 1) of the payload's own change seen through the paste mask; the budget is
-    the MSE of ``min_psnr`` dB on the [-1, 1] scale (peak-to-peak 2)."""
-    visible = (paste_mask.to(output.device, torch.float32) * (output.float() - without_payload.float())).square().mean()
-    return F.relu(visible / (4.0 / 10 ** (min_psnr / 10)) - 1)
+    """The payload's own change (output - the same generation without payload) beyond ``min_psnr``."""
+    return over_budget(visible_mse(output, without_payload, paste_mask), min_psnr)

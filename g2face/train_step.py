@@ -497,8 +497,6 @@ def hiding_warmup_loss(model: G2Face, faces: Tensor, w_plus: Tensor, bits: Tenso
     with _full_precision(image.device):
         seen = degrade.random_paste_and_realign(image.float(), faces.float(), paste_mask, paste, generator)
     logits = model.extract_logits(seen)
-    mask = paste_mask.to(image.device, image.dtype)
-    visible = (mask * (image - faces)).float().square().mean()
-    budget = 4.0 / 10 ** (min_psnr / 10)
-    loss = hiding_weight * losses.hiding_loss(logits, bits) + distortion_weight * F.relu(visible / budget - 1)
+    visible = losses.visible_mse(image, faces, paste_mask)
+    loss = hiding_weight * losses.hiding_loss(logits, bits) + distortion_weight * losses.over_budget(visible, min_psnr)
     return loss, logits, image

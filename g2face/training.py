@@ -523,10 +523,8 @@ def _hiding_warmup_step(state: ts.TrainState, priors: ts.Priors, batch: ts.Batch
     loss = w.hiding * hiding + w.l1 * l1
     extra = {}
     if min_psnr is not None:
-        mask = priors.paste_mask.to(image.device, image.dtype)
-        visible = (mask * (image - clean.float())).square().mean()
-        budget = 4.0 / 10 ** (min_psnr / 10)
-        loss = loss + distortion_weight * F.relu(visible / budget - 1)
+        visible = losses.visible_mse(image, clean, priors.paste_mask)
+        loss = loss + distortion_weight * losses.over_budget(visible, min_psnr)
         extra["hiding_warmup/payload_psnr_db"] = float(10 * torch.log10(4.0 / visible.detach().clamp_min(1e-12)))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

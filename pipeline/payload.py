@@ -105,6 +105,14 @@ def _int8_scale(emb: np.ndarray) -> np.float16:
     return scale
 
 
+def _int8(emb: np.ndarray) -> tuple[np.float16, np.ndarray]:
+    """Version 2's (scale, int8 values) of an embedding: q = round(x / scale) clipped to [-127, 127]."""
+    emb = np.asarray(emb, dtype=np.float64)
+    scale = _int8_scale(emb)
+    q = np.rint(emb / float(scale)) if scale else np.zeros(emb.shape)
+    return scale, np.clip(q, -127, 127).astype(np.int8)
+
+
 def quantize(embedding, format_version: int = FORMAT_VERSION) -> np.ndarray:
     """Exactly the embedding that ``decode`` returns for ``embedding`` in this format: float16 values
     (version 1) or float32 values int8 * scale (version 2, error at most scale / 2: max|x| / 254, or
@@ -113,8 +121,7 @@ def quantize(embedding, format_version: int = FORMAT_VERSION) -> np.ndarray:
     emb = np.asarray(embedding, dtype=np.float64)
     if format_version == 1:
         return emb.astype(np.float16)
-    scale = _int8_scale(emb)
-    q = np.clip(np.rint(emb / float(scale)) if scale else np.zeros_like(emb), -127, 127).astype(np.int8)
+    scale, q = _int8(emb)
     return q.astype(np.float32) * np.float32(scale)
 
 
@@ -351,9 +358,8 @@ def encode(embedding, ctx: PayloadContext, key: ShardKey, layout: PayloadLayout)
     if version == 1:
         plaintext = header + half.tobytes()
     else:
-        scale = _int8_scale(emb)
-        q = np.clip(np.rint(emb.astype(np.float64) / float(scale)) if scale else np.zeros(emb.shape), -127, 127)
-        plaintext = header + np.array([scale], dtype="<f2").tobytes() + q.astype(np.int8).tobytes()
+        scale, q = _int8(emb)
+        plaintext = header + np.array([scale], dtype="<f2").tobytes() + q.tobytes()
     assert len(plaintext) == layout.plaintext_bytes
     ct = AESGCMSIV(key.derive(b"payload/v1/aead")).encrypt(_nonce(key, ctx), plaintext, _aad(ctx, layout))
     assert len(ct) == layout.ciphertext_bytes

@@ -11,10 +11,10 @@ import hashlib
 import numpy as np
 import pytest
 
-from pipeline.keys import ShardKey
+from test_payload import DS, MASTER, SHARD, _ctx, _key
+
 from pipeline.payload import (
     FORMAT_VERSION,
-    PayloadContext,
     PayloadError,
     PayloadLayout,
     decode,
@@ -22,18 +22,6 @@ from pipeline.payload import (
     minimum_capacity_bits,
     quantize,
 )
-
-MASTER = bytes(range(32))
-DS, SHARD = "demo-ds", "shard-000001.tar"
-
-
-def _key() -> ShardKey:
-    return ShardKey.from_master(MASTER, DS, SHARD)
-
-
-def _ctx(**kw) -> PayloadContext:
-    base = dict(dataset_id=DS, shard=SHARD, sample_key="img_0001", face_index=0, model_id="g2face-hide-v1", seed=7)
-    return PayloadContext(**{**base, **kw})
 
 
 def _emb(seed=0, dim=128, scale=1.0) -> np.ndarray:
