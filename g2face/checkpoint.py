@@ -35,6 +35,11 @@ ARTIFACT_FORMAT = "g2face-inference-artifact"
 ARTIFACT_VERSION = 1
 OFFICIAL_ENTRIES = ("anonymous_net", "style_mlp", "map_2_id", "hiding_extractor")
 _SHOW = 12  # keys listed per category in an error message
+# The shipped default model: the g2face method runs it when a job names no anonymizer.checkpoint. Its card
+# (g2face-lite-128.md) and evaluation (g2face-lite-128.eval.json) lie beside it; scripts/make_model_card.py
+# writes both from `g2face-pipe evaluate`.
+SHIPPED_ARTIFACT = Path(__file__).resolve().parent / "weights" / "g2face-lite-128.pt"
+SHIPPED_SHA256 = "f400bed40b8b22ae7dc3f51f0eb1f7cd9319b1d39624da5f1e5579f3534f7655"
 
 
 class CheckpointError(ValueError):
@@ -231,6 +236,7 @@ def load_artifact(path: str | os.PathLike, *, device: torch.device | str = "cpu"
     check_keys(f"artifact {path}", expected, obj["state_dict"])
     model.load_state_dict(obj["state_dict"], strict=True)
     model.artifact_sha256 = digest  # identifies the model in manifests and payload associated data
+    model.artifact_metadata = dict(obj.get("metadata") or {})
     return model.to(device, dtype).eval()
 
 

@@ -398,7 +398,12 @@ def read_warm_start(directory: str | os.PathLike) -> tuple[dict, dict[str, dict[
 
 
 def load_warm_start(state: ts.TrainState, directory: str | os.PathLike) -> dict:
-    """Load generator, EMA (the generator's if absent) and discriminator weights into a fresh state."""
+    """Load generator, EMA (the generator's if absent) and discriminator weights into a fresh state.
+
+    ``directory`` may also be an inference artifact (e.g. the shipped model): its weights start both the
+    generator and its EMA, and the discriminator starts fresh (an artifact holds none)."""
+    if Path(directory).is_file():
+        return _load_artifact_warm_start(state, Path(directory))
     meta, states = read_warm_start(directory)
     mine = state.model.config.to_dict()
     if meta["config"] != mine:
@@ -414,6 +419,23 @@ def load_warm_start(state: ts.TrainState, directory: str | os.PathLike) -> dict:
     load(state.ema, states.get("ema", states["generator"]))
     load(state.discriminator, states["discriminator"])
     return meta
+
+
+def _load_artifact_warm_start(state: ts.TrainState, path: Path) -> dict:
+    from .checkpoint import load_artifact
+
+    model = load_artifact(path)  # hash-checked, strict
+    mine = state.model.config.to_dict()
+    theirs = model.config.to_dict()
+    if theirs != mine:
+        diff = sorted(k for k in mine if theirs.get(k) != mine[k])
+        raise TrainingError(f"warm start {path} is a model of another config (fields {diff}); train with config "
+                            f"{theirs.get('name')!r} or start from scratch")
+    weights = model.state_dict()
+    for module in (state.model, state.ema):
+        own = module.state_dict()
+        module.load_state_dict({k: v.to(own[k].dtype) for k, v in weights.items()}, strict=True)
+    return {"steps": int(model.artifact_metadata.get("steps", 0)), "artifact_sha256": model.artifact_sha256}
 
 
 def artifact_from_warm_start(directory: str | os.PathLike, path: str | os.PathLike) -> str:

@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from g2face.checkpoint import SHIPPED_ARTIFACT
 from g2face.identity import SAME_PERSON_DISTANCE
 from g2face.inception import InceptionWeightsError, load_inception
 
@@ -39,7 +40,7 @@ from .spec import AnonymizerSpec, JobSpecError, parse_spec
 
 EVAL_FORMAT = 1
 BASELINES = ("blur", "pixelate")
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "g2face" / "weights" / "g2face-lite-128.pt"
+DEFAULT_CHECKPOINT = SHIPPED_ARTIFACT
 DATASET_ID = "evaluate"
 
 # Issue #6's bars: (value path in the document, comparison, threshold).
@@ -67,7 +68,7 @@ def resolve_checkpoint(checkpoint: str | None) -> Path:
         if checkpoint:
             raise EvaluateError(f"--checkpoint {checkpoint} does not exist; pass the path of a G2Face inference artifact")
         raise EvaluateError(
-            f"no default G2Face model ships with this version (looked for {DEFAULT_CHECKPOINT}); pass "
+            f"the shipped G2Face model {DEFAULT_CHECKPOINT} is missing from this installation; reinstall, or pass "
             "--checkpoint PATH of an inference artifact (g2face.checkpoint.save_artifact)"
         )
     return path

@@ -2,8 +2,9 @@
 
 Per batch of aligned crops: the identity embedding (dlib ResNet port through the differentiable chip
 warp) and the geometry (the shipped regressor) are computed on the crops, then the model anonymizes
-them. The model comes only from an inference artifact the job names (``anonymizer.checkpoint``),
-hash-checked and strictly loaded: never random weights.
+them. The model comes only from an inference artifact: the one the job names (``anonymizer.checkpoint``)
+or, when it names none, the shipped default (``g2face.checkpoint.SHIPPED_ARTIFACT``, pinned to its
+sha256); hash-checked and strictly loaded, never random weights.
 
 Payload (``anonymizer.payload``): in *reversible* mode (the default) the caller passes each face's
 payload bits, the identity embedding encrypted and error-corrected by ``pipeline.payload`` (see
@@ -12,6 +13,9 @@ no bits are passed, the hidden bits are uniform random bits drawn from each face
 information about the person, so nothing can be recovered from them by anyone.
 """
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,24 +39,60 @@ def irreversible_bits(seeds: list[int], n_bits: int) -> torch.Tensor:
     return torch.stack(rows).float()
 
 
+def shipped_evaluation_path() -> Path:
+    from g2face.checkpoint import SHIPPED_ARTIFACT
+
+    return SHIPPED_ARTIFACT.with_suffix(".eval.json")
+
+
+def quality_record(artifact_sha256: str) -> dict:
+    """Which quality bars (issue 6) the model with this hash meets, from the evaluation shipped beside the
+    default model; any other artifact is reported as not evaluated (run.json says so rather than guess)."""
+    path = shipped_evaluation_path()
+    ev = json.loads(path.read_text()) if path.is_file() else None
+    if not ev or ev.get("model", {}).get("artifact_sha256") != artifact_sha256:
+        return {"evaluated": False,
+                "note": "no evaluation ships for this artifact: measure it with `g2face-pipe evaluate`"}
+    bars = {k: b for k, b in ev.get("bars", {}).items() if isinstance(b, dict)}
+    return {
+        "evaluated": True,
+        "card": "g2face/weights/" + path.name.replace(".eval.json", ".md"),
+        "evaluated_on": {k: ev.get("data", {}).get(k) for k in ("shards", "samples", "limit")},
+        "bars_met": sorted(k for k, b in bars.items() if b.get("pass") is True),
+        "bars_not_yet_met": sorted(k for k, b in bars.items() if b.get("pass") is False),
+        "bars_not_measured": sorted(k for k, b in bars.items() if b.get("pass") is None),
+    }
+
+
 class G2FaceAnonymizer:
     """G2Face on aligned crops.
 
     Args:
-        checkpoint: path of a G2Face inference artifact (g2face.checkpoint.save_artifact).
+        checkpoint: path of a G2Face inference artifact (g2face.checkpoint.save_artifact); None or '' runs
+            the shipped default, pinned to ``SHIPPED_SHA256``.
         resolution: the pipeline's aligned crop side; must equal the artifact's resolution.
-        expected_sha256: pin the artifact's content hash (None accepts any valid artifact).
+        expected_sha256: pin the artifact's content hash (None accepts any valid artifact; with the shipped
+            default it must equal the pinned hash).
         payload_mode: 'reversible' or 'irreversible' (only labels model_id here; see the module docstring).
     """
 
     def __init__(self, checkpoint: str | None, resolution: int, expected_sha256: str | None = None,
                  payload_mode: str = "reversible"):
-        if not checkpoint:
-            raise G2FaceUnavailable(
-                "anonymizer.method 'g2face' needs anonymizer.checkpoint: the path of a G2Face inference artifact "
-                "(no trained model ships with this version); use 'blur' or 'pixelate' until one is available"
-            )
-        from g2face.checkpoint import load_artifact
+        from g2face.checkpoint import SHIPPED_ARTIFACT, SHIPPED_SHA256, load_artifact
+
+        self.shipped = not checkpoint
+        if self.shipped:
+            if not SHIPPED_ARTIFACT.is_file():
+                raise G2FaceUnavailable(
+                    f"anonymizer.method 'g2face': the shipped model {SHIPPED_ARTIFACT} is missing from this "
+                    "installation; reinstall g2face-pipe, or set anonymizer.checkpoint to a G2Face inference artifact"
+                )
+            if expected_sha256 is not None and expected_sha256 != SHIPPED_SHA256:
+                raise G2FaceUnavailable(
+                    f"the shipped model (sha256 {SHIPPED_SHA256}) is not the expected {expected_sha256}; pass that "
+                    "model's artifact as the checkpoint"
+                )
+            checkpoint, expected_sha256 = str(SHIPPED_ARTIFACT), SHIPPED_SHA256
 
         self.checkpoint = checkpoint
         self.resolution = resolution
@@ -60,7 +100,8 @@ class G2FaceAnonymizer:
             self.model = load_artifact(checkpoint, expected_sha256=expected_sha256)  # hash + strict load, fails early
         except (OSError, ValueError) as e:
             raise G2FaceUnavailable(
-                f"anonymizer.checkpoint {checkpoint}: {e}; fix the path, or set anonymizer.method to 'blur' or "
+                (f"the shipped model {checkpoint}: {e}; reinstall g2face-pipe" if self.shipped else
+                 f"anonymizer.checkpoint {checkpoint}: {e}; fix the path") + ", or set anonymizer.method to 'blur' or "
                 "'pixelate'"
             ) from None
         cfg = self.model.config

@@ -58,16 +58,14 @@ def load_extractor(run_doc: dict, spec, device: str, checkpoint: str | None = No
     sha = (run_doc.get("payload") or {}).get("artifact_sha256")
     if not sha:
         raise ReadbackUnavailable("run.json records no payload artifact sha256, so the run's model cannot be pinned")
-    path = checkpoint or spec.anonymizer.checkpoint
-    if not path:
-        raise ReadbackUnavailable("the run's spec names no anonymizer.checkpoint")
+    path = checkpoint or spec.anonymizer.checkpoint  # None: the run used the shipped model
     try:
         model = G2FaceAnonymizer(path, spec.anonymizer.resolution, expected_sha256=sha)
     except G2FaceUnavailable as e:
         text = str(e)
         if "is not the expected" in text:
             raise ReadbackUnavailable(
-                f"the checkpoint at {path} is not the run's model (its sha256 differs from the run's {sha}); "
+                f"the checkpoint at {path or 'the shipped model'} is not the run's model (its sha256 differs from the run's {sha}); "
                 "refusing to read bits with another model"
             ) from None
         raise ReadbackUnavailable(f"the run's model artifact (sha256 {sha}) is unreachable: {text}") from None

@@ -192,13 +192,18 @@ def run_job(spec: JobSpec, dry_run: bool = False, echo: Callable[[str], None] = 
         if an.payload == "reversible":  # a model whose capacity cannot carry the payload stops here
             from .payload import PayloadError
 
-            where = f"anonymizer.official.g2face {an.official.g2face}" if official else f"anonymizer.checkpoint {an.checkpoint}"
+            where = (f"anonymizer.official.g2face {an.official.g2face}" if official else
+                     f"anonymizer.checkpoint {an.checkpoint}" if an.checkpoint else "the shipped model")
             try:
                 layout = PayloadJob.of(spec.dataset.id, spec.seed, anonymizer.artifact_sha256, anonymizer.payload_bits,
                                        anonymizer.identity_dim).layout
             except PayloadError as e:
                 raise JobSpecError(f"{where}: {e}; or set anonymizer.payload: irreversible") from None
             payload_doc["layout"] = layout.describe()
+        if not official:  # which quality bars this model meets, from the evaluation shipped with it
+            from .g2face_method import quality_record
+
+            payload_doc["model_quality"] = quality_record(anonymizer.artifact_sha256)
     model_id = anonymizer.model_id
     # the official model (about 0.7 GB with its priors) is loaded once and handed to the local shard worker
     local_models = {an.method: anonymizer} if official else None

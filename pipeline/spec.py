@@ -116,7 +116,11 @@ class AnonymizerSpec:
     )
     blur_sigma: float = Field(default=0.08, gt=0, le=1, description="Gaussian sigma as a fraction of the crop side.")
     pixelate_blocks: int = Field(default=8, ge=2, le=64, description="Pixel blocks across the aligned crop.")
-    checkpoint: str | None = Field(default=None, description="Path of a G2Face inference artifact (method g2face).")
+    checkpoint: str | None = Field(
+        default=None,
+        description="Path of a G2Face inference artifact (method g2face); unset: the shipped lite-128 model "
+        "(g2face/weights/g2face-lite-128.pt, sha256-pinned; its model card says which quality bars it meets).",
+    )
     weights: Literal["shipped", "official"] = Field(
         default="shipped",
         description="Method g2face: 'shipped' runs `checkpoint` with the shipped priors (dlib identity, 3DMM "

@@ -3,14 +3,18 @@
 The GPU machine has torch but no Ray, dlib or face_recognition_models, and a run can carry at most 64 MiB
 of ignored files besides the repository. This writes ``OUT/`` with:
 
-* ``dlib_face_recognition_resnet_model_v1.dat``: the identity prior's weights (read by g2face's port);
+* ``dlib_resnet_fp16.pt``: the identity prior's weights in fp16 (g2face.identity.save_compact_dlib_weights:
+  10.7 MB instead of the .dat's 21.4, checked against the .dat's pinned hash and its own digest);
 * ``shards/carry-NNN.tar``: prepared faces re-encoded as JPEG (quality 95) with only the arrays training
   reads (identity, geometry, camera as float32), as many as fit in ``--max-mib``, drawn evenly (seeded)
   from every prepared shard. JPEG crops are a training-data choice (the losses see the decoded crop).
+  By default the shards fill what the transfer limit leaves after the working tree (the shipped model in
+  it included) and anything already in OUT (a warm_start/ copied there first). A different ``--seed``
+  per lease draws a different subset, so successive leases that continue the shipped model see all faces.
 
 Usage (then ``run`` with ``carry=["carry"]`` and ``scripts/train_standalone.py --data carry/shards
---dlib-resnet carry/dlib_face_recognition_resnet_model_v1.dat ...``; ``carry/`` is git-ignored):
-    python scripts/make_gpu_carry.py --data /tmp/g2face-prepared/lfw-devtrain/shards --out carry --max-mib 36
+--dlib-resnet carry/dlib_resnet_fp16.pt ...``; ``carry/`` is git-ignored; scripts/device_train.sh does it):
+    python scripts/make_gpu_carry.py --data /tmp/g2face-prepared/lfw-devtrain/shards --out carry --seed 1
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import argparse
 import importlib.util
 import io
 import random
-import shutil
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -26,7 +30,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 ARRAYS = ("identity", "geometry", "camera")
+TRANSFER_LIMIT_MIB = 63.5  # the device tool's 64 MiB for the working tree and carried paths, less a margin
 FACES_PER_SHARD = 1000
 
 
@@ -35,6 +42,14 @@ def dlib_resnet_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         sys.exit("face_recognition_models is not installed; pass the .dat yourself to train_standalone.py")
     return Path(list(spec.submodule_search_locations)[0]) / "models" / "dlib_face_recognition_resnet_model_v1.dat"
+
+
+def working_tree_bytes(exclude: Path) -> int:
+    """Bytes of what a device call sends besides the carry: tracked and untracked-not-ignored files."""
+    names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, check=True).stdout.decode().split("\0")
+    paths = [ROOT / n for n in names if n]
+    return sum(p.stat().st_size for p in paths if p.is_file() and exclude not in p.parents)
 
 
 def compact(png: bytes, npz: bytes, quality: int) -> tuple[bytes, bytes]:
@@ -57,8 +72,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True, action="append", help="directory of prepared shards (repeatable)")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--max-mib", type=float, default=36.0, help="budget for the shards (the .dat adds 21.4 MiB)")
-    ap.add_argument("--quality", type=int, default=95)
+    ap.add_argument("--max-mib", type=float, default=None,
+                    help="budget for the shards (default: what the transfer limit leaves)")
+    ap.add_argument("--quality", type=int, default=90)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -73,7 +89,16 @@ def main() -> None:
 
     out = Path(args.out)
     (out / "shards").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(dlib_resnet_path(), out / "dlib_face_recognition_resnet_model_v1.dat")
+    from g2face.identity import save_compact_dlib_weights
+
+    for old in (out / "shards").glob("*.tar"):
+        old.unlink()
+    save_compact_dlib_weights(out / "dlib_resnet_fp16.pt", dlib_resnet_path())
+    if args.max_mib is None:
+        held = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        args.max_mib = TRANSFER_LIMIT_MIB - (working_tree_bytes(out.resolve()) + held) / 2**20
+        if args.max_mib < 5:
+            sys.exit(f"only {args.max_mib:.1f} MiB are left for training data under the transfer limit")
     budget, used, n, index = args.max_mib * 2**20, 0, 0, 0
     by_shard: dict[Path, list[str]] = {}
     for p, key in members:

@@ -115,12 +115,18 @@ def card_text(artifact: Path, sha256: str, meta: dict, ev: dict, stats: list[dic
     lines = [
         f"# G2Face {cfg.get('name', artifact.stem)} (`{artifact.name}`)",
         "",
-        f"sha256: `{sha256}`",
+        f"sha256 of the file: `{sha256}`; content hash (what `run.json`, manifests and payloads name): "
+        f"`{meta.get('artifact_sha256')}`",
         "",
         "**Quality bars (issue 6): " + ("all met.**" if not missed and not unknown else
                                          f"{len(met)} met, {len(missed)} not yet, {len(unknown)} not measured.**"),
         f"Met: {', '.join(met) or 'none'}. Not yet: {', '.join(missed) or 'none'}."
         + (f" Not measured: {', '.join(unknown)}." if unknown else ""),
+        "",
+        "With the pipeline's identity guard (`anonymizer.identity_guard`, on by default) a face this model "
+        "leaves recognisable (dlib distance to its original below 0.6) is not published as anonymized: it gets the "
+        "job's fallback method or its image is withheld, and the manifest says so (`fallback_reason: "
+        "identity_match`). The bars below are the model's own, measured with the guard off.",
         "",
         "## Training",
         f"- Hardware and time: {hardware}.",
@@ -175,10 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     grid_path = args.out_dir / f"{args.artifact.stem}-grid.png"
     Image.fromarray(grid).save(grid_path)
-    meta = {"config": model.config.to_dict()}
+    meta = {"config": model.config.to_dict(), "artifact_sha256": model.artifact_sha256}
     text = card_text(args.artifact, sha, meta, ev, stats, args.hardware, grid_path.name, figures)
     (args.out_dir / f"{args.artifact.stem}.md").write_text(text)
-    print(f"wrote {args.out_dir / (args.artifact.stem + '.md')} and {grid_path} "
+    # the evaluation itself, beside the card: run.json's model_quality reads the bars from it
+    (args.out_dir / f"{args.artifact.stem}.eval.json").write_text(json.dumps(ev, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {args.out_dir / (args.artifact.stem + '.md')}, its .eval.json and {grid_path} "
           f"({figures['portraits']} portraits, {figures['recovered']} recovered)")
     return 0
 

@@ -282,3 +282,30 @@ def test_structure_checked_without_hash(tmp_path):
     restrided.write_bytes(data[: stream.pos + 1] + bytes([0x01]) + data[stream.pos + 2 :])
     with pytest.raises(DlibFormatError, match="con_4 stride_y: expected 2, found 1"):
         read_dlib_network(restrided, expected_sha256=None)
+
+
+def test_compact_fp16_copy_agrees_with_dlib_and_is_checked(tmp_path, dlib_reference):
+    """The fp16 copy a GPU lease carries (half the .dat's size) gives dlib's decisions, and an edited copy or one
+    made from another file is refused."""
+    from g2face.identity import save_compact_dlib_weights
+
+    compact = tmp_path / "dlib_resnet_fp16.pt"
+    save_compact_dlib_weights(compact)
+    assert compact.stat().st_size < 0.55 * default_model_path().stat().st_size
+    keys, chips, ref = dlib_reference
+    with torch.no_grad():
+        out = load_dlib_face_resnet(compact)(to_tensor(chips)).double().numpy()
+    assert np.abs(out - ref).max() < 5e-3  # fp16 weights: a small error next to the 0.6 threshold
+    d_ref = np.linalg.norm(ref[:, None] - ref[None], axis=-1)
+    d_out = np.linalg.norm(out[:, None] - out[None], axis=-1)
+    assert ((d_ref < 0.6) == (d_out < 0.6)).all()
+    blob = torch.load(compact, weights_only=True)
+    blob["state_dict"]["fc.weight"][0, 0] += 1
+    torch.save(blob, tmp_path / "edited.pt")
+    with pytest.raises(ValueError, match="do not match their stored digest"):
+        load_dlib_face_resnet(tmp_path / "edited.pt")
+    blob = torch.load(compact, weights_only=True)
+    blob["source_sha256"] = "0" * 64
+    torch.save(blob, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not the expected"):
+        load_dlib_face_resnet(tmp_path / "other.pt")

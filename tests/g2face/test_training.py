@@ -132,6 +132,27 @@ def test_warm_start_files_are_small_and_load(tmp_path, faces, priors):
         training.load_warm_start(fresh, tmp_path / "ws")
 
 
+def test_an_inference_artifact_warm_starts_generator_and_ema(tmp_path, faces, priors):
+    """The shipped model carries training on across GPU leases: its weights start generator and EMA (the
+    discriminator, which no artifact holds, starts fresh), and the step count goes on from its metadata."""
+    state, _ = run(tmp_path / "a", faces, priors, settings={"steps": 2, "hiding_warmup_steps": 0})
+    training.save_warm_start(state, tmp_path / "ws", total_steps=2)
+    training.artifact_from_warm_start(tmp_path / "ws", tmp_path / "model.g2face")
+    fresh = training.new_state(TINY, train_config(), 123, "cpu")
+    disc_before = {k: v.clone() for k, v in fresh.discriminator.state_dict().items()}
+    meta = training.load_warm_start(fresh, tmp_path / "model.g2face")
+    assert meta["steps"] == 2
+    for module in (fresh.model, fresh.ema):
+        for (name, p), q in zip(state.ema.state_dict().items(), module.state_dict().values()):
+            assert torch.equal(p.half().float() if p.is_floating_point() else p, q), name
+    assert all(torch.equal(disc_before[k], v) for k, v in fresh.discriminator.state_dict().items())
+    _, last = run(tmp_path / "b", faces, priors, warm_start=tmp_path / "model.g2face", settings={"steps": 1})
+    assert last["total_steps"] == 3
+    other = training.new_state(LITE_128, ts.TrainConfig(), 0, "cpu")
+    with pytest.raises(training.TrainingError, match="another config"):
+        training.load_warm_start(other, tmp_path / "model.g2face")
+
+
 def test_lite_warm_start_files_fit_the_transfer_limit(tmp_path):
     torch.manual_seed(0)
     state = training.new_state(LITE_128, ts.TrainConfig(), 0, "cpu")

@@ -274,6 +274,8 @@ def test_model_card_states_exactly_the_evaluated_numbers(evaluated, artifact, tm
         assert rows[name].strip() == card_mod._fmt(b["value"]), name
     missed = sorted(k for k, b in bars.items() if b["pass"] is False)
     assert f"{len(missed)} not yet" in text and all(k in text for k in missed)
+    assert json.loads((tmp_path / f"{artifact.stem}.eval.json").read_text()) == doc  # what run.json reads bars from
+    assert doc["model"]["artifact_sha256"] in text
     grid = np.asarray(Image.open(tmp_path / f"{artifact.stem}-grid.png"))
     assert grid.shape == (3 * 128, 12 * 128, 3)
     # an untrained model's payloads never open: the recovered row is left white, not filled with anything else

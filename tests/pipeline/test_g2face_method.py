@@ -1,4 +1,7 @@
 """The g2face method in the pipeline: artifact loading, priors, determinism (random-weight test artifact)."""
+import json
+import shutil
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -7,7 +10,8 @@ import torch
 from conftest import DEMO_SHARDS, job_tree
 from helpers import decode, read_tar
 from pipeline.anonymizers import AnonymizerUnavailable, build_anonymizer
-from pipeline.g2face_method import irreversible_bits
+from pipeline.g2face_method import (G2FaceAnonymizer, G2FaceUnavailable, irreversible_bits, quality_record,
+                                    shipped_evaluation_path)
 from pipeline.runner import run_job
 from pipeline.spec import parse_spec
 
@@ -35,6 +39,8 @@ def test_g2face_job_runs_the_model_with_shipped_priors(tmp_path, artifact):
     rows = pq.read_table(out / "manifests" / f"{DEMO_SHARDS[0].name}.parquet").to_pylist()
     src, dst = read_tar(DEMO_SHARDS[0]), read_tar(out / "shards" / DEMO_SHARDS[0].name)
     assert all(r["status"] == "ok" for r in rows)
+    quality = json.loads((out / "run.json").read_text())["payload"]["model_quality"]
+    assert quality["evaluated"] is False and "g2face-pipe evaluate" in quality["note"]  # nobody measured it
     assert all(r["model_id"].startswith("g2face:lite-128:") and r["model_id"].endswith(":irreversible") for r in rows)
     for r in rows:
         a, b = decode(src[r["key"]]["jpg"]), decode(dst[r["key"]]["png"])
@@ -105,3 +111,34 @@ def test_reversible_g2face_in_the_model_pool_writes_what_a_local_model_writes(ra
     faces = [f for r in pool for f in r["faces"]]
     assert faces and all(f["payload_mode"] in ("reversible", "irreversible") for f in faces)
     assert all(f["payload_ber"] is not None for f in faces)  # verified against the bits actually hidden
+
+
+def test_without_a_checkpoint_the_shipped_model_runs_and_is_pinned(tmp_path, artifact, monkeypatch):
+    from g2face import checkpoint as ck
+
+    model = G2FaceAnonymizer(None, 128)
+    assert model.shipped and model.artifact_sha256 == ck.SHIPPED_SHA256 and model.checkpoint == str(ck.SHIPPED_ARTIFACT)
+    # the file under the shipped name is checked, not trusted: other weights there stop the run
+    other = tmp_path / "g2face-lite-128.pt"
+    shutil.copyfile(artifact, other)
+    monkeypatch.setattr(ck, "SHIPPED_ARTIFACT", other)
+    with pytest.raises(G2FaceUnavailable, match="the shipped model .* is not the expected"):
+        G2FaceAnonymizer(None, 128)
+    monkeypatch.setattr(ck, "SHIPPED_ARTIFACT", tmp_path / "gone.pt")
+    with pytest.raises(G2FaceUnavailable, match="missing from this installation"):
+        G2FaceAnonymizer(None, 128)
+
+
+def test_quality_record_of_the_shipped_model_is_its_evaluation():
+    from g2face.checkpoint import SHIPPED_SHA256
+
+    ev = json.loads(shipped_evaluation_path().read_text())
+    assert ev["model"]["artifact_sha256"] == SHIPPED_SHA256  # the shipped evaluation is of the shipped model
+    record = quality_record(SHIPPED_SHA256)
+    bars = {k: b for k, b in ev["bars"].items() if isinstance(b, dict)}
+    assert record["evaluated"] is True
+    assert record["bars_met"] == sorted(k for k, b in bars.items() if b["pass"] is True)
+    assert record["bars_not_yet_met"] == sorted(k for k, b in bars.items() if b["pass"] is False)
+    assert set(record["bars_met"]) | set(record["bars_not_yet_met"]) | set(record["bars_not_measured"]) == set(bars)
+    card = (shipped_evaluation_path().parents[2] / record["card"]).read_text()
+    assert SHIPPED_SHA256 in json.dumps(ev) and all(k in card for k in record["bars_not_yet_met"])

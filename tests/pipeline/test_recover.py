@@ -61,7 +61,7 @@ def reversible_run(tmp_path_factory):
     torch.set_num_threads(1)
     found = trained_hiding_artifact()
     if found is None:
-        pytest.skip("no G2Face model that hides payloads reliably is available (none ships yet; set "
+        pytest.skip("no G2Face model that hides payloads reliably is available (set "
                     "G2FACE_HIDING_ARTIFACT=PATH to a trained artifact, or HIDING_TRAIN_SECONDS=N to train one here)")
     artifact, figures = found
     root = tmp_path_factory.mktemp("rev")
@@ -171,3 +171,27 @@ def test_extracted_payload_bits_look_random_without_the_key(reversible_run, tmp_
     assert randomness["verdict"] == "consistent_with_random", randomness["statement"]
     assert abs(randomness["pairwise_agreement"]["mean"] - 0.5) < 0.02
     assert abs(randomness["balance"]["share_of_ones"] - 0.5) < 0.02
+
+
+def test_a_run_of_the_shipped_model_recovers_without_naming_it(tmp_path):
+    """No anonymizer.checkpoint anywhere: `run` uses the shipped model, run.json says which bars it meets,
+    and `recover` finds the same model (by its pinned hash) and restores every face whose payload verified."""
+    from g2face.checkpoint import SHIPPED_SHA256
+
+    torch.set_num_threads(1)
+    create_master_key(tmp_path / "master.key")
+    out = tmp_path / "out"
+    tree = job_tree(out, SHARD, anonymizer={"method": "g2face", "identity_guard": "off"},
+                    keys={"master": str(tmp_path / "master.key")}, output={"image_format": "png"},
+                    metrics={"enabled": False})
+    run_job(parse_spec(tree), echo=lambda *_: None)
+    run_doc = json.loads((out / "run.json").read_text())
+    assert run_doc["spec"]["anonymizer"]["checkpoint"] is None
+    assert run_doc["payload"]["artifact_sha256"] == SHIPPED_SHA256
+    quality = run_doc["payload"]["model_quality"]
+    assert quality["evaluated"] is True and quality["card"] == "g2face/weights/g2face-lite-128.md"
+    rows = pq.read_table(out / "manifests" / f"{SHARD.name}.parquet").to_pylist()
+    verified = {(r["key"], j) for r in rows for j, f in enumerate(r["faces"]) if f.get("payload_ok")}
+    assert verified, "the shipped model's payloads should verify after PNG output"
+    res = recover_shard(str(out / "shards" / SHARD.name), str(tmp_path / "master.key"), str(tmp_path / "rec"))
+    assert {(f["key"], f["face_index"]) for f in res["faces"] if f["status"] == "recovered"} == verified
