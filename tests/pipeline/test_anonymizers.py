@@ -126,10 +126,18 @@ def test_build_anonymizer_returns_the_configured_baselines():
     assert pix.resolution == 256 and pix.blocks == 12
 
 
-@pytest.mark.parametrize("checkpoint", [None, "/nonexistent/model.pt"])
-def test_build_g2face_raises_unavailable_naming_the_setting(checkpoint):
+def test_build_g2face_without_a_checkpoint_is_the_shipped_model():
+    from g2face.checkpoint import SHIPPED_SHA256
+
+    model = build_anonymizer("g2face", 128, blur_sigma=0.08, pixelate_blocks=8, checkpoint=None)
+    assert model.artifact_sha256 == SHIPPED_SHA256 and model.model_id.startswith("g2face:lite-128:")
+    with pytest.raises(AnonymizerUnavailable, match="anonymizer.resolution: 128"):  # the shipped model is 128 px
+        build_anonymizer("g2face", 256, blur_sigma=0.08, pixelate_blocks=8, checkpoint=None)
+
+
+def test_build_g2face_raises_unavailable_naming_the_setting():
     with pytest.raises(AnonymizerUnavailable) as ei:
-        build_anonymizer("g2face", 128, blur_sigma=0.08, pixelate_blocks=8, checkpoint=checkpoint)
+        build_anonymizer("g2face", 128, blur_sigma=0.08, pixelate_blocks=8, checkpoint="/nonexistent/model.pt")
     msg = str(ei.value)
     assert "anonymizer.method" in msg
     assert "blur" in msg and "pixelate" in msg  # tells the user what to use instead

@@ -210,8 +210,9 @@ def test_document_bars_and_privacy(evaluated):
 
 
 def test_cli_errors_name_the_fix(tmp_path, artifact):
-    r = CliRunner().invoke(app, ["evaluate", "--data", str(DEMO_SHARDS[0]), "--out", str(tmp_path / "e.json")])
-    assert r.exit_code == 2 and "--checkpoint" in r.output
+    r = CliRunner().invoke(app, ["evaluate", "--data", str(DEMO_SHARDS[0]), "--out", str(tmp_path / "e.json"),
+                                 "--checkpoint", str(tmp_path / "missing.pt")])
+    assert r.exit_code == 2 and "--checkpoint" in r.output and "missing.pt" in r.output
     r = CliRunner().invoke(app, ["evaluate", "--data", str(DEMO_SHARDS[0]), "--out", str(tmp_path / "e.json"),
                                  "--checkpoint", str(artifact), "--baselines", "mosaic"])
     assert r.exit_code == 2 and "blur,pixelate" in r.output
