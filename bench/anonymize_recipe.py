@@ -146,7 +146,7 @@ def main() -> None:
             m = ts.train_step(state, training.collate(sampler.next_faces(), r), priors)
             if step % 20 == 0:
                 print(f"  {name}: step {step} identity_dissimilar {m['anonymize/identity_dissimilar']:.3f} "
-                      f"identity_dummy {m['anonymize/identity_dummy']:.3f} l1 {m['anonymize/l1']:.3f} "
+                      f"identity_dummy {m['anonymize/identity_dummy']:.3f} l1 {m.get('anonymize/l1', float('nan')):.3f} "
                       f"BER {m['anonymize/hiding_ber']:.4f}", flush=True)
         rows.append({"variant": name, "settings": text, "steps": args.steps, "train_seconds": round(time.time() - t0),
                      **measure(state.model, priors, held_batch)})
