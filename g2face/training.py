@@ -397,6 +397,14 @@ def read_warm_start(directory: str | os.PathLike) -> tuple[dict, dict[str, dict[
     return meta, states
 
 
+def _require_same_config(state: ts.TrainState, theirs: Mapping, where) -> None:
+    mine = state.model.config.to_dict()
+    if theirs != mine:
+        diff = sorted(k for k in mine if theirs.get(k) != mine[k])
+        raise TrainingError(f"warm start {where} is for another model config (fields {diff}); "
+                            f"train with config {theirs.get('name')!r} or start from scratch")
+
+
 def load_warm_start(state: ts.TrainState, directory: str | os.PathLike) -> dict:
     """Load generator, EMA (the generator's if absent) and discriminator weights into a fresh state.
 
@@ -405,11 +413,7 @@ def load_warm_start(state: ts.TrainState, directory: str | os.PathLike) -> dict:
     if Path(directory).is_file():
         return _load_artifact_warm_start(state, Path(directory))
     meta, states = read_warm_start(directory)
-    mine = state.model.config.to_dict()
-    if meta["config"] != mine:
-        diff = sorted(k for k in mine if meta["config"].get(k) != mine[k])
-        raise TrainingError(f"warm start {directory} is for another model config (fields {diff}); "
-                            f"train with config {meta['config'].get('name')!r} or start from scratch")
+    _require_same_config(state, meta["config"], directory)
 
     def load(module: nn.Module, sd: Mapping[str, Tensor]) -> None:
         own = module.state_dict()
@@ -425,12 +429,7 @@ def _load_artifact_warm_start(state: ts.TrainState, path: Path) -> dict:
     from .checkpoint import load_artifact
 
     model = load_artifact(path)  # hash-checked, strict
-    mine = state.model.config.to_dict()
-    theirs = model.config.to_dict()
-    if theirs != mine:
-        diff = sorted(k for k in mine if theirs.get(k) != mine[k])
-        raise TrainingError(f"warm start {path} is a model of another config (fields {diff}); train with config "
-                            f"{theirs.get('name')!r} or start from scratch")
+    _require_same_config(state, model.config.to_dict(), path)
     weights = model.state_dict()
     for module in (state.model, state.ema):
         own = module.state_dict()

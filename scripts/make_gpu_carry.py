@@ -5,7 +5,7 @@ of ignored files besides the repository. This writes ``OUT/`` with:
 
 * ``dlib_resnet_fp16.pt``: the identity prior's weights in fp16 (g2face.identity.save_compact_dlib_weights:
   10.7 MB instead of the .dat's 21.4, checked against the .dat's pinned hash and its own digest);
-* ``shards/carry-NNN.tar``: prepared faces re-encoded as JPEG (quality 95) with only the arrays training
+* ``shards/carry-NNN.tar``: prepared faces re-encoded as JPEG (quality 90) with only the arrays training
   reads (identity, geometry, camera as float32), as many as fit in ``--max-mib``, drawn evenly (seeded)
   from every prepared shard. JPEG crops are a training-data choice (the losses see the decoded crop).
   By default the shards fill what the transfer limit leaves after the working tree (the shipped model in
@@ -19,7 +19,6 @@ Usage (then ``run`` with ``carry=["carry"]`` and ``scripts/train_standalone.py -
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import random
 import subprocess
@@ -35,13 +34,6 @@ sys.path.insert(0, str(ROOT))
 ARRAYS = ("identity", "geometry", "camera")
 TRANSFER_LIMIT_MIB = 63.5  # the device tool's 64 MiB for the working tree and carried paths, less a margin
 FACES_PER_SHARD = 1000
-
-
-def dlib_resnet_path() -> Path:
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("face_recognition_models is not installed; pass the .dat yourself to train_standalone.py")
-    return Path(list(spec.submodule_search_locations)[0]) / "models" / "dlib_face_recognition_resnet_model_v1.dat"
 
 
 def working_tree_bytes(exclude: Path) -> int:
@@ -93,7 +85,7 @@ def main() -> None:
 
     for old in (out / "shards").glob("*.tar"):
         old.unlink()
-    save_compact_dlib_weights(out / "dlib_resnet_fp16.pt", dlib_resnet_path())
+    save_compact_dlib_weights(out / "dlib_resnet_fp16.pt")  # from face_recognition_models' .dat
     if args.max_mib is None:
         held = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         args.max_mib = TRANSFER_LIMIT_MIB - (working_tree_bytes(out.resolve()) + held) / 2**20

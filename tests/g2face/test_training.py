@@ -149,7 +149,7 @@ def test_an_inference_artifact_warm_starts_generator_and_ema(tmp_path, faces, pr
     _, last = run(tmp_path / "b", faces, priors, warm_start=tmp_path / "model.g2face", settings={"steps": 1})
     assert last["total_steps"] == 3
     other = training.new_state(LITE_128, ts.TrainConfig(), 0, "cpu")
-    with pytest.raises(training.TrainingError, match="another config"):
+    with pytest.raises(training.TrainingError, match="another model config"):
         training.load_warm_start(other, tmp_path / "model.g2face")
 
 
