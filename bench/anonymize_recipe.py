@@ -31,7 +31,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,10 +39,8 @@ sys.path.insert(0, str(ROOT))
 from g2face import training  # noqa: E402
 from g2face import train_step as ts  # noqa: E402
 from g2face.checkpoint import SHIPPED_ARTIFACT, load_artifact  # noqa: E402
-from g2face.identity import SAME_PERSON_DISTANCE, identity_distance  # noqa: E402
 from pipeline import align  # noqa: E402
 
-EVAL_SEED = 4242
 DEFAULT_COMMON = "steps_per_epoch=100,weights.payload_min_psnr=32"
 
 
@@ -70,41 +67,6 @@ def merge(a: dict, b: dict) -> dict:
     for k, v in b.items():
         out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
-
-
-def psnr_db(mse: float) -> float:
-    return round(10 * np.log10(4.0 / max(mse, 1e-12)), 2)  # [-1, 1] images: peak-to-peak 2
-
-
-@torch.no_grad()
-def measure(model, priors, batch: ts.Batch) -> dict:
-    model.eval()
-    x, cfg = batch.image, model.config
-    b = x.shape[0]
-    g = torch.Generator().manual_seed(EVAL_SEED)
-    noise = [torch.randn(b, 1, s, s, generator=g) for s in model.synthesis.noise_sizes]
-    bits = torch.randint(0, 2, (b, cfg.payload_bits), generator=g).float()
-    identity = priors.identity(x)
-    geometry = priors.geometry(x)[0]
-    dummy = model.dummy(torch.randn(b, cfg.dummy_noise_dim, generator=g))
-    anonymized = model.generate(x, model.styles(dummy, geometry), bits, noise)
-    anonymized = ((anonymized.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1  # what an 8-bit file holds
-    recovered = model.generate(anonymized, model.styles(identity, priors.geometry(anonymized)[0]),
-                               torch.randint(0, 2, (b, cfg.payload_bits), generator=g).float(), noise)
-    recovered = ((recovered.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
-    d_anon = identity_distance(identity, priors.identity(anonymized))
-    d_rec = identity_distance(identity, priors.identity(recovered))
-    inside = priors.paste_mask > 0.5
-    ber = ((model.extract_logits(anonymized) > 0) != (bits > 0.5)).float().mean().item()
-    model.train()
-    return {
-        "still_matching": round((d_anon < SAME_PERSON_DISTANCE).float().mean().item(), 3),
-        "mean_distance": round(d_anon.mean().item(), 3),
-        "recovered_matching": round((d_rec < SAME_PERSON_DISTANCE).float().mean().item(), 3),
-        "recovered_psnr_db": psnr_db((recovered - x).square().mean(dim=1)[:, inside].mean().item()),
-        "ber": round(ber, 4),
-        "change_grey": round((anonymized - x).abs().mean(dim=1)[:, inside].mean().item() * 127.5, 1),
-    }
 
 
 def main() -> None:
@@ -134,7 +96,7 @@ def main() -> None:
     rows = []
     start = load_artifact(args.warm_start) if Path(args.warm_start).is_file() else None
     if start is not None:
-        rows.append({"variant": "(warm start)", "steps": 0, "train_seconds": 0, **measure(start, priors, held_batch)})
+        rows.append({"variant": "(warm start)", "steps": 0, "train_seconds": 0, **training.held_out_figures(start, priors, held_batch)})
         print(json.dumps(rows[-1]), flush=True)
     for name, text in variants:
         train_config = training.train_config_from_dict(merge(common, parse_settings(text, f"--variant {name}")))
@@ -149,7 +111,7 @@ def main() -> None:
                       f"identity_dummy {m['anonymize/identity_dummy']:.3f} l1 {m.get('anonymize/l1', float('nan')):.3f} "
                       f"BER {m['anonymize/hiding_ber']:.4f}", flush=True)
         rows.append({"variant": name, "settings": text, "steps": args.steps, "train_seconds": round(time.time() - t0),
-                     **measure(state.model, priors, held_batch)})
+                     **training.held_out_figures(state.model, priors, held_batch)})
         print(json.dumps(rows[-1]), flush=True)
     cols = ["variant", "steps", "still_matching", "mean_distance", "recovered_matching", "recovered_psnr_db", "ber",
             "change_grey", "train_seconds"]

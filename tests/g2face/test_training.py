@@ -28,9 +28,13 @@ SETTINGS = dict(batch_size=2, steps=3, seed=5, hiding_warmup_steps=1, checkpoint
 
 
 @pytest.fixture(scope="module")
-def faces(tmp_path_factory):
-    shards = prepare_small(DEMO_SHARDS[0], tmp_path_factory.mktemp("prepared64"))
-    return training.read_faces(sorted(shards.glob("*.tar")))
+def prepared(tmp_path_factory):
+    return prepare_small(DEMO_SHARDS[0], tmp_path_factory.mktemp("prepared64"))
+
+
+@pytest.fixture(scope="module")
+def faces(prepared):
+    return training.read_faces(sorted(prepared.glob("*.tar")))
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +199,19 @@ def test_warmup_visibility_budget_keeps_the_payload_quiet(faces, priors):
     held = _warmed_payload_psnr(faces, priors, 58.0)
     print(f"\npayload PSNR after 40 warm-up steps: {free:.1f} dB without a budget, {held:.1f} dB with 58 dB")
     assert held >= 55.0 and held > free + 3.0, (free, held)
+
+
+def test_held_out_figures_are_repeatable_and_in_range(faces, priors):
+    """The recipe comparison's figures (bench/anonymize_recipe.py, scripts/device_recipes.py): fixed draws give
+    the same numbers on every call, whatever the chunk size, and leave the model's mode as it was."""
+    torch.manual_seed(3)
+    model = training.G2Face(TINY).train()
+    batch = training.collate(faces, 64)
+    a = training.held_out_figures(model, priors, batch, seed=7, chunk=64)
+    assert model.training
+    assert a == training.held_out_figures(model.eval(), priors, batch, seed=7, chunk=64) and not model.training
+    assert a["faces"] == len(faces)
+    assert 0 <= a["still_matching"] <= 1 and 0 <= a["recovered_matching"] <= 1 and 0 <= a["ber"] <= 1
+    assert a["mean_distance"] > 0 and a["change_grey"] > 0 and a["recovered_psnr_db"] > 0
+    b = training.held_out_figures(model, priors, batch, seed=8, chunk=2)
+    assert b["faces"] == a["faces"] and b["ber"] != a["ber"]  # other draws, same faces
