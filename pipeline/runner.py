@@ -18,7 +18,7 @@ from .anonymizers import anonymizer_for
 from .keys import create_master_key, load_master_key, pseudonym_key
 from .metrics_stage import metric_model_hashes, recognizer_of
 from .models import verify_mtcnn_weights
-from .shard_worker import OutputLayout, ShardWorker
+from .shard_worker import OutputLayout, ShardWorker, output_signature
 from .spec import JobSpec, JobSpecError, spec_fingerprint, spec_to_dict
 
 _VERSIONED = ("g2face-pipe", "torch", "torchvision", "ray", "facenet-pytorch", "numpy", "pillow",
@@ -81,7 +81,7 @@ def resolve_keys(spec: JobSpec) -> KeyMaterial:
     return KeyMaterial(pkey, kid, str(demo) if demo else None)
 
 
-def plan_shards(spec: JobSpec, fingerprint: str, key_id: str | None) -> list[ShardPlan]:
+def plan_shards(spec: JobSpec, fingerprint: str, key_id: str | None, model_id: str) -> list[ShardPlan]:
     urls = storage.list_shards(spec.input.paths)
     layout = OutputLayout(spec.output.dir)
     seen: dict[str, str] = {}
@@ -102,6 +102,14 @@ def plan_shards(spec: JobSpec, fingerprint: str, key_id: str | None) -> list[Sha
                 raise JobSpecError(
                     f"output.dir {spec.output.dir} already holds shard {name} from a different job configuration "
                     "or key; use a new output.dir, or delete the old outputs to redo them"
+                )
+            wanted = output_signature(spec, model_id)
+            made = {k: marker.get(k) for k in wanted}
+            if made != wanted:
+                raise JobSpecError(
+                    f"output.dir {spec.output.dir} already holds shard {name} made with {made}, but this run "
+                    f"would use {wanted} (the shipped model or the payload format changed since); finish the run "
+                    "with the version that began it, or use a new output.dir, or delete the old outputs to redo them"
                 )
             done = True
         plans.append(ShardPlan(url, name, done))
@@ -222,11 +230,11 @@ def run_job(spec: JobSpec, dry_run: bool = False, echo: Callable[[str], None] = 
             key_id = load_master_key(spec.keys.master)[1]
         elif spec.keys.create_demo_key and demo_key_path(spec.output.dir).exists():
             key_id = load_master_key(demo_key_path(spec.output.dir))[1]
-        echo(dry_run_text(spec, plan_shards(spec, fingerprint, key_id)))
+        echo(dry_run_text(spec, plan_shards(spec, fingerprint, key_id, model_id)))
         return {}
     if keys.demo_key_path:
         echo(f"using DEMO master key {keys.demo_key_path} (keys.create_demo_key); never use it for real data")
-    plans = plan_shards(spec, fingerprint, keys.key_id)
+    plans = plan_shards(spec, fingerprint, keys.key_id, model_id)
     remove_stale_temp_files(spec.output.dir)
     model_hashes = {} if spec.input.aligned else verify_mtcnn_weights()
     # Models that only measure (never change an output byte) are listed apart from those that shape the output.

@@ -55,6 +55,17 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def output_signature(spec: JobSpec, model_id: str) -> dict:
+    """What shaped a shard's bytes beyond the spec's fingerprint: the anonymizer model (its artifact hash:
+    the shipped default can change between versions) and the payload format it wrote. Done markers record
+    it, so that a resumed run never mixes shards of two models or payload formats under one run.json."""
+    from .payload import FORMAT_VERSION
+
+    an = spec.anonymizer
+    reversible = an.method == "g2face" and an.payload == "reversible"
+    return {"model_id": model_id, "payload_format": FORMAT_VERSION if reversible else None}
+
+
 class ShardWorker:
     """Processes whole shards. ``setup()`` loads the models once; ``process_shard`` is called per shard.
 
@@ -261,7 +272,8 @@ class ShardWorker:
         storage.atomic_write_file(self.layout.manifest(name), lambda f: write_parquet(f, public_rows, PUBLIC_SCHEMA))
         storage.atomic_write_file(self.layout.private(name), lambda f: write_parquet(f, private_rows, PRIVATE_SCHEMA))
         counts = shard_counts(public_rows)
-        done = {"shard": name, "fingerprint": self.fingerprint, "key_id": self.key_id, "counts": counts}
+        done = {"shard": name, "fingerprint": self.fingerprint, "key_id": self.key_id, "counts": counts,
+                **output_signature(self.spec, self.model_id)}
         storage.atomic_write_bytes(self.layout.done(name), (json.dumps(done, indent=2, sort_keys=True) + "\n").encode())
         return {"shard": name, "counts": counts, "seconds": time.perf_counter() - t0, "pid": os.getpid()}
 

@@ -104,7 +104,9 @@ def _fmt(v) -> str:
 
 
 def card_text(artifact: Path, sha256: str, meta: dict, ev: dict, stats: list[dict], hardware: str,
-              grid_name: str, grid_figures: dict) -> str:
+              grid_name: str, grid_figures: dict, minutes: float | None = None, recipe: str | None = None) -> str:
+    """The card's Markdown. ``stats``: the training runs' stats lines in order; ``minutes``: their training
+    time in all (default: the last line's); ``recipe``: the training settings, if not the defaults."""
     bars = ev["bars"]
     met = [k for k, b in bars.items() if isinstance(b, dict) and b.get("pass") is True]
     missed = [k for k, b in bars.items() if isinstance(b, dict) and b.get("pass") is False]
@@ -131,8 +133,10 @@ def card_text(artifact: Path, sha256: str, meta: dict, ev: dict, stats: list[dic
         "## Training",
         f"- Hardware and time: {hardware}.",
         f"- Steps: {len(warm)} warm-up + {len(train)} full-objective steps"
-        + (f" (last: step {stats[-1].get('total_steps')}, {stats[-1].get('time', 0) / 60:.1f} min)" if stats else "")
+        + (f" (last: step {stats[-1].get('total_steps')}, "
+           f"{minutes if minutes is not None else stats[-1].get('time', 0) / 60:.1f} min)" if stats else "")
         + ".",
+        *([f"- Recipe: {recipe}"] if recipe else []),
         f"- Config: `{json.dumps(cfg, sort_keys=True)}`",
         f"- Data and terms: {DATA_TERMS}",
         "",
@@ -161,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--artifact", type=Path, required=True)
     ap.add_argument("--eval", type=Path, required=True, help="eval.json of this artifact (g2face-pipe evaluate)")
-    ap.add_argument("--stats", type=Path, help="stats.jsonl of the training run")
+    ap.add_argument("--stats", type=Path, action="append", default=[],
+                    help="stats.jsonl of the training run (repeat, in order, for a model trained over several runs)")
+    ap.add_argument("--recipe", default=None, help="training settings that differ from the defaults, as text")
     ap.add_argument("--hardware", required=True, help="where and how long it trained, e.g. '1x H100, 8 min'")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "g2face" / "weights")
     args = ap.parse_args(argv)
@@ -173,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     ev = json.loads(args.eval.read_text())
     if ev.get("model", {}).get("artifact_sha256") not in (None, sha, model.artifact_sha256):
         raise SystemExit(f"{args.eval} evaluates another model ({ev['model']['artifact_sha256']}), not {args.artifact}")
-    stats = [json.loads(line) for line in args.stats.read_text().splitlines()] if args.stats else []
+    runs = [[json.loads(line) for line in path.read_text().splitlines() if line.strip()] for path in args.stats]
+    stats = [row for run in runs for row in run]
+    minutes = sum(run[-1].get("time", 0) for run in runs if run) / 60
     from PIL import Image
 
     with tempfile.TemporaryDirectory(prefix="g2face-card-") as tmp:
@@ -182,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     grid_path = args.out_dir / f"{args.artifact.stem}-grid.png"
     Image.fromarray(grid).save(grid_path)
     meta = {"config": model.config.to_dict(), "artifact_sha256": model.artifact_sha256}
-    text = card_text(args.artifact, sha, meta, ev, stats, args.hardware, grid_path.name, figures)
+    text = card_text(args.artifact, sha, meta, ev, stats, args.hardware, grid_path.name, figures, minutes,
+                     args.recipe)
     (args.out_dir / f"{args.artifact.stem}.md").write_text(text)
     # the evaluation itself, beside the card: run.json's model_quality reads the bars from it
     (args.out_dir / f"{args.artifact.stem}.eval.json").write_text(json.dumps(ev, indent=1, sort_keys=True) + "\n")

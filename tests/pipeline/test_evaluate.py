@@ -263,9 +263,17 @@ def test_model_card_states_exactly_the_evaluated_numbers(evaluated, artifact, tm
     card_mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(card_mod)
     eval_json = evaluated["tmp"] / "eval.json"
+    runs = [[{"phase": "hiding_warmup", "total_steps": 1, "time": 30.0},  # a model trained over two runs
+             {"phase": "train", "total_steps": 2, "time": 60.0}],
+            [{"phase": "train", "total_steps": 3, "time": 90.0}]]
+    for i, run in enumerate(runs):
+        (tmp_path / f"stats{i}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in run))
     assert card_mod.main(["--artifact", str(artifact), "--eval", str(eval_json), "--hardware", "test",
-                          "--out-dir", str(tmp_path)]) == 0
+                          "--stats", str(tmp_path / "stats0.jsonl"), "--stats", str(tmp_path / "stats1.jsonl"),
+                          "--recipe", "weights.dissimilar_margin=0.8", "--out-dir", str(tmp_path)]) == 0
     text = (tmp_path / f"{artifact.stem}.md").read_text()
+    assert "1 warm-up + 2 full-objective steps (last: step 3, 2.5 min)" in text  # time summed over the runs
+    assert "Recipe: weights.dissimilar_margin=0.8" in text
     assert hashlib.sha256(artifact.read_bytes()).hexdigest() in text
     doc = json.loads(eval_json.read_text())
     rows = dict(re.findall(r"^\| (\d_[a-z0-9_]+) \| ([^|]+) \|", text, re.M))

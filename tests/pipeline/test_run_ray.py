@@ -78,6 +78,23 @@ def test_changed_config_is_refused_on_a_used_output_dir(tmp_path):
         run_job(parse_spec(job_tree(out, DEMO_SHARDS[:1], anonymizer={"method": "pixelate"})), echo=lambda *_: None)
 
 
+def test_shards_of_another_model_or_payload_format_are_refused_on_resume(tmp_path):
+    """The spec may name no checkpoint (the shipped model), and the shipped model and payload format change
+    between versions: done markers record both, and a resume that would mix them under one run.json stops."""
+    out = tmp_path / "out"
+    tree = job_tree(out, DEMO_SHARDS[:1])
+    run_job(parse_spec(tree), echo=lambda *_: None)
+    marker_path = next((out / "done").glob("*.json"))
+    marker = json.loads(marker_path.read_text())
+    assert marker["model_id"].startswith("blur-v1") and marker["payload_format"] is None
+    marker["model_id"] = "blur-v0:an-older-release"
+    marker_path.write_text(json.dumps(marker))
+    from pipeline.spec import JobSpecError
+
+    with pytest.raises(JobSpecError, match=f"holds shard {marker['shard']} made with .*blur-v0.*model or the payload"):
+        run_job(parse_spec(tree), echo=lambda *_: None)
+
+
 def _demo_as_parquet(path, struct_images: bool):
     src = read_tar(DEMO_SHARDS[0])
     keys = list(src)
