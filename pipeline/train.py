@@ -222,8 +222,23 @@ def train_loop_per_worker(config: dict) -> None:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             return bool(flag.item())
 
+    def replica_spread() -> float:
+        """Largest difference between the ranks' weight checksums: 0 while gradient averaging keeps the
+        replicas identical; anything else means they trained apart and the run must stop."""
+        total = sum(p.detach().double().sum() for m in (state.model, state.discriminator) for p in m.parameters())
+        sums = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(world)]
+        dist.all_gather(sums, total.reshape(1).to(device))
+        values = torch.cat(sums)
+        return float(values.max() - values.min())
+
     def report(path: Path | None, metrics: dict) -> None:
         numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if world > 1:
+            numbers["replica_spread"] = replica_spread()
+            if numbers["replica_spread"] != 0:
+                raise RuntimeError(f"rank {rank}: the {world} data-parallel replicas differ (weight checksum spread "
+                                   f"{numbers['replica_spread']:.3g}) at step {metrics.get('total_steps')}; "
+                                   "gradient averaging failed, so the run stops instead of saving a mixed model")
         checkpoint = ray.train.Checkpoint.from_directory(str(path)) if path is not None else None
         ray.train.report(numbers, checkpoint=checkpoint)
 
