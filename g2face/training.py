@@ -437,14 +437,18 @@ def _load_artifact_warm_start(state: ts.TrainState, path: Path) -> dict:
     return {"steps": int(model.artifact_metadata.get("steps", 0)), "artifact_sha256": model.artifact_sha256}
 
 
-def artifact_from_warm_start(directory: str | os.PathLike, path: str | os.PathLike) -> str:
-    """Write the inference artifact (fp16) of a warm start's EMA (its generator if the EMA was left out)."""
+def artifact_from_warm_start(directory: str | os.PathLike, path: str | os.PathLike, weights: str = "ema") -> str:
+    """Write the inference artifact (fp16) of a warm start's EMA (its generator if the EMA was left out), or
+    with ``weights="generator"`` of the training weights themselves (what the losses saw last: after a
+    recipe change the EMA still mostly holds the weights from before it)."""
+    if weights not in ("ema", "generator"):
+        raise ValueError(f"weights must be 'ema' or 'generator', got {weights!r}")
     meta, states = read_warm_start(directory)
     model = G2Face(G2FaceConfig.from_dict(meta["config"]))
     own = model.state_dict()
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in states.get("ema", states["generator"]).items()},
-                          strict=True)
-    return save_artifact(model, path, metadata={"steps": meta["steps"], "warm_start": True})
+    source = states["generator"] if weights == "generator" else states.get("ema", states["generator"])
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in source.items()}, strict=True)
+    return save_artifact(model, path, metadata={"steps": meta["steps"], "warm_start": True, "weights": weights})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,9 +3,10 @@
 One device call: each ``--variant`` is a ``scripts/train_standalone.py`` process on the same GPU (small
 models leave a GPU mostly idle between kernels, so concurrent runs cost little each), all from the same
 start (default: the shipped model; generator and EMA from it, a fresh discriminator), with the same data,
-seed and minutes. Then every variant's EMA and the start are measured on ``carry/held_out`` (people in no
-training shard; ``make_gpu_carry.py``) with ``g2face.training.held_out_figures``, ranked by the share of
-anonymized faces still matching their original, and packed for the trip back:
+seed and minutes. Then every variant's EMA, its training weights ("live": in a run this short the EMA still
+mostly holds the start) and the start are measured on ``carry/held_out`` (people in no training shard;
+``make_gpu_carry.py``) with ``g2face.training.held_out_figures``, ranked by the share of anonymized faces
+still matching their original (EMA), and packed for the trip back:
 
     OUT/bundle.tar.part-NN   (each < 16 MiB; ``cat OUT/bundle.tar.part-* | tar -x -C DIR`` here)
         results.json                     start + variants: held-out figures, steps, steps/s, settings
@@ -170,6 +171,10 @@ def main() -> int:
             artifact = work / name / "g2face-lite-128.pt"
             training.artifact_from_warm_start(warm, artifact)
             row.update(training.held_out_figures(load_artifact(artifact).to(device), priors, batch))
+            # the training weights too: in a short run the EMA (decay 0.999) still mostly holds the start
+            live = work / name / "live.pt"
+            training.artifact_from_warm_start(warm, live, weights="generator")
+            row["live"] = training.held_out_figures(load_artifact(live).to(device), priors, batch)
         rows.append(row)
         print(json.dumps(rows[-1]), flush=True)
     trained = sorted((r for r in rows if r["variant"] != "(start)" and "still_matching" in r),
@@ -218,6 +223,8 @@ def main() -> int:
     print(" | ".join(cols))
     for row in rows:
         print(" | ".join(str(row.get(c, "")) for c in cols))
+        if "live" in row:
+            print(" | ".join([f"{row['variant']} (live)", "", ""] + [str(row["live"].get(c, "")) for c in cols[3:]]))
     return 0
 
 

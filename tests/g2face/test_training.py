@@ -126,6 +126,11 @@ def test_warm_start_files_are_small_and_load(tmp_path, faces, priors):
 
     sha = training.artifact_from_warm_start(tmp_path / "ws", tmp_path / "model.g2face")
     assert load_artifact(tmp_path / "model.g2face", expected_sha256=sha).config == TINY
+    training.artifact_from_warm_start(tmp_path / "ws", tmp_path / "live.g2face", weights="generator")
+    for src, path in ((state.ema, "model.g2face"), (state.model, "live.g2face")):  # each holds what it says
+        loaded = load_artifact(tmp_path / path).state_dict()
+        for name, p in src.state_dict().items():
+            assert torch.equal(p.half().float() if p.is_floating_point() else p, loaded[name].float()), (path, name)
     for name in meta["parts"]["ema"]:  # EMA left out (a smaller carry): the generator stands in
         (tmp_path / "ws" / name).unlink()
     training.load_warm_start(fresh, tmp_path / "ws")
