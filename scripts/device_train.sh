@@ -10,6 +10,7 @@
 # with the hiding warm-up when neither exists. Extra arguments go to scripts/train_standalone.py.
 # $OUT receives warm_start/ parts (each < 16 MiB), stats.jsonl and the last grid: at most 8 files.
 # Rebuild the inference artifact here with g2face.training.artifact_from_warm_start(DIR, PATH).
+# To compare several recipes in one lease instead: scripts/device_recipes.py (concurrent runs, held-out figures).
 # Full precision (TF32) rather than bf16 autocast: on an H200, lite-128 ran 1447 faces/s in fp32 and 1310 in
 # bf16, paper-256 241 and 110 (bench/model_speed.py, batch 32).
 set -euo pipefail
