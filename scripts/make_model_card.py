@@ -104,9 +104,11 @@ def _fmt(v) -> str:
 
 
 def card_text(artifact: Path, sha256: str, meta: dict, ev: dict, stats: list[dict], hardware: str,
-              grid_name: str, grid_figures: dict, minutes: float | None = None, recipe: str | None = None) -> str:
+              grid_name: str, grid_figures: dict, minutes: float | None = None, recipe: str | None = None,
+              previous: dict | None = None) -> str:
     """The card's Markdown. ``stats``: the training runs' stats lines in order; ``minutes``: their training
-    time in all (default: the last line's); ``recipe``: the training settings, if not the defaults."""
+    time in all (default: the last line's); ``recipe``: the training settings, if not the defaults;
+    ``previous``: the evaluation of the model this one replaces (a before/now table of the bars)."""
     bars = ev["bars"]
     met = [k for k, b in bars.items() if isinstance(b, dict) and b.get("pass") is True]
     missed = [k for k, b in bars.items() if isinstance(b, dict) and b.get("pass") is False]
@@ -151,6 +153,14 @@ def card_text(artifact: Path, sha256: str, meta: dict, ev: dict, stats: list[dic
         if isinstance(b, dict):
             ok = {True: "yes", False: "no", None: "n/a"}[b.get("pass")]
             lines.append(f"| {name} | {_fmt(b.get('value'))} | {b['comparison']} {_fmt(b['threshold'])} | {ok} |")
+    if previous is not None:
+        prev_bars = previous.get("bars", {})
+        lines += ["", f"Compared with the model it replaces (content hash "
+                      f"`{previous.get('model', {}).get('artifact_sha256')}`, same evaluation data):", "",
+                  "| bar | before | now |", "|---|---|---|"]
+        for name, b in bars.items():
+            if isinstance(b, dict) and isinstance(prev_bars.get(name), dict):
+                lines.append(f"| {name} | {_fmt(prev_bars[name].get('value'))} | {_fmt(b.get('value'))} |")
     lines += ["", "Every other number of the evaluation, as written by `evaluate`:", "", "```json",
               json.dumps({k: v for k, v in ev.items() if k != "bars"}, indent=1, sort_keys=True), "```", "",
               "## Grid", "",
@@ -168,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stats", type=Path, action="append", default=[],
                     help="stats.jsonl of the training run (repeat, in order, for a model trained over several runs)")
     ap.add_argument("--recipe", default=None, help="training settings that differ from the defaults, as text")
+    ap.add_argument("--previous", type=Path, default=None,
+                    help="eval.json of the model this one replaces (adds a before/now table)")
     ap.add_argument("--hardware", required=True, help="where and how long it trained, e.g. '1x H100, 8 min'")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "g2face" / "weights")
     args = ap.parse_args(argv)
@@ -190,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     grid_path = args.out_dir / f"{args.artifact.stem}-grid.png"
     Image.fromarray(grid).save(grid_path)
     meta = {"config": model.config.to_dict(), "artifact_sha256": model.artifact_sha256}
+    previous = json.loads(args.previous.read_text()) if args.previous else None
     text = card_text(args.artifact, sha, meta, ev, stats, args.hardware, grid_path.name, figures, minutes,
-                     args.recipe)
+                     args.recipe, previous)
     (args.out_dir / f"{args.artifact.stem}.md").write_text(text)
     # the evaluation itself, beside the card: run.json's model_quality reads the bars from it
     (args.out_dir / f"{args.artifact.stem}.eval.json").write_text(json.dumps(ev, indent=1, sort_keys=True) + "\n")
