@@ -54,7 +54,7 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, pairs
 
 
-def train_command(args, name: str, pairs: list[str], run_dir: Path) -> list[str]:
+def train_command(args, pairs: list[str], run_dir: Path) -> list[str]:
     cmd = [sys.executable, str(ROOT / "scripts" / "train_standalone.py"), "--data", args.data,
            "--config", "lite-128", "--batch", str(args.batch), "--minutes", str(args.minutes),
            "--checkpoint-every", "200", "--grid-every", "250", "--log-every", "50", "--device", args.device,
@@ -120,7 +120,7 @@ def main() -> int:
     procs = {}
     for name, pairs in variants:
         log = open(work / f"{name}.log", "w")
-        procs[name] = (subprocess.Popen(train_command(args, name, pairs, work / name), stdout=log,
+        procs[name] = (subprocess.Popen(train_command(args, pairs, work / name), stdout=log,
                                         stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}), log)
     deadline = t0 + args.minutes * 60 + 120  # set-up and the last checkpoint fit in the 2 minutes
     snapshots = []
@@ -186,10 +186,9 @@ def main() -> int:
     # ---- pack: small files first, then artifacts best first, then the best warm start, while room lasts
     members: list[tuple[str, bytes]] = [("results.json", json.dumps(results, indent=1).encode())]
     for name, _ in variants:
-        for src, dst, zipped in ((work / name / "stats.jsonl", "stats.jsonl.gz", True),
-                                 (work / f"{name}.log", "train.log.gz", True)):
+        for src, dst in ((work / name / "stats.jsonl", "stats.jsonl.gz"), (work / f"{name}.log", "train.log.gz")):
             if src.is_file():
-                members.append((f"{name}/{dst}", gzip.compress(src.read_bytes()) if zipped else src.read_bytes()))
+                members.append((f"{name}/{dst}", gzip.compress(src.read_bytes())))
         grids = sorted((work / name / "grids").glob("*.png"))
         if grids:
             members.append((f"{name}/grid.png", grids[-1].read_bytes()))

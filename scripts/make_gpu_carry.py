@@ -28,6 +28,7 @@ import random
 import subprocess
 import sys
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -50,11 +51,9 @@ def person_of(key: str) -> str:
 
 def held_out_people(keys: list[str], faces: int) -> set[str]:
     """People (fixed draw) whose faces add up to at least ``faces``; none if ``faces`` is 0."""
-    people = sorted({person_of(k) for k in keys})
+    count = Counter(person_of(k) for k in keys)
+    people = sorted(count)
     random.Random(HELD_OUT_SEED).shuffle(people)
-    count: dict[str, int] = {}
-    for k in keys:
-        count[person_of(k)] = count.get(person_of(k), 0) + 1
     chosen, total = set(), 0
     for person in people:
         if total >= faces:

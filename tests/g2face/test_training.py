@@ -208,7 +208,8 @@ def test_warmup_visibility_budget_keeps_the_payload_quiet(faces, priors):
 
 def test_held_out_figures_are_repeatable_and_in_range(faces, priors):
     """The recipe comparison's figures (bench/anonymize_recipe.py, scripts/device_recipes.py): fixed draws give
-    the same numbers on every call, whatever the chunk size, and leave the model's mode as it was."""
+    the same numbers on every call and leave the model's mode as it was; another seed and chunk size change
+    the draws, not which faces are measured."""
     torch.manual_seed(3)
     model = training.G2Face(TINY).train()
     batch = training.collate(faces, 64)
