@@ -18,9 +18,9 @@ decode and authenticate, for PNG and for JPEG at a given quality.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import math
-import os
 from dataclasses import dataclass
 
 import cv2
@@ -134,11 +134,9 @@ def hide(model, faces: np.ndarray, identity: np.ndarray, geometry: np.ndarray, b
 
 @torch.no_grad()
 def extract_logits(model, crops: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Bit logits (N, payload_bits) float32 of read-back crops, eval mode."""
-    model.eval()
-    dev = next(model.parameters()).device
-    return np.concatenate([model.extract_logits(to_model(crops[s:s + batch_size], dev)).float().cpu().numpy()
-                           for s in range(0, len(crops), batch_size)])
+    """Bit logits (N, payload_bits) float32 of read-back crops, as the pipeline reads them (``G2Face.extract``)."""
+    return np.concatenate([model.extract(torch.from_numpy(crops[s:s + batch_size]).permute(0, 3, 1, 2).float() / 255)
+                           .cpu().numpy() for s in range(0, len(crops), batch_size)])
 
 
 def tune_extractor(model, originals: np.ndarray, generated: np.ndarray, bits: np.ndarray, *, epochs: int,
@@ -146,13 +144,18 @@ def tune_extractor(model, originals: np.ndarray, generated: np.ndarray, bits: np
                    log=None) -> list[dict]:
     """Train ``model.extractor`` in place (every other parameter frozen) to read ``bits`` from fresh channel
     draws of ``generated`` each epoch; binary cross-entropy on the payload positions, Adam with a cosine
-    schedule. Returns one record per epoch (mean loss, bit error rate of the training reads)."""
+    schedule. Returns one record per epoch (mean loss, bit error rate of the training reads). The model's
+    train/eval modes and requires_grad flags are restored afterwards; seeded by ``seed`` (numpy draws only:
+    the batches and channel; Adam and the network are deterministic on CPU)."""
+    if len(generated) < 2 or epochs < 1:
+        raise ValueError(f"need at least 2 samples and 1 epoch, got {len(generated)} samples, {epochs} epochs")
     rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
     dev = next(model.parameters()).device
+    flags = {p: p.requires_grad for p in model.parameters()}
+    modes = {m: m.training for m in model.modules()}
+    params = list(model.extractor.parameters())
     for p in model.parameters():
         p.requires_grad_(False)
-    params = list(model.extractor.parameters())
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
@@ -160,33 +163,36 @@ def tune_extractor(model, originals: np.ndarray, generated: np.ndarray, bits: np
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
     target_all = torch.from_numpy(bits).float()
     history = []
-    for epoch in range(epochs):
-        crops, _ = random_channel(originals, generated, config, rng)
-        order = rng.permutation(len(crops))
-        model.eval()
-        model.extractor.train()  # batch statistics, and the running ones follow the channel's images
-        losses, errors = [], []
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            if len(idx) < 2:
-                continue  # batch norm needs two samples
-            logits = model.extract_logits(to_model(crops[idx], dev))
-            target = target_all[idx].to(dev)
-            loss = F.binary_cross_entropy_with_logits(logits.float(), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            errors.append(((logits.detach() > 0) != (target > 0.5)).float().mean().item())
-        rec = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "train_ber": float(np.mean(errors)),
-               "lr": sched.get_last_lr()[0]}
-        history.append(rec)
-        if log:
-            log(rec)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    try:
+        for epoch in range(epochs):
+            crops, _ = random_channel(originals, generated, config, rng)
+            order = rng.permutation(len(crops))
+            model.eval()
+            model.extractor.train()  # batch statistics, and the running ones follow the channel's images
+            losses, errors = [], []
+            for s in range(0, len(order), batch_size):
+                idx = order[s:s + batch_size]
+                if len(idx) < 2:
+                    continue  # batch norm needs two samples
+                logits = model.extract_logits(to_model(crops[idx], dev))
+                target = target_all[idx].to(dev)
+                loss = F.binary_cross_entropy_with_logits(logits.float(), target)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+                errors.append(((logits.detach() > 0) != (target > 0.5)).float().mean().item())
+            rec = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "train_ber": float(np.mean(errors)),
+                   "lr": sched.get_last_lr()[0]}
+            history.append(rec)
+            if log:
+                log(rec)
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        for m, mode in modes.items():
+            m.training = mode
     return history
 
 
@@ -194,8 +200,10 @@ def payload_figures(model, originals: np.ndarray, identity: np.ndarray, geometry
                     jpeg_quality: int = 90, seed: int = 777, scales: tuple[float, float] = (0.5, 1.25)) -> dict:
     """Bit error rate and real-payload decode rate through the channel, lossless and JPEG, fixed draws.
 
-    Each face hides a real payload (its identity embedding, encrypted under a throw-away key and error
-    corrected as the pipeline does); the same transforms are used for both storage modes.
+    Each face hides a real payload (its identity embedding, encrypted and error corrected as the pipeline
+    does) under a key and context derived from ``seed`` alone, so two models measured with the same seed
+    hide the same bits in the same faces through the same transforms: a paired comparison. The key is a
+    measurement key, never a dataset's.
     """
     from .keys import ShardKey
     from .payload import PayloadContext, PayloadLayout, decode, encode
@@ -204,9 +212,8 @@ def payload_figures(model, originals: np.ndarray, identity: np.ndarray, geometry
     n, res = len(originals), originals.shape[1]
     cfg = model.config
     layout = PayloadLayout(cfg.payload_bits, identity.shape[1])
-    key = ShardKey.from_master(os.urandom(32), "tuning", "held-out")
-    contexts = [PayloadContext("tuning", "held-out", f"face-{i}", 0, getattr(model, "artifact_sha256", None) or "model", seed)
-                for i in range(n)]
+    key = ShardKey.from_master(hashlib.sha256(b"g2face-pipe/extractor-tuning/%d" % seed).digest(), "tuning", "held-out")
+    contexts = [PayloadContext("tuning", "held-out", f"face-{i}", 0, "measurement", seed) for i in range(n)]
     bits = np.stack([encode(identity[i], contexts[i], key, layout) for i in range(n)]).astype(np.float32)
     seeds = [int(s) for s in rng.integers(0, 2**62, n)]
     generated = hide(model, originals, identity, geometry, bits, seeds)

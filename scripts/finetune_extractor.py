@@ -7,7 +7,10 @@ held-out LFW people of ``scripts/make_gpu_carry.py`` are never trained on: the b
 models side by side in this one run. The new artifact keeps the old metadata plus an ``extractor_tuning``
 record; it is written only with ``--out``.
 
-Usage (about 40 min on the 2-core machine with the defaults):
+The held-out figures are paired: every model measured hides the same payloads in the same faces through the
+same transforms (``--compare OTHER`` measures another artifact in the same run; ``--epochs 0`` only measures).
+
+Usage (about 30 min on the 2-core machine with the defaults):
     python scripts/finetune_extractor.py --data '/tmp/g2face-prepared/lfw-devtrain/shards/*.tar' \
         --out /tmp/extractor/g2face-lite-128.pt --report /tmp/extractor/report.json
 """
@@ -28,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from g2face.checkpoint import SHIPPED_ARTIFACT, load_artifact, save_artifact  # noqa: E402
+from g2face.checkpoint import SHIPPED_ARTIFACT, load_artifact, load_torch_file, save_artifact  # noqa: E402
 from g2face.training import _decode_png, read_faces  # noqa: E402
 from make_gpu_carry import held_out_people, person_of  # noqa: E402
 from pipeline.extractor_tuning import ChannelConfig, hide, payload_figures, tune_extractor  # noqa: E402
@@ -56,7 +59,8 @@ def main(argv=None) -> int:
     ap.add_argument("--faces", type=int, default=3000, help="training faces (seeded draw, held-out people excluded)")
     ap.add_argument("--held-out-faces", type=int, default=256, help="as make_gpu_carry.py: the people measured on")
     ap.add_argument("--eval-faces", type=int, default=256, help="held-out faces measured (before and after)")
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=6, help="0: only measure --artifact (and each --compare)")
+    ap.add_argument("--compare", action="append", default=[], help="another artifact measured on the same draws")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--jpeg-share", type=float, default=0.6)
@@ -77,6 +81,11 @@ def main(argv=None) -> int:
     pool = [f for f in faces if person_of(f.key) not in held]
     rng = np.random.default_rng(args.seed)
     train_faces = [pool[i] for i in sorted(rng.choice(len(pool), min(args.faces, len(pool)), replace=False))]
+    stored = {v.dtype for v in load_torch_file(args.artifact, "G2Face artifact")["state_dict"].values()
+              if v.is_floating_point()}
+    if args.out and stored != {torch.float16}:
+        sys.exit(f"--artifact {args.artifact} stores {sorted(map(str, stored))} weights; the tuned artifact is "
+                 "written in fp16, which would round the generator: tune an fp16 artifact")
     model = load_artifact(args.artifact)
     res = model.config.resolution
     print(f"model {model.artifact_sha256[:16]}; {len(train_faces)} training faces, {len(held_faces)} held-out "
@@ -85,6 +94,15 @@ def main(argv=None) -> int:
     ev = arrays(held_faces, res)
     before = payload_figures(model, *ev)
     print("before", json.dumps(before), f"{time.time() - t0:.0f}s", flush=True)
+    compared = {}
+    for path in args.compare:
+        compared[path] = payload_figures(load_artifact(path), *ev)
+        print(path, json.dumps(compared[path]), flush=True)
+    if args.epochs == 0:
+        if args.report:
+            Path(args.report).write_text(json.dumps({"artifact": args.artifact, "figures": before,
+                                                     "compare": compared}, indent=1))
+        return 0
 
     crops, identity, geometry = arrays(train_faces, res)
     bits = rng.integers(0, 2, (len(crops), model.config.payload_bits)).astype(np.float32)

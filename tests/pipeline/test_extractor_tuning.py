@@ -56,8 +56,12 @@ def test_channel_config_names_the_bad_field():
 
 
 def test_tuning_changes_only_the_extractor_and_reads_better(crops, fixture_model_and_priors):
+    import copy
+
     model, identity, geometry = fixture_model_and_priors
+    model = copy.deepcopy(model)  # tuned in place: the module's copy stays as loaded
     before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
     rng = np.random.default_rng(3)
     originals = np.concatenate([crops] * 4)  # four payloads per portrait
     identity, geometry = np.concatenate([identity] * 4), np.concatenate([geometry] * 4)
@@ -66,22 +70,26 @@ def test_tuning_changes_only_the_extractor_and_reads_better(crops, fixture_model
     generated = hide(model, originals, identity, geometry, bits, seeds)
     assert np.array_equal(generated, hide(model, originals, identity, geometry, bits, seeds))  # seeded, deterministic
     # lossless storage: the fixture's bits survive it (under JPEG they are mostly gone, BER ~0.27, and no
-    # extractor can read what is not there), so tuning has errors it can remove (measured 0.0013 -> 0.0008)
+    # extractor can read what is not there), so tuning has errors it can remove (measured on fresh payloads: 0.0016 -> 0.0013)
     channel = ChannelConfig(min_scale=0.5, max_scale=0.8, jpeg_share=0.0)
-    probe, quality = random_channel(originals, generated, channel, np.random.default_rng(99))
+    # probed with payloads and seeds it never trained on, through other channel draws
+    probe_bits = rng.integers(0, 2, bits.shape).astype(np.float32)
+    probe_seeds = [int(s) for s in rng.integers(0, 2**62, len(originals))]
+    probe, quality = random_channel(originals, hide(model, originals, identity, geometry, probe_bits, probe_seeds),
+                                    channel, np.random.default_rng(99))
     assert not quality.any()
 
     def ber() -> float:
-        return float(((extract_logits(model, probe) > 0) != (bits > 0.5)).mean())
+        return float(((extract_logits(model, probe) > 0) != (probe_bits > 0.5)).mean())
 
     start = ber()
     history = tune_extractor(model, originals, generated, bits, epochs=10, config=channel, batch_size=8, lr=3e-4, seed=1)
     assert len(history) == 10 and all(np.isfinite(h["loss"]) for h in history)
     after = ber()
-    assert after < start * 0.8, (start, after)
+    assert after < start * 0.9, (start, after)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before_state[k])}
     assert changed and all(k.startswith("extractor.") for k in changed), sorted(changed)[:5]
-    assert not any(p.requires_grad for p in model.parameters())
+    assert [p.requires_grad for p in model.parameters()] == flags and not model.training  # state restored
     # the anonymised faces are untouched by tuning
     assert np.array_equal(generated, hide(model, originals, identity, geometry, bits, seeds))
 
@@ -96,6 +104,8 @@ def test_payload_figures_decode_real_payloads(crops, fixture_model_and_priors):
     # lossless storage of large faces: the fixture's bits come back, so the real payloads open
     assert figures["png"]["ber"] < 0.05 and figures["png"]["decode_rate"] == 1.0
     assert figures["jpeg_q90"]["ber"] >= figures["png"]["ber"]
+    # the same seed hides the same payloads through the same transforms: a paired, repeatable measurement
+    assert payload_figures(model, crops[:6], identity[:6], geometry[:6], scales=(0.5, 0.7)) == figures
 
 
 def test_script_writes_a_tuned_artifact_that_differs_only_in_the_extractor(tmp_path):
