@@ -20,6 +20,7 @@ from g2face.identity import SAME_PERSON_DISTANCE
 
 from . import align
 from .audit import Run
+from .imaging import jpeg_roundtrip
 from .metrics_stage import FaceMeasurer, metric_transform
 from .privacy_metrics import match_share, psnr_ssim_mae, summary
 
@@ -53,12 +54,6 @@ def _run_recovery(run_dir: Path, key: Path, out_dir: Path, device: str) -> tuple
     return rows, images, refused
 
 
-def _jpeg(rgb: np.ndarray, quality: int) -> np.ndarray:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, "JPEG", quality=quality)
-    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
-
-
 def jpeg_decode_rate(run: Run, key: Path, images: list, device: str = "cpu") -> dict:
     """Share of g2face faces whose payload still opens (decodes and authenticates under the shard key) after
     the written image is re-encoded as JPEG q90: the verification stage's own read-back on that copy."""
@@ -79,7 +74,7 @@ def jpeg_decode_rate(run: Run, key: Path, images: list, device: str = "cpu") -> 
         if not faces:
             continue
         sp = payloads.setdefault(im.shard, ShardPayload(job, ShardKey.from_master(master, run.spec.dataset.id, im.shard)))
-        jpeg = _jpeg(im.written, JPEG_QUALITY)
+        jpeg = jpeg_roundtrip(im.written, JPEG_QUALITY)
         crops = [align.warp_to_crop(jpeg, np.asarray(im.private["transforms"][i], np.float64).reshape(2, 3), res)
                  for i, _ in faces]
         for (i, f), logits in zip(faces, extract_logits(model, crops, torch.device(device), 16)):

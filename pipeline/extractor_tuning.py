@@ -19,7 +19,6 @@ decode and authenticate, for PNG and for JPEG at a given quality.
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 from dataclasses import dataclass
 
@@ -27,9 +26,8 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
-from . import align
+from . import align, verify
+from .imaging import jpeg_roundtrip
 
 
 @dataclass(frozen=True)
@@ -74,13 +72,6 @@ def make_photo(crop: np.ndarray, m: np.ndarray) -> np.ndarray:
     side = int(math.ceil(1.6 * res / align.transform_scale(m)))
     return cv2.warpAffine(crop, m, (side, side), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                           borderMode=cv2.BORDER_REFLECT101)
-
-
-def jpeg_roundtrip(rgb: np.ndarray, quality: int) -> np.ndarray:
-    """Pillow JPEG at ``quality`` (its default 4:2:0 chroma subsampling, as the evaluation's copy), decoded."""
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, "JPEG", quality=int(quality))
-    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
 
 
 def publish_and_read(original: np.ndarray, generated: np.ndarray, m: np.ndarray, jpeg_quality: int | None) -> np.ndarray:
@@ -132,11 +123,9 @@ def hide(model, faces: np.ndarray, identity: np.ndarray, geometry: np.ndarray, b
     return np.concatenate(out)
 
 
-@torch.no_grad()
 def extract_logits(model, crops: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Bit logits (N, payload_bits) float32 of read-back crops, as the pipeline reads them (``G2Face.extract``)."""
-    return np.concatenate([model.extract(torch.from_numpy(crops[s:s + batch_size]).permute(0, 3, 1, 2).float() / 255)
-                           .cpu().numpy() for s in range(0, len(crops), batch_size)])
+    """Bit logits (N, payload_bits) float32 of read-back crops, read as the verification stage reads them."""
+    return np.stack(verify.extract_logits(model, crops, next(model.parameters()).device, batch_size))
 
 
 def tune_extractor(model, originals: np.ndarray, generated: np.ndarray, bits: np.ndarray, *, epochs: int,

@@ -144,6 +144,14 @@ def encode_image(
     return buf.getvalue()
 
 
+def jpeg_roundtrip(rgb: np.ndarray, quality: int) -> np.ndarray:
+    """RGB uint8 through Pillow JPEG at ``quality`` (its default 4:2:0 chroma subsampling) and back: the JPEG
+    copy the evaluation reads payloads from, and the channel extractor tuning trains on."""
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=int(quality))
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+
+
 def output_format(input_format: str, image_format: str) -> str:
     """PIL format to write: the input's ('keep') or the job's."""
     if image_format == "keep":
