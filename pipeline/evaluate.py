@@ -310,6 +310,12 @@ def _verification_section(verif: dict | None) -> dict:
     return sec
 
 
+def _reinforcement(run) -> dict:
+    """The payload reinforcement settings the model's run used (bar 4 depends on them)."""
+    an = run.doc.get("spec", {}).get("anonymizer", {})
+    return {"steps": an.get("payload_reinforce_steps", 0), "max_change_grey_levels": an.get("payload_reinforce_max_change")}
+
+
 def build_document(ckpt, sha, cfg, data, urls, samples, limit, pairs, runs, privacy, utility, routes, verif,
                    payload, recovery, timings, device, torch_threads) -> dict:
     from .runner import package_versions
@@ -361,7 +367,7 @@ def build_document(ckpt, sha, cfg, data, urls, samples, limit, pairs, runs, priv
         "privacy_rows": [privacy[m] for m in runs],
         "verification": _verification_section(verif) | {"far_target": FAR_TARGET},
         "recovery": recovery,
-        "payload": payload,
+        "payload": payload | {"reinforcement": _reinforcement(runs["g2face"])},
         "utility": {
             m: utility[m] | {k: v for k, v in nme_of(r, 256).items()} for m, r in runs.items()
         }

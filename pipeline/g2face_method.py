@@ -170,6 +170,20 @@ class G2FaceAnonymizer:
         """Payload bit logits (B, payload_bits) read from (re-aligned) crops in [0, 1]."""
         return self.model.extract(faces)
 
+    def bit_logits(self, faces: torch.Tensor) -> torch.Tensor:
+        """Payload bit logits (B, payload_bits) of crops in [0, 1], differentiable with respect to the crops
+        (payload reinforcement); the model stays in eval mode."""
+        net = self.model.eval()
+        p = next(net.parameters())
+        return net.extract_logits(faces.to(p.device, p.dtype) * 2 - 1)
+
+    def payload_margin_gradient(self, crops, bits, margin: float):
+        """Payload reinforcement's oracle: (gradient of the bit-margin loss w.r.t. uint8 crops (N, R, R, 3) as
+        float32 arrays, smallest signed bit margin per face (N,)); ``bits`` (N, payload_bits) 0/1."""
+        from .payload_reinforce import margin_gradient
+
+        return margin_gradient(self.bit_logits, crops, bits, margin, self.device)
+
     def recover(self, anonymized: torch.Tensor, identity: torch.Tensor, seeds: list[int]) -> torch.Tensor:
         """Crops in [0, 1] re-synthesised with the decrypted identity; geometry from the anonymized crop."""
         return self.model.recover(anonymized, identity, self.geometry(anonymized), list(seeds))

@@ -151,6 +151,10 @@ class _ModelServer:
                 y = self.model.anonymize(x, seeds, payload_bits=torch.from_numpy(np.array(payload_bits)), identity=ident)
         return y.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
+    def payload_margin_gradient(self, crops: np.ndarray, bits: np.ndarray, margin: float):
+        """Payload reinforcement runs its extractor passes here, on the pool's device (bits: ciphertext + ECC)."""
+        return self.model.payload_margin_gradient(np.array(crops), np.array(bits), margin)
+
     def device_name(self) -> str:
         return str(self.device)
 
@@ -198,6 +202,12 @@ class RemoteAnonymizer:
         ident = None if identity is None else identity.float().cpu().numpy()
         out = ray.get(self._next().anonymize.remote(self._crops(faces), list(seeds), bits, ident))
         return torch.from_numpy(np.array(out)).to(faces.device).permute(0, 3, 1, 2).float().div_(255.0)
+
+    def payload_margin_gradient(self, crops: np.ndarray, bits: np.ndarray, margin: float):
+        import ray
+
+        grad, worst = ray.get(self._next().payload_margin_gradient.remote(crops, np.asarray(bits, np.uint8), margin))
+        return np.array(grad), np.array(worst)
 
 
 # -- running shards -----------------------------------------------------------------------------------------

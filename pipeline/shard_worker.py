@@ -22,8 +22,9 @@ from .imaging import EXT_FORMAT, FORMAT_EXT
 from .keys import pseudonymize
 from .manifest import PRIVATE_SCHEMA, PUBLIC_SCHEMA, check_status
 from .metrics_stage import FaceMeasurer, MetricsStage, recognizer_of
+from .payload_reinforce import PayloadReinforcer, ReinforceSettings
 from .shardio import RawSample, read_parquet, read_webdataset, write_parquet, write_webdataset
-from .spec import JobSpec
+from .spec import JobSpec, reinforcement_applies
 from .stages import AlignStage, AnonymizeStage, DecodeStage, DetectStage, PasteEncodeStage, Sample
 from .verify import PayloadJob, ShardPayload, VerifyStage
 
@@ -137,7 +138,8 @@ class ShardWorker:
             ),
             AnonymizeStage(anonymizers, spec.resources.anonymize.batch_size, device, fail_fast, payload_mode,
                            self._identity_guard(), an.fallback),
-            PasteEncodeStage(spec.output.image_format, spec.output.jpeg_quality, spec.policy.on_no_face, fail_fast),
+            PasteEncodeStage(spec.output.image_format, spec.output.jpeg_quality, spec.policy.on_no_face, fail_fast,
+                             self._reinforcer(anonymizers["g2face"] if payload_mode else None, payload_mode)),
         ]
         if payload_mode:  # always on for g2face, whatever metrics.enabled says; before metrics, which measure the final bytes
             self.stages.append(
@@ -149,6 +151,13 @@ class ShardWorker:
             self.stages.append(MetricsStage(measurer, an.resolution, spec.input.aligned, spec.input.max_pixels, fail_fast))
         for st in self.stages:
             st.setup()
+
+    def _reinforcer(self, anonymizer, payload_mode: str | None) -> PayloadReinforcer | None:
+        an = self.spec.anonymizer
+        if not reinforcement_applies(an) or payload_mode != "reversible":
+            return None  # irreversible bits are never read
+        settings = ReinforceSettings(an.payload_reinforce_steps, an.payload_reinforce_max_change)
+        return PayloadReinforcer(anonymizer, settings, self.spec.resources.anonymize.batch_size)
 
     def _identity_guard(self) -> IdentityGuard | None:
         an = self.spec.anonymizer

@@ -157,6 +157,18 @@ class AnonymizerSpec:
         description="Euclidean distance between dlib embeddings below which the guard treats two faces as the "
         "same person (dlib's own threshold is 0.6; raise it for a wider safety margin).",
     )
+    payload_reinforce_steps: int = Field(
+        default=6, ge=0, le=20,
+        description="Method g2face with the shipped priors, reversible payload: up to this many projected-gradient "
+        "steps nudge each anonymized crop towards the payload extractor reading every bit with a margin from the "
+        "image as it is written (pasted back, encoded in the output format, re-aligned); a face stops once it "
+        "does. 0 turns it off (weights: official ignores it). Each step costs an extractor forward and backward "
+        "pass per face, plus a paste-back and, for lossy output, an encode/decode around the faces.",
+    )
+    payload_reinforce_max_change: int = Field(
+        default=4, ge=1, le=8,
+        description="The most payload reinforcement may move any pixel of an anonymized crop, in grey levels.",
+    )
 
     @model_validator(mode="after")
     def _official_weights(self) -> "AnonymizerSpec":
@@ -405,6 +417,12 @@ def spec_to_dict(spec: JobSpec) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(spec)))
 
 
+def reinforcement_applies(an: AnonymizerSpec) -> bool:
+    """Whether payload reinforcement runs for this anonymizer (reversible shipped-prior g2face, steps > 0)."""
+    return (an.method == "g2face" and an.weights == "shipped" and an.payload == "reversible"
+            and an.payload_reinforce_steps > 0)
+
+
 def spec_fingerprint(spec: JobSpec) -> str:
     """Hash of what shapes the output bytes of a shard.
 
@@ -417,6 +435,9 @@ def spec_fingerprint(spec: JobSpec) -> str:
     if d["anonymizer"]["weights"] == "shipped":  # fingerprints of jobs written before these keys stay the same
         d["anonymizer"].pop("weights")
         d["anonymizer"].pop("official")
+    if not reinforcement_applies(spec.anonymizer):  # jobs whose bytes it does not touch keep their fingerprints
+        d["anonymizer"].pop("payload_reinforce_steps")
+        d["anonymizer"].pop("payload_reinforce_max_change")
     d.pop("runtime", None)
     d.pop("resources", None)
     d["output"].pop("dir", None)

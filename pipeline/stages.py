@@ -7,6 +7,7 @@ Faces are batched across the images of a batch wherever a model runs.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ from . import align
 from .imaging import DecodedImage, DecodeError, decode_image, encode_image, output_format
 from .shardio import RawSample
 
+_log = logging.getLogger(__name__)
 _SIZE_CLASSES = load_json("status.json")["size_class"]
 
 
@@ -430,13 +432,36 @@ class PasteEncodeStage(_Stage):
         on_no_face: 'pass' or 'withhold' for images without faces.
     """
 
-    def __init__(self, image_format: str, jpeg_quality: int, on_no_face: str, fail_fast: bool = False):
+    def __init__(self, image_format: str, jpeg_quality: int, on_no_face: str, fail_fast: bool = False,
+                 reinforcer=None):
         super().__init__(fail_fast)
         self.image_format = image_format
         self.jpeg_quality = jpeg_quality
         self.on_no_face = on_no_face
+        self.reinforcer = reinforcer
+
+    def _reinforce(self, batch: list[Sample]) -> None:
+        """Payload reinforcement (``pipeline.payload_reinforce``) of the batch's reversible g2face faces."""
+        fmt_of = {i: output_format(s.image.format, self.image_format) for i, s in enumerate(batch)
+                  if s.live and s.image is not None}
+        try:
+            self.reinforcer.reinforce(batch, fmt_of, self.jpeg_quality)
+            return
+        except Exception:
+            pass  # one bad image must not cost the batch its reinforcement: retry image by image
+        for i in fmt_of:
+            try:
+                self.reinforcer.reinforce(batch, {i: fmt_of[i]}, self.jpeg_quality)
+            except Exception as e:
+                if self.fail_fast:
+                    raise StageError(f"sample {batch[i].raw.index}: payload reinforcement failed: "
+                                     f"{type(e).__name__}: {e}") from e
+                # Published unreinforced; verification still decides whether its payload reads back.
+                _log.warning("sample %s: payload reinforcement skipped (%s)", batch[i].raw.index, type(e).__name__)
 
     def process(self, batch: list[Sample]) -> list[Sample]:
+        if self.reinforcer is not None:
+            self._reinforce(batch)
         for s in batch:
             if not s.live:
                 continue

@@ -103,6 +103,13 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _reinforcement(ev: dict) -> str:
+    r = (ev.get("payload") or {}).get("reinforcement") or {}
+    if not r.get("steps"):
+        return "off"
+    return f"{r['steps']} steps, at most {_fmt(r.get('max_change_grey_levels'))} grey levels"
+
+
 def card_text(artifact: Path, sha256: str, meta: dict, ev: dict, stats: list[dict], hardware: str,
               grid_name: str, grid_figures: dict, minutes: float | None = None, recipe: str | None = None,
               previous: dict | None = None) -> str:
@@ -153,11 +160,17 @@ def card_text(artifact: Path, sha256: str, meta: dict, ev: dict, stats: list[dic
         if isinstance(b, dict):
             ok = {True: "yes", False: "no", None: "n/a"}[b.get("pass")]
             lines.append(f"| {name} | {_fmt(b.get('value'))} | {b['comparison']} {_fmt(b['threshold'])} | {ok} |")
+    lines += ["", f"Pipeline settings the bars depend on: payload reinforcement {_reinforcement(ev)} "
+                  "(`anonymizer.payload_reinforce_steps`, `payload_reinforce_max_change`)."]
     if previous is not None:
         prev_bars = previous.get("bars", {})
-        lines += ["", f"Compared with the model it replaces (content hash "
-                      f"`{previous.get('model', {}).get('artifact_sha256')}`, same evaluation data):", "",
-                  "| bar | before | now |", "|---|---|---|"]
+        prev_sha = previous.get("model", {}).get("artifact_sha256")
+        if prev_sha == meta.get("artifact_sha256"):
+            intro = (f"Compared with the previous evaluation of this same model (same evaluation data; the pipeline "
+                     f"changed: payload reinforcement {_reinforcement(previous)} then, {_reinforcement(ev)} now):")
+        else:
+            intro = f"Compared with the model it replaces (content hash `{prev_sha}`, same evaluation data):"
+        lines += ["", intro, "", "| bar | before | now |", "|---|---|---|"]
         for name, b in bars.items():
             if isinstance(b, dict) and isinstance(prev_bars.get(name), dict):
                 lines.append(f"| {name} | {_fmt(prev_bars[name].get('value'))} | {_fmt(b.get('value'))} |")

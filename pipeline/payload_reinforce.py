@@ -1,0 +1,196 @@
+"""Payload reinforcement: nudge each reversible g2face crop, by a few grey levels, until the payload extractor
+reads its bits with a margin from the image as it will be written.
+
+The generator hides the payload, but the bits then pass through the publishing channel: the 8-bit crop is
+pasted into the photo through the inverse alignment (resampled and feathered), the image is encoded in the
+job's format, and verification re-aligns the written pixels with the stored transform. Each step here runs
+that channel for real (``align.paste_back``, the job's encoder when it is lossy, ``align.warp_to_crop``),
+takes the extractor's gradient with respect to the read-back crop, and moves every pixel of the crop by
+``step`` grey levels against its sign (projected gradient descent, straight through the channel, whose
+resample-and-resample-back is close to the identity at the crop's own pixel grid). The total change per
+pixel is capped at ``max_change`` grey levels, so the anonymized face is visibly the same; a face whose bits
+all read with the margin stops changing (and is read again while a neighbour in its image still moves). Only
+the extractor runs (no generator pass), batched across the images of a batch, on the anonymizer's device (the
+GPU model pool when there is one). For JPEG output only a tile around the faces, on JPEG's block grid, goes
+through the codec each step, so large photos stay cheap; WebP goes through whole.
+
+Only reversible faces are reinforced: their bits are the encrypted payload. An irreversible face hides
+seeded random bits that nobody will read, so it is left as the generator made it. The bits are ciphertext
+plus error correction; pushing the image towards them reveals nothing the payload does not.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import align
+from .imaging import decode_image, encode_image
+
+LOSSLESS = {("PNG", "RGB"), ("PNG", "RGBA")}  # format/mode pairs whose encoding returns the pixels unchanged
+
+
+@dataclass(frozen=True)
+class ReinforceSettings:
+    """Args:
+        steps: projected-gradient steps per face (0: off).
+        max_change: the most any pixel of the anonymized crop may move, in whole grey levels (>= 1).
+        step: grey levels per step.
+        margin: bit-logit margin a face must reach on every bit to stop early.
+    """
+
+    steps: int = 6
+    max_change: int = 4
+    step: float = 1.0
+    margin: float = 2.0
+
+    def __post_init__(self):
+        if self.steps < 0 or int(self.max_change) != self.max_change or self.max_change < 1 or self.step <= 0 \
+                or self.margin < 0:
+            raise ValueError(f"invalid payload reinforcement settings {self}")
+
+
+def margin_loss(logits: torch.Tensor, bits: torch.Tensor, margin: float) -> torch.Tensor:
+    """Sum over faces and bits of softplus(margin - s * logit), s = +1 for a 1 bit and -1 for a 0 bit."""
+    assert logits.shape == bits.shape, (logits.shape, bits.shape)
+    return F.softplus(margin - (bits * 2 - 1) * logits).sum()
+
+
+def margin_gradient(bit_logits, crops: np.ndarray, bits: np.ndarray, margin: float,
+                    device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """(gradient of ``margin_loss`` w.r.t. uint8 read-back crops (N, R, R, 3), float32 per unit of [0, 1];
+    the smallest signed bit margin of each face (N,)). ``bit_logits``: differentiable logits of crops in [0, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(crops)).to(device).permute(0, 3, 1, 2).float().div(255.0)
+    x.requires_grad_(True)
+    b = torch.from_numpy(np.asarray(bits, np.float32)).to(device)
+    with torch.enable_grad():
+        logits = bit_logits(x).float()
+        (g,) = torch.autograd.grad(margin_loss(logits, b, margin), x)
+    worst = ((b * 2 - 1) * logits.detach()).min(dim=1).values
+    return g.permute(0, 2, 3, 1).cpu().numpy(), worst.cpu().numpy()
+
+
+def published_crops(samples: list, crops: dict, fmt_of: dict, jpeg_quality: int, read: list | None = None) -> dict:
+    """Read-back crops ((sample index, face index) -> uint8 crop) of the faces in ``read`` (default: every key
+    of ``crops``): each of their samples with every face pasted (``crops`` where given, else ``face.crop``),
+    through the output encoding when it is lossy, and those faces re-aligned with their stored transforms, as
+    verification will."""
+    out = {}
+    by_sample: dict[int, list[int]] = {}
+    for si, fi in (crops if read is None else read):
+        by_sample.setdefault(si, []).append(fi)
+    for si, face_ids in by_sample.items():
+        s = samples[si]
+        img = s.image
+        rgb = img.rgb.copy()
+        boxes = {}
+        for fi, f in enumerate(s.faces):
+            boxes[fi] = align.paste_back(rgb, crops.get((si, fi), f.crop), f.transform)
+            if boxes[fi] is None:
+                raise ValueError(f"face {fi} lies outside the image after alignment")
+        fmt = fmt_of[si]
+        if (fmt, img.mode) not in LOSSLESS:
+            rgb = _through_codec(rgb, img, fmt, jpeg_quality, [boxes[fi] for fi in face_ids])
+        res = s.faces[face_ids[0]].crop.shape[0]
+        for fi in face_ids:
+            out[(si, fi)] = align.warp_to_crop(rgb, s.faces[fi].transform, res)
+    return out
+
+
+def _through_codec(rgb: np.ndarray, img, fmt: str, quality: int, boxes: list) -> np.ndarray:
+    """``rgb`` as the output encoder and a decoder will see it, where the faces in ``boxes`` are read.
+
+    JPEG codes 16 x 16 blocks on a grid anchored at the image origin, each independently of pixels beyond its
+    neighbours, so a tile that starts on that grid and reaches a block past every box decodes to the same pixels
+    there as the whole image does: only that tile goes through the codec (large photos stay cheap); so does
+    PNG, whose only loss here is the pixel-wise conversion of grey images. WebP predicts across the whole frame
+    and goes through whole."""
+    h, w = rgb.shape[:2]
+    x0, y0, x1, y1 = 0, 0, w, h
+    if fmt in ("JPEG", "PNG"):  # PNG here: a grey or LA image, converted pixel by pixel
+        grid = 16
+        x0 = max((min(b[0] for b in boxes) // grid - 1) * grid, 0)
+        y0 = max((min(b[1] for b in boxes) // grid - 1) * grid, 0)
+        x1 = min((-(-max(b[2] for b in boxes) // grid) + 1) * grid, w)
+        y1 = min((-(-max(b[3] for b in boxes) // grid) + 1) * grid, h)
+    tile = np.ascontiguousarray(rgb[y0:y1, x0:x1])
+    alpha = None if img.alpha is None else np.ascontiguousarray(img.alpha[y0:y1, x0:x1])
+    data = encode_image(tile, alpha, img.mode, fmt, quality, img.icc_profile, None)
+    out = rgb.copy()
+    out[y0:y1, x0:x1] = decode_image(data, tile.shape[0] * tile.shape[1]).rgb
+    return out
+
+
+class PayloadReinforcer:
+    """Reinforce the payloads of a batch's reversible g2face faces (see the module docstring).
+
+    Args:
+        model: the g2face anonymizer, set up on its device, local or in the GPU model pool
+            (``payload_margin_gradient(crops, bits, margin) -> (gradient, smallest margin per face)``).
+        settings: ``ReinforceSettings``.
+        batch_size: crops per extractor pass.
+    """
+
+    def __init__(self, model, settings: ReinforceSettings, batch_size: int):
+        self.model = model
+        self.settings = settings
+        self.batch_size = batch_size
+
+    def reinforce(self, samples: list, fmt_of: dict, jpeg_quality: int) -> int:
+        """Update ``face.crop`` in place for every live sample's reversible g2face faces; ``fmt_of``: sample
+        index -> PIL format it will be written in. Returns how many faces changed."""
+        st = self.settings
+        start: dict[tuple[int, int], np.ndarray] = {}
+        bits: dict[tuple[int, int], np.ndarray] = {}
+        for si, s in enumerate(samples):
+            if si in fmt_of and s.live:
+                for fi, f in enumerate(s.faces):
+                    if f.method == "g2face" and f.payload_mode == "reversible" and f.payload_sent is not None:
+                        start[(si, fi)], bits[(si, fi)] = f.crop, np.asarray(f.payload_sent, np.float32)
+        if not start or st.steps == 0:
+            return 0
+        keys = list(start)
+        row = {k: j for j, k in enumerate(keys)}
+        base = np.stack([start[k] for k in keys]).astype(np.float32)
+        current = base.copy()
+        lo, hi = np.maximum(base - st.max_change, 0), np.minimum(base + st.max_change, 255)
+        inside = (align.paste_mask(base.shape[1]) > 0)[None, :, :, None]  # pixels outside are never pasted
+        target = np.stack([bits[k] for k in keys])
+        pending = set(range(len(keys)))  # faces below the margin at their last reading
+        for _ in range(st.steps):
+            # Read every reinforced face of each image that still has one below the margin: all faces of an
+            # image are pasted with their current crops, so a face that stopped is checked again next to the
+            # neighbours that still move (overlapping pastes, shared JPEG blocks).
+            images = {keys[j][0] for j in pending}
+            idx = np.array([j for j, k in enumerate(keys) if k[0] in images])
+            crops = {k: _as_uint8(current[j]) for j, k in enumerate(keys)}
+            read = published_crops(samples, crops, fmt_of, jpeg_quality, [keys[j] for j in idx])
+            grad, worst = self._gradient(np.stack([read[keys[j]] for j in idx]), target[idx])
+            move = idx[worst < st.margin]
+            pending = {int(j) for j in move}
+            if not pending:
+                break
+            step = np.sign(grad[worst < st.margin]) * inside
+            current[move] = np.clip(current[move] - st.step * step, lo[move], hi[move])
+        changed = 0
+        for k in keys:
+            crop = _as_uint8(current[row[k]])
+            if not np.array_equal(crop, start[k]):
+                samples[k[0]].faces[k[1]].crop = crop
+                changed += 1
+        return changed
+
+    def _gradient(self, crops: np.ndarray, bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        grads, worst = [], []
+        for s in range(0, len(crops), self.batch_size):
+            g, w = self.model.payload_margin_gradient(crops[s:s + self.batch_size], bits[s:s + self.batch_size],
+                                                      self.settings.margin)
+            grads.append(np.asarray(g, np.float32))
+            worst.append(np.asarray(w, np.float32))
+        return np.concatenate(grads), np.concatenate(worst)
+
+
+def _as_uint8(crop: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.clip(np.rint(crop), 0, 255).astype(np.uint8))

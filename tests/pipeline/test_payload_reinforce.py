@@ -1,0 +1,210 @@
+"""Payload reinforcement (pipeline.payload_reinforce): the shipped model's payloads read back with a margin after
+the real publishing channel, the crops move by at most the cap, and only reversible g2face faces change."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import DEMO_SHARDS, job_tree
+from hiding_model import aligned_demo_faces
+
+from pipeline.imaging import DecodedImage
+from pipeline.payload_reinforce import PayloadReinforcer, ReinforceSettings, published_crops
+from pipeline.shardio import RawSample
+from pipeline.stages import Face, Sample
+
+pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("one_torch_thread")]
+MARGIN = 2.0
+
+
+@pytest.fixture(scope="module")
+def portraits():
+    return aligned_demo_faces(128)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from pipeline.g2face_method import G2FaceAnonymizer
+
+    an = G2FaceAnonymizer(None, 128)
+    an.setup(torch.device("cpu"))
+    return an
+
+
+def _samples(portraits, shipped, n: int, modes: list[str], image_mode: str = "RGB"):
+    """n demo portraits, each with its largest face anonymized by the shipped model hiding random bits."""
+    keys, photos, transforms, crops = portraits
+    rng = np.random.default_rng(5)
+    bits = rng.integers(0, 2, (n, shipped.payload_bits)).astype(np.float32)
+    x = torch.from_numpy(crops[:n]).permute(0, 3, 1, 2).float() / 255
+    with torch.inference_mode():
+        y = shipped.anonymize(x, list(range(n)), payload_bits=torch.from_numpy(bits))
+    generated = y.mul(255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    samples = []
+    for i in range(n):
+        s = Sample(RawSample(i, keys[i], {}, "jpg"))
+        photo = photos[i] if image_mode == "RGB" else np.repeat(photos[i].mean(axis=2, keepdims=True), 3, 2).astype(np.uint8)
+        s.image = DecodedImage(photo, None, image_mode, "JPEG", None, None)
+        s.faces = [Face(np.zeros(4), 1.0, np.zeros((5, 2)), method="g2face", transform=transforms[i],
+                        crop=np.ascontiguousarray(generated[i]), payload_mode=modes[i], payload_sent=bits[i])]
+        samples.append(s)
+    return samples, bits
+
+
+def _margins(shipped, samples, bits, fmt: str, quality: int = 90) -> np.ndarray:
+    """Signed bit logits (N, bits) read from each face as it would be written in ``fmt``."""
+    keys = [(i, 0) for i in range(len(samples))]
+    read = published_crops(samples, {k: samples[k[0]].faces[0].crop for k in keys}, dict.fromkeys(range(len(samples)), fmt),
+                           quality)
+    x = torch.from_numpy(np.stack([read[k] for k in keys])).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        logits = shipped.extract(x).numpy()
+    return (bits * 2 - 1) * logits
+
+
+@pytest.mark.parametrize("fmt,image_mode", [("PNG", "RGB"), ("JPEG", "RGB"), ("PNG", "L")])
+def test_reinforcement_strengthens_reversible_payloads_within_the_cap(portraits, shipped, fmt, image_mode):
+    n = 6
+    modes = ["reversible"] * (n - 1) + ["irreversible"]
+    samples, bits = _samples(portraits, shipped, n, modes, image_mode)
+    before_crops = [s.faces[0].crop.copy() for s in samples]
+    before = _margins(shipped, samples, bits, fmt)
+    settings = ReinforceSettings()
+    changed = PayloadReinforcer(shipped, settings, 4).reinforce(samples, dict.fromkeys(range(n), fmt), 90)
+    after = _margins(shipped, samples, bits, fmt)
+    rev = slice(0, n - 1)
+    assert changed == n - 1
+    weak_before, weak_after = (before[rev] < MARGIN).sum(), (after[rev] < MARGIN).sum()
+    wrong_before, wrong_after = (before[rev] <= 0).sum(), (after[rev] <= 0).sum()
+    assert weak_after < 0.5 * weak_before, (weak_before, weak_after)
+    assert wrong_after <= wrong_before and (wrong_before == 0 or wrong_after < wrong_before), (wrong_before, wrong_after)
+    for s, b in zip(samples[rev], before_crops[rev]):
+        d = np.abs(s.faces[0].crop.astype(int) - b.astype(int))
+        assert 0 < d.max() <= settings.max_change
+    # the irreversible face hides random bits nobody reads: it stays as the generator made it
+    assert np.array_equal(samples[-1].faces[0].crop, before_crops[-1])
+    np.testing.assert_array_equal(after[-1], before[-1])
+
+
+def test_reinforcement_leaves_other_methods_and_settings_alone(portraits, shipped):
+    samples, bits = _samples(portraits, shipped, 2, ["reversible", "reversible"])
+    samples[1].faces[0].method = "pixelate"  # e.g. the identity guard's fallback
+    crops = [s.faces[0].crop.copy() for s in samples]
+    assert PayloadReinforcer(shipped, ReinforceSettings(steps=0), 4).reinforce(samples, {0: "PNG", 1: "PNG"}, 90) == 0
+    assert np.array_equal(samples[0].faces[0].crop, crops[0])
+    assert PayloadReinforcer(shipped, ReinforceSettings(), 4).reinforce(samples, {0: "PNG", 1: "PNG"}, 90) == 1
+    assert np.array_equal(samples[1].faces[0].crop, crops[1])
+    for bad in (0, 2.5):
+        with pytest.raises(ValueError, match="max_change"):
+            ReinforceSettings(max_change=bad)
+
+
+def _side_by_side(samples):
+    """One photo holding the first two samples' photos side by side, with both faces (transforms shifted)."""
+    a, b = samples[0], samples[1]
+    ha, wa = a.image.rgb.shape[:2]
+    hb, wb = b.image.rgb.shape[:2]
+    photo = np.zeros((max(ha, hb), wa + wb, 3), np.uint8)
+    photo[:ha, :wa], photo[:hb, wa:] = a.image.rgb, b.image.rgb
+    fb = b.faces[0]
+    m = fb.transform.copy()
+    m[:, 2] -= m[:, :2] @ np.array([wa, 0.0])  # crop = M @ (x - wa, y)
+    fb.transform = m
+    a.image = DecodedImage(photo, None, "RGB", "JPEG", None, None)
+    a.faces = [a.faces[0], fb]
+    return a
+
+
+@pytest.mark.parametrize("second_mode", ["reversible", "irreversible"])
+def test_faces_sharing_an_image_are_reinforced_together(portraits, shipped, second_mode):
+    samples, bits = _samples(portraits, shipped, 2, ["reversible", second_mode])
+    s = _side_by_side(samples)
+    start = [f.crop.copy() for f in s.faces]
+
+    def weak():
+        read = published_crops([s], {}, {0: "JPEG"}, 90, [(0, 0), (0, 1)])
+        x = torch.from_numpy(np.stack([read[(0, 0)], read[(0, 1)]])).permute(0, 3, 1, 2).float() / 255
+        with torch.no_grad():
+            return ((bits * 2 - 1) * shipped.extract(x).numpy() < MARGIN).sum(axis=1)
+
+    before = weak()
+    changed = PayloadReinforcer(shipped, ReinforceSettings(), 4).reinforce([s], {0: "JPEG"}, 90)
+    after = weak()  # both faces as they will be written together
+    assert after[0] < 0.5 * before[0], (before, after)
+    if second_mode == "reversible":
+        assert changed == 2 and after[1] < 0.5 * before[1], (before, after)
+    else:
+        assert changed == 1 and np.array_equal(s.faces[1].crop, start[1])
+
+
+def test_jpeg_tile_reads_like_the_whole_image(portraits):
+    from pipeline import align
+    from pipeline.imaging import decode_image, encode_image
+    from pipeline.payload_reinforce import _through_codec
+
+    _, photos, transforms, crops = portraits
+    photo = np.ascontiguousarray(np.tile(photos[0], (3, 3, 1)))  # a large photo, the face in its first copy
+    img = DecodedImage(photo, None, "RGB", "JPEG", None, None)
+    pasted = photo.copy()
+    box = align.paste_back(pasted, np.ascontiguousarray(255 - crops[0]), transforms[0])
+    whole = decode_image(encode_image(pasted, None, "RGB", "JPEG", 90), photo.size).rgb
+    tiled = _through_codec(pasted, img, "JPEG", 90, [box])
+    x0, y0, x1, y1 = box
+    np.testing.assert_array_equal(tiled[y0:y1, x0:x1], whole[y0:y1, x0:x1])
+    assert not np.array_equal(tiled, whole)  # only the tile went through the codec
+
+
+def test_reinforce_settings_are_validated_and_fingerprinted_only_where_they_apply(tmp_path):
+    from pipeline.spec import JobSpecError, parse_spec, spec_fingerprint
+
+    for field, value in (("payload_reinforce_steps", -1), ("payload_reinforce_max_change", 20),
+                         ("payload_reinforce_max_change", 2.5)):
+        with pytest.raises(JobSpecError, match=field):
+            parse_spec(job_tree(tmp_path / "out", DEMO_SHARDS[0], anonymizer={"method": "g2face", field: value}))
+
+    def fp(**an):
+        return spec_fingerprint(parse_spec(job_tree(tmp_path / "out", DEMO_SHARDS[0], anonymizer=an)))
+
+    # jobs whose bytes reinforcement never touches keep one fingerprint (runs made before it resume)
+    assert fp(method="blur") == fp(method="blur", payload_reinforce_steps=2)
+    assert fp(method="g2face", payload="irreversible") == fp(method="g2face", payload="irreversible",
+                                                             payload_reinforce_max_change=2)
+    assert fp(method="g2face", payload_reinforce_steps=0) == fp(method="g2face", payload_reinforce_steps=0,
+                                                                payload_reinforce_max_change=2)
+    assert fp(method="g2face") != fp(method="g2face", payload_reinforce_steps=3)
+
+
+def test_run_with_reinforcement_reads_back_better_and_changes_only_the_faces(tmp_path):
+    """Two real runs of the shipped model on a demo shard, reinforcement off and on (the default)."""
+    from helpers import read_tar
+
+    from pipeline.imaging import decode_image
+    from pipeline.keys import create_master_key
+    from pipeline.runner import run_job
+    from pipeline.spec import parse_spec
+
+    key = tmp_path / "master.key"
+    create_master_key(key)
+    shard = DEMO_SHARDS[0]
+    rows, images = {}, {}
+    for steps in (0, 6):
+        out = tmp_path / f"steps{steps}"
+        an = {"method": "g2face", "identity_guard": "off", "payload_reinforce_steps": steps}
+        run_job(parse_spec(job_tree(out, shard, anonymizer=an, keys={"master": str(key)}, metrics={"enabled": False},
+                                    output={"image_format": "png"})), echo=lambda *_: None)
+        rows[steps] = pq.read_table(out / "manifests" / f"{shard.name}.parquet").to_pylist()
+        images[steps] = {k: decode_image(v["png"], 10**8).rgb for k, v in read_tar(out / "shards" / shard.name).items()}
+    faces = {s: [f for r in rows[s] for f in r["faces"] if f["method"] == "g2face"] for s in rows}
+    assert faces[0] and len(faces[0]) == len(faces[6])
+    assert all(f["payload_mode"] == "reversible" and f["payload_ok"] for f in faces[6])
+    ber = {s: np.mean([f["payload_ber"] for f in faces[s]]) for s in faces}
+    assert ber[6] < 0.5 * ber[0] or ber[6] == ber[0] == 0.0, ber
+    boxes = {r["key"]: [f["paste_box"] for f in r["faces"]] for r in rows[6]}
+    for k, img in images[6].items():
+        d = np.abs(img.astype(int) - images[0][k].astype(int))
+        outside = np.ones(d.shape[:2], bool)
+        for x0, y0, x1, y1 in boxes[k]:
+            outside[y0:y1, x0:x1] = False
+        assert d[outside].max(initial=0) == 0  # nothing but the pasted faces changes
+        assert d.max() <= 5  # the 4-level crop cap, plus one level of resampling and blending
