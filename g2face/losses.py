@@ -58,6 +58,10 @@ class LossWeights:
         dissimilar_margin: the hinge's margin (official 0; embeddings that are not zero-centred, such as
             dlib's, may need a positive one).
         identity_recover: 1 - cos(original identity, identity of the recovered face).
+        own_identity: weight of an own-identity pass (not in the paper; 0 = off, the official recipe): the
+            generator given the face itself and its *own* identity, G(x, w(id(x), geo(x)), bits), must keep the
+            person (1 - cos of the identities) and the pixels (the reconstruction terms), so that it anonymizes
+            through its identity input rather than by degrading every face it is given.
         diversity: penalty on similar dummy identities within a batch.
         geometry_coefficients: MSE of the geometry vectors.
         geometry_landmarks: MSE of projected landmarks in pixels of a 224 px frame.
@@ -80,6 +84,7 @@ class LossWeights:
     identity_dissimilar: float = 1.0
     dissimilar_margin: float = 0.0
     identity_recover: float = 1.0
+    own_identity: float = 0.0
     diversity: float = 1.0
     geometry_coefficients: float = 1.0
     geometry_landmarks: float = 0.01

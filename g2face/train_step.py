@@ -344,7 +344,22 @@ def recovery_pass(state: TrainState, priors: Priors, x: Tensor, id_o: Tensor, ge
         if w.payload_min_psnr is not None:
             terms["payload_visibility"] = _payload_visibility(state, priors, x_r, x_a, id_o,
                                                               anonymized.geometry.detach(), draws.noise_recover)
-    return PassResult(_weighted(terms, w), terms, x_r, geo_r, cam_r, losses.bit_error_rate(logits, draws.placeholder))
+        total = _weighted(terms, w)
+        if w.own_identity > 0:
+            own = own_identity_terms(state, priors, x, id_o, geo_o, draws)
+            total = total + w.own_identity * _weighted(own, dataclasses.replace(w, identity_recover=1.0))
+            terms.update({f"own_{k}": v for k, v in own.items()})
+    return PassResult(total, terms, x_r, geo_r, cam_r, losses.bit_error_rate(logits, draws.placeholder))
+
+
+def own_identity_terms(state: TrainState, priors: Priors, x: Tensor, id_o: Tensor, geo_o: Tensor,
+                       draws: Draws) -> dict[str, Tensor]:
+    """The own-identity pass (``LossWeights.own_identity``): G(x, w(id_o, geo_o), bits) with the anonymisation
+    pass's bits and noise (no new draws) must keep the person and the pixels."""
+    model = state.model
+    x_s = model.generate(x, model.styles(id_o, geo_o), draws.bits, draws.noise_anonymize)
+    return {"identity_recover": losses.identity_recover_loss(id_o, _identity(state, priors, x_s)),
+            **_reconstruction(state, priors, x_s, x)}
 
 
 def discriminator_pass(state: TrainState, real: Tensor, fake: Tensor, with_r1: bool) -> tuple[Tensor, dict[str, Tensor]]:

@@ -499,8 +499,11 @@ def held_out_figures(model: G2Face, priors: ts.Priors, batch: ts.Batch, seed: in
     Dummy identity, the face's own geometry, random payload, 8-bit output, then recovery with the original
     identity: ``still_matching`` / ``mean_distance`` (bar 1 on crops, identity prior), ``recovered_matching``
     / ``recovered_psnr_db`` (bar 3 on crops), ``ber`` (bits read from the 8-bit output, no paste-back) and
-    ``change_grey`` (mean absolute change inside the paste mask, bar 6). For choosing between training
-    recipes; ``g2face-pipe evaluate`` gives the bars themselves.
+    ``change_grey`` (mean absolute change inside the paste mask, bar 6). ``own_identity_matching`` /
+    ``own_identity_distance``: the same pass (same noise and bits) given the face's *own* identity instead of
+    the dummy. A generator that anonymizes through its identity input keeps the person here; one that
+    anonymizes by degrading every face loses them here too, and then cannot recover either. For choosing
+    between training recipes; ``g2face-pipe evaluate`` gives the bars themselves.
     """
     from .identity import SAME_PERSON_DISTANCE, identity_distance
 
@@ -510,7 +513,7 @@ def held_out_figures(model: G2Face, priors: ts.Priors, batch: ts.Batch, seed: in
     cfg = model.config
     g = torch.Generator().manual_seed(seed)
     inside = priors.paste_mask.to(dev) > 0.5
-    d_anon, d_rec, sq_err, bit_err, change = [], [], [], [], []
+    d_anon, d_rec, d_own, sq_err, bit_err, change = [], [], [], [], [], []
     for x in batch.image.split(chunk):
         x = x.to(dev)
         b = x.shape[0]
@@ -522,6 +525,8 @@ def held_out_figures(model: G2Face, priors: ts.Priors, batch: ts.Batch, seed: in
         recovered = _as_8bit(model.generate(
             anonymized, model.styles(identity, priors.geometry(anonymized)[0]),
             torch.randint(0, 2, (b, cfg.payload_bits), generator=g).float().to(dev), noise))
+        own = _as_8bit(model.generate(x, model.styles(identity, priors.geometry(x)[0]), bits, noise))
+        d_own.append(identity_distance(identity, priors.identity(own)).float().cpu())
         d_anon.append(identity_distance(identity, priors.identity(anonymized)).float().cpu())
         d_rec.append(identity_distance(identity, priors.identity(recovered)).float().cpu())
         sq_err.append((recovered - x).square().mean(dim=1)[:, inside].float().cpu())
@@ -529,7 +534,7 @@ def held_out_figures(model: G2Face, priors: ts.Priors, batch: ts.Batch, seed: in
         change.append((anonymized - x).abs().mean(dim=1)[:, inside].mean(1).float().cpu())
     if was_training:
         model.train()
-    d_anon, d_rec = torch.cat(d_anon), torch.cat(d_rec)
+    d_anon, d_rec, d_own = torch.cat(d_anon), torch.cat(d_rec), torch.cat(d_own)
     mse = torch.cat(sq_err).mean().item()
     return {
         "faces": int(d_anon.numel()),
@@ -539,6 +544,8 @@ def held_out_figures(model: G2Face, priors: ts.Priors, batch: ts.Batch, seed: in
         "recovered_psnr_db": round(10 * math.log10(4.0 / max(mse, 1e-12)), 2),  # [-1, 1]: peak-to-peak 2
         "ber": round(torch.cat(bit_err).mean().item(), 5),
         "change_grey": round(torch.cat(change).mean().item() * 127.5, 2),
+        "own_identity_matching": round((d_own < SAME_PERSON_DISTANCE).float().mean().item(), 4),
+        "own_identity_distance": round(d_own.mean().item(), 4),
     }
 
 

@@ -6,6 +6,7 @@ fast: it is differentiable, which is all they need from it.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 
@@ -134,6 +135,23 @@ def test_train_step_runs_and_resumes_exactly(dlib_net, aligned):
     for a, b in ((state.model, resumed.model), (state.ema, resumed.ema), (state.discriminator, resumed.discriminator)):
         for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
             assert torch.equal(p, q), name
+
+
+def test_own_identity_pass_adds_its_terms_only_when_weighted(dlib_net, aligned):
+    """LossWeights.own_identity: off by default (the official recipe, same draws); on, the recovery step also
+    asks G(x, w(id(x), geo(x)), bits) to keep the person and the pixels, and its terms move the total."""
+    priors = make_priors(dlib_net, 64)
+    batch = ts.Batch(F.avg_pool2d(as_tensor(aligned[3][:2]), 2))
+    off = ts.train_step(_tiny_state(0), batch, priors)
+    assert not any("own_" in k for k in off)
+    state = _tiny_state(0)
+    state.config = dataclasses.replace(state.config, weights=dataclasses.replace(state.config.weights, own_identity=2.0))
+    on = ts.train_step(state, batch, priors)
+    assert {"recover/own_identity_recover", "recover/own_l1"} <= set(on)
+    assert 0 < on["recover/own_identity_recover"] < 2 and on["recover/own_l1"] > 0
+    assert on["anonymize/total"] == off["anonymize/total"]  # the anonymisation step is untouched
+    own = 2.0 * (on["recover/own_identity_recover"] + on["recover/own_l1"] + on.get("recover/own_ms_ssim", 0.0))
+    assert on["recover/total"] == pytest.approx(off["recover/total"] + own, rel=1e-4)
 
 
 def test_payload_visibility_budget_measures_and_shrinks_the_payloads_own_change(dlib_net, aligned):
