@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from . import align
 from .imaging import decode_image, encode_image
+from .verify import crops_tensor
 
 LOSSLESS = {("PNG", "RGB"), ("PNG", "RGBA")}  # format/mode pairs whose encoding returns the pixels unchanged
 
@@ -62,8 +63,7 @@ def margin_gradient(bit_logits, crops: np.ndarray, bits: np.ndarray, margin: flo
                     device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """(gradient of ``margin_loss`` w.r.t. uint8 read-back crops (N, R, R, 3), float32 per unit of [0, 1];
     the smallest signed bit margin of each face (N,)). ``bit_logits``: differentiable logits of crops in [0, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(crops)).to(device).permute(0, 3, 1, 2).float().div(255.0)
-    x.requires_grad_(True)
+    x = crops_tensor(crops, device).requires_grad_(True)
     b = torch.from_numpy(np.asarray(bits, np.float32)).to(device)
     with torch.enable_grad():
         logits = bit_logits(x).float()

@@ -76,7 +76,8 @@ class ShardPayload:
         return decode(logits, self.context(sample_key, face_index), self.key, self.job.layout)
 
 
-def crops_tensor(crops: list[np.ndarray], device) -> torch.Tensor:
+def crops_tensor(crops: list[np.ndarray] | np.ndarray, device) -> torch.Tensor:
+    """uint8 crops (N of (R, R, 3)) -> float (N, 3, R, R) in [0, 1] on ``device``."""
     return torch.from_numpy(np.stack(crops)).to(device).permute(0, 3, 1, 2).float().div_(255.0)
 
 
