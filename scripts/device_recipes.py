@@ -5,15 +5,16 @@ models leave a GPU mostly idle between kernels, so concurrent runs cost little e
 start (default: the shipped model; generator and EMA from it, a fresh discriminator), with the same data,
 seed and minutes. Then every variant's EMA, its training weights ("live": in a run this short the EMA still
 mostly holds the start) and the start are measured on ``carry/held_out`` (people in no training shard;
-``make_gpu_carry.py``) with ``g2face.training.held_out_figures``, ranked by the share of anonymized faces
-still matching their original (EMA), and packed for the trip back:
+``make_gpu_carry.py``) with ``g2face.training.held_out_figures``, ranked (``rank_key``: live weights'
+still-matching share plus missed recoveries), and packed for the trip back:
 
     OUT/bundle.tar.part-NN   (each < 16 MiB; ``cat OUT/bundle.tar.part-* | tar -x -C DIR`` here)
         results.json                     start + variants: held-out figures, steps, steps/s, settings
         <name>/stats.jsonl.gz, <name>/train.log.gz, <name>/grid.png
-        <name>/g2face-lite-128.pt        EMA inference artifacts (fp16) in rank order, then the best variant's
-        <best>/warm_start/               warm start, each whole or not at all, while room lasts (4 x 16 MB:
-                                         the tool brings back at most 64 MiB; two artifacts fit)
+        <best>/live.pt, <best>/g2face-lite-128.pt   the best variant's training weights and EMA as
+                                         inference artifacts, then the others' live.pt in rank order, then the
+                                         best warm start, each whole or not at all, while room lasts (4 x 16 MB:
+                                         the tool brings back at most 64 MiB)
 
 Here, first:  python scripts/make_gpu_carry.py --data /tmp/g2face-prepared/lfw-devtrain/shards --out carry --seed N
 Device tool:  run(command="python3 scripts/device_recipes.py --minutes 7 --variant a: --variant b:weights.hiding=20",
@@ -80,6 +81,13 @@ def last_stats(path: Path) -> dict:
     return {"steps_run": len(full), "last_step": tail[-1].get("step"),
             "steps_per_s": tail[-1].get("steps_per_s"),
             "last_50_mean": {k: round(sum(r.get(k, 0.0) for r in tail) / len(tail), 5) for k in keys}}
+
+
+def rank_key(row: dict) -> tuple:
+    """Best first: the training weights' (live, else EMA) still-matching share plus the share of recoveries
+    that miss; a generator that anonymizes by degrading every face scores badly on the second."""
+    figures = row.get("live") or row
+    return (figures["still_matching"] + (1.0 - figures["recovered_matching"]), -figures["mean_distance"])
 
 
 def gpu_snapshot() -> str:
@@ -177,8 +185,7 @@ def main() -> int:
             row["live"] = training.held_out_figures(load_artifact(live).to(device), priors, batch)
         rows.append(row)
         print(json.dumps(rows[-1]), flush=True)
-    trained = sorted((r for r in rows if r["variant"] != "(start)" and "still_matching" in r),
-                     key=lambda r: (r["still_matching"], -r["mean_distance"]))
+    trained = sorted((r for r in rows if r["variant"] != "(start)" and "still_matching" in r), key=rank_key)
     results = {"train_seconds": train_seconds, "gpu_snapshots": snapshots, "held_out_faces": len(faces),
                "ranking": [r["variant"] for r in trained], "rows": rows,
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
@@ -193,7 +200,13 @@ def main() -> int:
         if grids:
             members.append((f"{name}/grid.png", grids[-1].read_bytes()))
     # groups go in whole or not at all: the artifacts in rank order, then the best variant's warm start
-    groups = [[(f"{r['variant']}/g2face-lite-128.pt", work / r["variant"] / "g2face-lite-128.pt")] for r in trained]
+    # the best variant's live weights first (what a short run changed), then its EMA, then the others' live
+    groups = []
+    for i, r in enumerate(trained):
+        name = r["variant"]
+        groups.append([(f"{name}/live.pt", work / name / "live.pt")])
+        if i == 0:
+            groups.append([(f"{name}/g2face-lite-128.pt", work / name / "g2face-lite-128.pt")])
     if trained:
         best = trained[0]["variant"]
         groups.append([(f"{best}/warm_start/{f.name}", f) for f in sorted((work / best / "warm_start").iterdir())])
