@@ -62,6 +62,10 @@ class LossWeights:
             generator given the face itself and its *own* identity, G(x, w(id(x), geo(x)), bits), must keep the
             person (1 - cos of the identities) and the pixels (the reconstruction terms), so that it anonymizes
             through its identity input rather than by degrading every face it is given.
+        detectability: weight of MTCNN's -log p(face) on the anonymised face (not in the paper; 0 = off):
+            RNet and ONet score the crop at the box MTCNN draws on aligned faces (``g2face.mtcnn``), so the
+            generator keeps producing faces the pipeline's detector finds again (utility bar 5). Needs
+            ``Priors.detector``.
         diversity: penalty on similar dummy identities within a batch.
         geometry_coefficients: MSE of the geometry vectors.
         geometry_landmarks: MSE of projected landmarks in pixels of a 224 px frame.
@@ -85,6 +89,7 @@ class LossWeights:
     dissimilar_margin: float = 0.0
     identity_recover: float = 1.0
     own_identity: float = 0.0
+    detectability: float = 0.0
     diversity: float = 1.0
     geometry_coefficients: float = 1.0
     geometry_landmarks: float = 0.01

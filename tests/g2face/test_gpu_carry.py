@@ -53,3 +53,5 @@ def test_carry_keeps_held_out_people_out_of_the_training_shards(tmp_path):
             total += sum(1 for m in tar if m.name.endswith(".png"))
     assert len(held) + len(train) == total  # the budget fits all: every face is in exactly one place
     assert (out / "dlib_resnet_fp16.pt").is_file()
+    from g2face.mtcnn import FaceDetectability, load_face_detectability
+    assert isinstance(load_face_detectability(out / "mtcnn"), FaceDetectability)  # hash-checked copies

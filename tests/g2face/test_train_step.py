@@ -333,3 +333,26 @@ def test_hiding_learns_to_survive_paste_back_and_png(aligned):
           f"(from {start:.3f}); visible change {psnr:.1f} dB PSNR")
     assert ber < 0.05
     assert psnr > 29  # the distortion budget (30 dB) holds, give or take the 8-bit rounding
+
+
+def test_detectability_term_only_when_weighted_and_needs_the_detector(dlib_net, aligned):
+    """LossWeights.detectability: off by default (same draws, same totals); on, the anonymisation pass adds
+    MTCNN's -log p(face) of its output, weighted into the total; without Priors.detector it says what to load."""
+    from g2face.mtcnn import load_face_detectability
+
+    priors = make_priors(dlib_net, 64)
+    batch = ts.Batch(F.avg_pool2d(as_tensor(aligned[3][:2]), 2))
+    off = ts.train_step(_tiny_state(0), batch, priors)
+    assert "anonymize/detectability" not in off
+    state = _tiny_state(0)
+    state.config = dataclasses.replace(state.config, weights=dataclasses.replace(state.config.weights,
+                                                                                 detectability=3.0))
+    with pytest.raises(ValueError, match="Priors.detector"):
+        ts.train_step(state, batch, priors)
+    state = _tiny_state(0)
+    state.config = dataclasses.replace(state.config, weights=dataclasses.replace(state.config.weights,
+                                                                                 detectability=3.0))
+    on = ts.train_step(state, batch, dataclasses.replace(priors, detector=load_face_detectability()))
+    assert on["anonymize/detectability"] > 0
+    assert on["anonymize/total"] == pytest.approx(off["anonymize/total"] + 3.0 * on["anonymize/detectability"],
+                                                  rel=1e-4)
