@@ -65,6 +65,8 @@ def train_command(args, pairs: list[str], run_dir: Path) -> list[str]:
         cmd += ["--dlib-resnet", args.dlib_resnet]
     if args.mtcnn:
         cmd += ["--mtcnn", args.mtcnn]
+    if args.cudnn_benchmark:
+        cmd += ["--cudnn-benchmark"]
     for p in COMMON + pairs:
         cmd += ["--train-set", p]
     return cmd
@@ -112,6 +114,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=4, help="CPU threads per training process")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--cudnn-benchmark", action="store_true", help="passed to train_standalone.py")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="/tmp/recipes")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))

@@ -86,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--grid-every", type=int, default=200)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--cudnn-benchmark", action="store_true",
+                    help="let cuDNN autotune convolutions (pays off only where input shapes repeat)")
     ap.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
                     help="TrainConfig setting, e.g. steps_per_epoch=500 or weights.hiding=10 (JSON values)")
     args = ap.parse_args(argv)
@@ -104,10 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
-    if device.type == "cuda":  # TF32 matmuls and tuned convolutions: full-precision runs at tensor-core speed
+    if device.type == "cuda":  # TF32 matmuls: full-precision runs at tensor-core speed
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+        # cuDNN autotuning re-runs for every new input shape, and the simulated paste-back draws a photo frame
+        # of a new size nearly every step (photo_scale): on the third lease the first step came 150-260 s
+        # into a call and the mean rate stayed at a third of the last-20-steps rate. Off unless asked for.
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
     out = Path(args.out)
     resume_from = None
     train_tree = train_overrides(args.train_set)
