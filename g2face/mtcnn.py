@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
 import os
 from pathlib import Path
 
@@ -18,9 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# facenet-pytorch 2.5.3's data/rnet.pt and data/onet.pt
-RNET_SHA256 = "bbb937de72efc9ef83b186c49f5f558467a1d7e3453a8ece0d71a886633f6a86"
-ONET_SHA256 = "165bfbe42940416ccfb977545cf0e976d5bf321f67083ae2aaaa5c764280118d"
+from .metrics import MTCNN_SHA256
+
+# facenet-pytorch 2.5.3's data/rnet.pt and data/onet.pt (the pins the utility metrics check too)
+RNET_SHA256 = MTCNN_SHA256["rnet.pt"]
+ONET_SHA256 = MTCNN_SHA256["onet.pt"]
 
 # Square box, as fractions of an aligned crop (pipeline.align.template): the median MTCNN box on 150 aligned
 # 128 px LFW crops has centre (0.498, 0.552), width 0.527, height 0.693; the cascade squares it (side = the
@@ -77,7 +80,8 @@ def _caffe_flatten(x: Tensor) -> Tensor:
 
 
 def crop_box(image: Tensor, size: int, jitter: Tensor | None = None) -> Tensor:
-    """The MTCNN box of aligned crops, resampled to ``size`` px (area-like: bilinear at 2x, then 2x2 mean).
+    """The MTCNN box of aligned crops, resampled to ``size`` px like MTCNN's area resize: bilinear at k x
+    ``size`` with k >= the box's pixels per output pixel, then k x k means (no input pixel skipped).
 
     Args:
         image: (B, 3, R, R) aligned faces.
@@ -94,8 +98,9 @@ def crop_box(image: Tensor, size: int, jitter: Tensor | None = None) -> Tensor:
     theta = torch.zeros(b, 2, 3, device=image.device, dtype=image.dtype)
     theta[:, 0, 0] = theta[:, 1, 1] = side
     theta[:, :, 2] = centre * 2 - 1
-    grid = F.affine_grid(theta, (b, 3, 2 * size, 2 * size), align_corners=False)
-    return F.avg_pool2d(F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False), 2)
+    k = max(1, math.ceil(float(side.max()) * image.shape[-1] / size))
+    grid = F.affine_grid(theta, (b, 3, k * size, k * size), align_corners=False)
+    return F.avg_pool2d(F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False), k)
 
 
 class FaceDetectability(nn.Module):

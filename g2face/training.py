@@ -506,7 +506,7 @@ def held_out_figures(model: G2Face, priors: ts.Priors, batch: ts.Batch, seed: in
     identity: ``still_matching`` / ``mean_distance`` (bar 1 on crops, identity prior), ``recovered_matching``
     / ``recovered_psnr_db`` (bar 3 on crops), ``ber`` (bits read from the 8-bit output, no paste-back) and
     ``change_grey`` (mean absolute change inside the paste mask, bar 6). ``detected`` (with ``priors.detector``):
-    the share of anonymized faces MTCNN's RNet and ONet both accept (p >= 0.7, the pipeline's thresholds) at
+    the share of anonymized faces MTCNN's RNet and ONet both accept (p > 0.7, the pipeline's thresholds) at
     the aligned-crop box, a proxy of bar 5. ``own_identity_matching`` /
     ``own_identity_distance``: the same pass (same noise and bits) given the face's *own* identity instead of
     the dummy. A generator that anonymizes through its identity input keeps the person here; one that
@@ -542,7 +542,7 @@ def held_out_figures(model: G2Face, priors: ts.Priors, batch: ts.Batch, seed: in
         change.append((anonymized - x).abs().mean(dim=1)[:, inside].mean(1).float().cpu())
         if priors.detector is not None:
             z_r, z_o = priors.detector(anonymized)
-            detected.append(((z_r.sigmoid() >= 0.7) & (z_o.sigmoid() >= 0.7)).float().cpu())
+            detected.append(((z_r.sigmoid() > 0.7) & (z_o.sigmoid() > 0.7)).float().cpu())  # MTCNN's defaults
     if was_training:
         model.train()
     d_anon, d_rec, d_own = torch.cat(d_anon), torch.cat(d_rec), torch.cat(d_own)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import importlib.util
 import io
 import json
 import os
@@ -171,7 +172,8 @@ def main() -> int:
         raise SystemExit(f"--held-out {args.held_out}: no faces; make the carry with --held-out-faces > 0")
     r = preset("lite-128").resolution
     priors = training.build_priors(r, align.template(r), align.paste_mask(r), dlib_path=args.dlib_resnet,
-                                   device=device, detector=True, mtcnn_dir=args.mtcnn)
+                                   device=device, mtcnn_dir=args.mtcnn,  # `detected` only where the nets are
+                                   detector=importlib.util.find_spec("facenet_pytorch") is not None)
     batch = training.collate(faces, r)
     rows = []
     start_path = Path(args.warm_start)

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from facenet_pytorch.models.mtcnn import ONet as FacenetONet
 from facenet_pytorch.models.mtcnn import RNet as FacenetRNet
 from hiding_model import aligned_demo_faces
@@ -47,15 +48,33 @@ def test_aligned_faces_pass_both_nets_and_noise_does_not(detector, faces):
         assert mtcnn.detectability_loss(detector(faces)) < 0.1 < mtcnn.detectability_loss(detector(noise))
 
 
-def test_crop_box_is_the_documented_square_of_the_crop():
-    """A crop holding its own x coordinate: the box's left/right columns sit at centre -+ side/2."""
+@pytest.mark.parametrize("size", [24, 48])
+def test_crop_box_is_the_documented_square_of_the_crop(size):
+    """Crops holding their own x (y) pixel-centre coordinate: each output pixel is the mean over its cell of
+    the box, so the first and last columns (rows) sit half a cell inside centre -+ side/2."""
     r = 128
-    ramp = torch.linspace(0, 1, r).view(1, 1, 1, r).expand(1, 3, r, r) * (r - 1) / r + 0.5 / r
-    out = mtcnn.crop_box(ramp, 48)
-    cx, side = mtcnn.CROP_BOX_CENTRE[0], mtcnn.CROP_BOX_SIDE
-    half_px = side / 48 / 2  # half an output pixel, in crop fractions
-    assert out[0, 0, 0, 0].item() == pytest.approx(cx - side / 2 + half_px, abs=0.01)
-    assert out[0, 0, 0, -1].item() == pytest.approx(cx + side / 2 - half_px, abs=0.01)
+    coord = (torch.arange(r, dtype=torch.float32) + 0.5) / r
+    side = mtcnn.CROP_BOX_SIDE
+    for axis, centre in ((3, mtcnn.CROP_BOX_CENTRE[0]), (2, mtcnn.CROP_BOX_CENTRE[1])):
+        shape = [1, 1, 1, 1]
+        shape[axis] = r
+        ramp = coord.view(shape).expand(1, 3, r, r)
+        line = mtcnn.crop_box(ramp, size).select(5 - axis, 0)[0, 0]  # along the ramp's axis
+        half_cell = side / size / 2
+        assert line[0].item() == pytest.approx(centre - side / 2 + half_cell, abs=1e-3)
+        assert line[-1].item() == pytest.approx(centre + side / 2 - half_cell, abs=1e-3)
+        assert torch.all(line.diff() > 0)
+
+
+def test_crop_box_averages_like_an_area_resize():
+    """Noise shrunk into the box keeps the spread of an area resize (no skipped input pixels)."""
+    torch.manual_seed(2)
+    noise = torch.randn(8, 3, 128, 128)
+    side_px = round(mtcnn.CROP_BOX_SIDE * 128)
+    for size in (24, 48):
+        ours = mtcnn.crop_box(noise, size).std().item()
+        area = F.interpolate(noise[..., :side_px, :side_px], size=(size, size), mode="area").std().item()
+        assert ours == pytest.approx(area, rel=0.2)
 
 
 def test_gradient_reaches_the_image(detector, faces):
