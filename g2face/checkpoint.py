@@ -39,7 +39,7 @@ _SHOW = 12  # keys listed per category in an error message
 # (g2face-lite-128.md) and evaluation (g2face-lite-128.eval.json) lie beside it; scripts/make_model_card.py
 # writes both from `g2face-pipe evaluate`.
 SHIPPED_ARTIFACT = Path(__file__).resolve().parent / "weights" / "g2face-lite-128.pt"
-SHIPPED_SHA256 = "7e23425fb23b41cc46c0ae525847941d2240ec49bc05bb5ccd31672936b01a62"
+SHIPPED_SHA256 = "8e9293d5ed4f624b14f937a2f4782a65b9e7579aaf8155cc4cb4091d1cf62141"
 
 
 class CheckpointError(ValueError):
