@@ -8,22 +8,12 @@ float32), best first; their packages are imported on first use.
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from g2face import morphable
-
-# facenet-pytorch 2.5.3's MTCNN files: the one place they are pinned (pipeline/models.py imports them).
-MTCNN_SHA256 = {
-    "pnet.pt": "a2a71925e0b9996a42f63e47efc1ca19043e69558b5c523b978d611dfae49c8f",
-    "rnet.pt": "bbb937de72efc9ef83b186c49f5f558467a1d7e3453a8ece0d71a886633f6a86",
-    "onet.pt": "165bfbe42940416ccfb977545cf0e976d5bf321f67083ae2aaaa5c764280118d",
-}
 
 # Outer eye corners in the 68-point layout (300-W's "inter-ocular" normaliser); eye centres in the
 # 5-point layout of g2face.landmarks.five_point / pipeline/align.py.
@@ -170,24 +160,11 @@ def rotation_angle(pose_a, pose_b) -> np.ndarray:
 # --------------------------------------------------------------------------- detection
 
 
-class DetectorWeightsError(RuntimeError):
-    pass
-
-
 @lru_cache(maxsize=1)
 def _verify_mtcnn_files() -> None:
-    spec = importlib.util.find_spec("facenet_pytorch")
-    if spec is None or not spec.submodule_search_locations:
-        raise DetectorWeightsError("package facenet_pytorch is not installed; pip install facenet-pytorch==2.5.3")
-    data = Path(list(spec.submodule_search_locations)[0]) / "data"
-    for name, want in MTCNN_SHA256.items():
-        path = data / name
-        if not path.is_file():
-            raise DetectorWeightsError(f"MTCNN weights {path} are missing; reinstall facenet-pytorch==2.5.3")
-        got = hashlib.sha256(path.read_bytes()).hexdigest()
-        if got != want:
-            raise DetectorWeightsError(f"MTCNN weights {path} have sha256 {got[:16]}..., expected {want[:16]}...; "
-                                       "install facenet-pytorch==2.5.3")
+    from g2face.mtcnn import verify_weights  # raises MTCNNWeightsError naming the file and the fix
+
+    verify_weights()
 
 
 @lru_cache(maxsize=4)

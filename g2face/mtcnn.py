@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import math
 import os
 from pathlib import Path
@@ -19,11 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .metrics import MTCNN_SHA256
-
-# facenet-pytorch 2.5.3's data/rnet.pt and data/onet.pt (the pins the utility metrics check too)
-RNET_SHA256 = MTCNN_SHA256["rnet.pt"]
-ONET_SHA256 = MTCNN_SHA256["onet.pt"]
+# facenet-pytorch 2.5.3's MTCNN files: the one place they are pinned (the detector, the utility metrics and the
+# pipeline's model check all verify through ``verify_weights``).
+MTCNN_SHA256 = {
+    "pnet.pt": "a2a71925e0b9996a42f63e47efc1ca19043e69558b5c523b978d611dfae49c8f",
+    "rnet.pt": "bbb937de72efc9ef83b186c49f5f558467a1d7e3453a8ece0d71a886633f6a86",
+    "onet.pt": "165bfbe42940416ccfb977545cf0e976d5bf321f67083ae2aaaa5c764280118d",
+}
 
 # Square box, as fractions of an aligned crop (pipeline.align.template): the median MTCNN box on 150 aligned
 # 128 px LFW crops has centre (0.498, 0.552), width 0.527, height 0.693; the cascade squares it (side = the
@@ -133,22 +136,43 @@ def detectability_loss(face_logits: tuple[Tensor, Tensor]) -> Tensor:
     return torch.stack([F.softplus(-z).mean() for z in face_logits]).mean()
 
 
+class MTCNNWeightsError(ValueError):
+    """MTCNN weights are missing or are not facenet-pytorch 2.5.3's files; the message names the file and the fix."""
+
+
 def default_weights_dir() -> Path:
     """facenet-pytorch's ``data/`` directory, found without importing the package."""
     spec = importlib.util.find_spec("facenet_pytorch")
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError("facenet-pytorch is not installed; pass the directory holding MTCNN's rnet.pt and "
-                                "onet.pt (scripts/make_gpu_carry.py copies them)")
-    return Path(spec.origin).parent / "data"
+    if spec is None or not spec.submodule_search_locations:
+        raise MTCNNWeightsError("facenet-pytorch is not installed: pip install facenet-pytorch==2.5.3, or pass the "
+                                "directory holding MTCNN's rnet.pt and onet.pt (scripts/make_gpu_carry.py copies them)")
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
 
 
-def _read_pinned(path: Path, expected_sha256: str) -> dict[str, Tensor]:
+def _pinned_bytes(path: Path) -> bytes:
+    """The file's bytes, after checking them against its pin (hashing the bytes that are then used)."""
+    want = MTCNN_SHA256[path.name]
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: MTCNN weights not found; copy facenet-pytorch 2.5.3's data/{path.name}")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != expected_sha256:
-        raise ValueError(f"{path}: sha256 {digest} is not facenet-pytorch 2.5.3's {expected_sha256}; use that file")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise MTCNNWeightsError(f"{path}: MTCNN weights not found; reinstall facenet-pytorch==2.5.3 (or copy its "
+                                f"data/{path.name} there)")
+    blob = path.read_bytes()
+    got = hashlib.sha256(blob).hexdigest()
+    if got != want:
+        raise MTCNNWeightsError(f"{path}: sha256 {got} is not facenet-pytorch 2.5.3's {want} (another release or a "
+                                "modified file); reinstall facenet-pytorch==2.5.3")
+    return blob
+
+
+def verify_weights(weights_dir: str | os.PathLike | None = None,
+                   names: tuple[str, ...] = tuple(MTCNN_SHA256)) -> dict[str, str]:
+    """{file name: sha256} of MTCNN's files in ``weights_dir`` (default: the installed facenet-pytorch's), each
+    checked against its pin; raises ``MTCNNWeightsError`` naming the first file that is missing or different."""
+    root = Path(weights_dir) if weights_dir is not None else default_weights_dir()
+    return {name: hashlib.sha256(_pinned_bytes(root / name)).hexdigest() for name in names}
+
+
+def _load_pinned(path: Path) -> dict[str, Tensor]:
+    return torch.load(io.BytesIO(_pinned_bytes(path)), map_location="cpu", weights_only=True)
 
 
 def load_face_detectability(weights_dir: str | os.PathLike | None = None, *,
@@ -157,6 +181,6 @@ def load_face_detectability(weights_dir: str | os.PathLike | None = None, *,
     """RNet and ONet from ``weights_dir`` (default: the installed facenet-pytorch's), hash-checked, strict."""
     root = Path(weights_dir) if weights_dir is not None else default_weights_dir()
     rnet, onet = RNet(), ONet()
-    rnet.load_state_dict(_read_pinned(root / "rnet.pt", RNET_SHA256), strict=True)
-    onet.load_state_dict(_read_pinned(root / "onet.pt", ONET_SHA256), strict=True)
+    rnet.load_state_dict(_load_pinned(root / "rnet.pt"), strict=True)
+    onet.load_state_dict(_load_pinned(root / "onet.pt"), strict=True)
     return FaceDetectability(rnet, onet, value_range).to(device)

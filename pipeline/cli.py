@@ -167,6 +167,10 @@ def evaluate_cmd(
     inception_weights: Optional[str] = typer.Option(
         None, "--inception-weights", help="Inception-v3 weights for FID (see `audit --help`); without it no FID."
     ),
+    draws: Optional[int] = typer.Option(
+        None, "--draws", help="anonymizer.draws of the model's run (default: the job default; 1 measures every "
+        "face's first draw, the model without redraws)."
+    ),
 ) -> None:
     """Measure a G2Face model on a corpus: every number of the quality bars (issue #6) as JSON."""
     from .anonymizers import AnonymizerUnavailable
@@ -179,7 +183,7 @@ def evaluate_cmd(
         doc = evaluate(
             data if len(data) > 1 else data[0], pairs, out, checkpoint=checkpoint, limit=limit,
             baselines=tuple(b for b in baselines.split(",") if b.strip()), work_dir=work_dir, device=device,
-            echo=lambda m: typer.echo(m, err=True), inception_weights=inception_weights,
+            echo=lambda m: typer.echo(m, err=True), inception_weights=inception_weights, draws=draws,
         )
     except (EvaluateError, AuditError, JobSpecError, AnonymizerUnavailable, WeightsError, FileNotFoundError,
             PermissionError) as e:

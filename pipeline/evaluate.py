@@ -125,9 +125,11 @@ def slice_shards(urls: list[str], limit: int | None, out_dir: Path) -> tuple[lis
 
 
 def job_tree(method: str, shards: list[str], out: Path, key: Path, resolution: int, checkpoint: Path | None,
-             device: str, torch_threads: int, seed: int) -> dict:
+             device: str, torch_threads: int, seed: int, draws: int | None = None) -> dict:
     anonymizer = {"method": method, "resolution": resolution}
     if checkpoint is not None:
+        if draws is not None:
+            anonymizer["draws"] = draws
         anonymizer["checkpoint"] = str(checkpoint)
         if "payload" in {f.name for f in dataclasses.fields(AnonymizerSpec)}:
             anonymizer["payload"] = "reversible"
@@ -198,6 +200,7 @@ def evaluate(
     echo: Callable[[str], None] = print,
     inception_weights: str | None = None,
     fid_faces: int = MAX_FID_FACES,
+    draws: int | None = None,
 ) -> dict:
     """Run the evaluation and write ``out`` (JSON); returns the document. ``work_dir`` keeps the runs."""
     from g2face.checkpoint import load_artifact
@@ -208,6 +211,8 @@ def evaluate(
         raise EvaluateError(f"--baselines {','.join(bad)}: choose from {','.join(BASELINES)}")
     if limit is not None and limit < 1:
         raise EvaluateError(f"--limit {limit}: give a positive number of samples")
+    if draws is not None and not 1 <= draws <= 16:
+        raise EvaluateError(f"--draws {draws}: give 1 (first draws only) to 16")
     ckpt = resolve_checkpoint(checkpoint)
     try:
         model = load_artifact(ckpt)
@@ -245,7 +250,7 @@ def evaluate(
             echo(f"evaluate: running {method} on {samples} sample(s)")
             t = time.perf_counter()
             tree = job_tree(method, shards, scratch / method, key, cfg.resolution, ckpt if method == "g2face" else None,
-                            device, torch_threads, seed)
+                            device, torch_threads, seed, draws)
             from .runner import run_job
 
             run_job(parse_spec(tree, f"<evaluate {method}>"), echo=lambda *_: None)
@@ -310,6 +315,17 @@ def _verification_section(verif: dict | None) -> dict:
     return sec
 
 
+def _draws(run) -> dict:
+    """The redraw setting of the model's run and which draw each published g2face face kept (pipeline.redraw)."""
+    kept: dict[str, int] = {}
+    for r in run.public:
+        for f in r.get("faces") or []:
+            if r.get("published") and f.get("method") == "g2face" and f.get("draw") is not None:
+                kept[str(f["draw"])] = kept.get(str(f["draw"]), 0) + 1
+    return {"draws": run.doc.get("spec", {}).get("anonymizer", {}).get("draws", 1),
+            "faces_by_kept_draw": dict(sorted(kept.items(), key=lambda kv: int(kv[0])))}
+
+
 def _reinforcement(run) -> dict:
     """The payload reinforcement settings the model's run used (bar 4 depends on them)."""
     an = run.doc.get("spec", {}).get("anonymizer", {})
@@ -330,6 +346,7 @@ def build_document(ckpt, sha, cfg, data, urls, samples, limit, pairs, runs, priv
             "resolution": cfg.resolution,
             "payload_bits": cfg.payload_bits,
             "model_id": runs["g2face"].doc.get("anonymizer_model_id"),
+            "redraw": _draws(runs["g2face"]),
         },
         "data": {
             "paths": data if isinstance(data, list) else [data],

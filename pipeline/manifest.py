@@ -12,7 +12,8 @@ import pyarrow as pa
 
 from schemas import face_methods, load_json, sample_statuses
 
-MANIFEST_VERSION = 3  # 2: per-face metrics struct and per-sample metrics_error; 3: per-face payload verification
+# 2: per-face metrics struct and per-sample metrics_error; 3: per-face payload verification; 4: per-face draw
+MANIFEST_VERSION = 4
 STATUSES = sample_statuses()
 FACE_METHODS = face_methods()
 _STATUS = load_json("status.json")
@@ -47,6 +48,8 @@ FACE_TYPE = pa.struct(
         ("payload_ok", pa.bool_()),
         ("payload_status", pa.string()),
         ("payload_ber", pa.float32()),
+        # g2face only: which draw of the face's seed sequence is published (0: the first; pipeline/redraw.py)
+        ("draw", pa.int32()),
     ]
 )
 

@@ -6,8 +6,7 @@ import importlib.util
 from functools import lru_cache
 from pathlib import Path
 
-# facenet-pytorch 2.5.3 ships MTCNN's three networks inside the wheel; the pins live with the model library.
-from g2face.metrics import MTCNN_SHA256
+from g2face.mtcnn import MTCNNWeightsError, verify_weights
 
 
 class WeightsError(RuntimeError):
@@ -31,18 +30,8 @@ def package_dir(package: str) -> Path:
 
 @lru_cache(maxsize=None)
 def verify_mtcnn_weights() -> dict[str, str]:
-    """Check facenet-pytorch's MTCNN files against the pinned hashes; returns {file: sha256}."""
-    data = package_dir("facenet_pytorch") / "data"
-    found = {}
-    for name, want in MTCNN_SHA256.items():
-        path = data / name
-        if not path.is_file():
-            raise WeightsError(f"MTCNN weights {path} are missing; reinstall facenet-pytorch==2.5.3")
-        got = file_sha256(path)
-        if got != want:
-            raise WeightsError(
-                f"MTCNN weights {path} have sha256 {got[:16]}..., expected {want[:16]}... "
-                "(a different facenet-pytorch release or a modified file); install facenet-pytorch==2.5.3"
-            )
-        found[f"mtcnn/{name}"] = got
-    return found
+    """Check facenet-pytorch's MTCNN files against the pinned hashes; returns {'mtcnn/<file>': sha256}."""
+    try:
+        return {f"mtcnn/{name}": sha for name, sha in verify_weights().items()}
+    except MTCNNWeightsError as e:
+        raise WeightsError(str(e)) from None

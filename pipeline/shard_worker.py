@@ -18,6 +18,7 @@ import torch
 from . import storage
 from .anonymizers import anonymizer_for
 from .identity_guard import IdentityGuard
+from .redraw import DrawChecker
 from .imaging import EXT_FORMAT, FORMAT_EXT
 from .keys import pseudonymize
 from .manifest import PRIVATE_SCHEMA, PUBLIC_SCHEMA, check_status
@@ -137,7 +138,7 @@ class ShardWorker:
                 spec.policy.on_no_face, fail_fast,
             ),
             AnonymizeStage(anonymizers, spec.resources.anonymize.batch_size, device, fail_fast, payload_mode,
-                           self._identity_guard(), an.fallback),
+                           self._identity_guard(), an.fallback, *self._draws(det)),
             PasteEncodeStage(spec.output.image_format, spec.output.jpeg_quality, spec.policy.on_no_face, fail_fast,
                              self._reinforcer(anonymizers["g2face"] if payload_mode else None, payload_mode)),
         ]
@@ -158,6 +159,14 @@ class ShardWorker:
             return None  # irreversible bits are never read
         settings = ReinforceSettings(an.payload_reinforce_steps, an.payload_reinforce_max_change)
         return PayloadReinforcer(anonymizer, settings, self.spec.resources.anonymize.batch_size)
+
+    def _draws(self, det) -> tuple[int, DrawChecker | None]:
+        an = self.spec.anonymizer
+        if an.method != "g2face" or an.draws <= 1:
+            return 1, None
+        m = self.spec.metrics  # judged as the metrics stage will measure the published face
+        return an.draws, DrawChecker(an.resolution, an.identity_guard_distance, det.stage_thresholds,
+                                     det.scale_factor, m.match_iou, m.resolution, self.spec.input.aligned)
 
     def _identity_guard(self) -> IdentityGuard | None:
         an = self.spec.anonymizer
@@ -316,6 +325,7 @@ class ShardWorker:
                 "payload_ok": f.payload_ok,
                 "payload_status": f.payload_status,
                 "payload_ber": f.payload_ber,
+                "draw": f.draw if f.method == "g2face" else None,
             }
             for f in s.faces
         ]

@@ -157,6 +157,15 @@ class AnonymizerSpec:
         description="Euclidean distance between dlib embeddings below which the guard treats two faces as the "
         "same person (dlib's own threshold is 0.6; raise it for a wider safety margin).",
     )
+    draws: int = Field(
+        default=8, ge=1, le=16,
+        description="Method g2face: a face whose output still matches its original (dlib distance below "
+        "identity_guard_distance) or that MTCNN no longer finds in it is drawn again with the next seed of its "
+        "sequence, up to this many draws in all; the first draw passing both checks is kept, else the best "
+        "(anonymized first). Every published face stays a model output, and the identity guard still judges it. "
+        "The manifest's `draw` says which draw was kept. 1 keeps every first draw. Each extra draw costs a "
+        "generator pass, an identity embedding and an MTCNN pass for the faces that need it.",
+    )
     payload_reinforce_steps: int = Field(
         default=6, ge=0, le=20,
         description="Method g2face with the shipped priors, reversible payload: up to this many projected-gradient "
@@ -435,6 +444,8 @@ def spec_fingerprint(spec: JobSpec) -> str:
     if d["anonymizer"]["weights"] == "shipped":  # fingerprints of jobs written before these keys stay the same
         d["anonymizer"].pop("weights")
         d["anonymizer"].pop("official")
+    if spec.anonymizer.method != "g2face":  # blur / pixelate jobs never draw
+        d["anonymizer"].pop("draws")
     if not reinforcement_applies(spec.anonymizer):  # jobs whose bytes it does not touch keep their fingerprints
         d["anonymizer"].pop("payload_reinforce_steps")
         d["anonymizer"].pop("payload_reinforce_max_change")

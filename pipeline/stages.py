@@ -19,6 +19,7 @@ from schemas import load_json
 
 from . import align
 from .imaging import DecodedImage, DecodeError, decode_image, encode_image, output_format
+from .redraw import redraw
 from .shardio import RawSample
 
 _log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class Face:
     payload_ok: bool | None = None
     payload_status: str | None = None
     payload_ber: float | None = None
+    draw: int | None = None  # g2face: which draw of the face's seed sequence is published (pipeline.redraw)
     payload_sent: np.ndarray | None = None  # the hidden bits (ciphertext + ECC, or random), memory only, until verified
 
 
@@ -324,14 +326,20 @@ class AnonymizeStage(_Stage):
             original (None: off); a face that still matches gets ``fallback`` (reason ``identity_match``) or,
             with action 'withhold' or fallback 'withhold', its image is withheld.
         fallback: the job's fallback method (a key of ``anonymizers``) or 'withhold'.
+        draws: g2face draws per face at most; a draw that ``draw_checker`` rejects is drawn again
+            (``pipeline.redraw``; 1: every face keeps its first draw).
+        draw_checker: a ``pipeline.redraw.DrawChecker`` (needed when ``draws`` > 1).
 
     Reversible g2face: the shard worker sets ``payload`` (a ``pipeline.verify.ShardPayload``) before each
     shard; each face's identity embedding is encoded into its payload bits here and never kept.
     """
 
     def __init__(self, anonymizers: dict, batch_size: int, device: str, fail_fast: bool = False,
-                 payload_mode: str | None = None, identity_guard=None, fallback: str = "pixelate"):
+                 payload_mode: str | None = None, identity_guard=None, fallback: str = "pixelate",
+                 draws: int = 1, draw_checker=None):
         super().__init__(fail_fast)
+        if draws > 1 and draw_checker is None:
+            raise ValueError("draws > 1 needs a draw_checker (pipeline.redraw.DrawChecker)")
         self.anonymizers = anonymizers
         self.batch_size = batch_size
         self.device = torch.device(device)
@@ -339,11 +347,14 @@ class AnonymizeStage(_Stage):
         self.payload = None
         self.identity_guard = identity_guard
         self.fallback = fallback
+        self.draws = draws
+        self.draw_checker = draw_checker
 
     def _g2face(self, model, x: torch.Tensor, chunk: list) -> torch.Tensor:
         seeds = [f.seed for _, _, f in chunk]
         if self.payload_mode != "reversible":
-            return model.anonymize(x, seeds)  # seeded random bits (pipeline.g2face_method.irreversible_bits)
+            # seeded random bits (pipeline.g2face_method.irreversible_bits), drawn again with each draw's seed
+            return self._drawn(model, x, chunk, seeds, model.anonymize(x, seeds))
         if self.payload is None:
             raise RuntimeError("reversible g2face without a shard payload key (the shard worker sets it)")
         identity = model.identity_embeddings(x)
@@ -354,13 +365,28 @@ class AnonymizeStage(_Stage):
         del emb
         for (_, _, f), b in zip(chunk, bits):
             f.payload_sent = b
-        return model.anonymize(x, seeds, payload_bits=torch.from_numpy(bits), identity=identity)
+        payload_bits = torch.from_numpy(bits)
+        y = model.anonymize(x, seeds, payload_bits=payload_bits, identity=identity)
+        return self._drawn(model, x, chunk, seeds, y, payload_bits=payload_bits, identity=identity)
+
+    def _drawn(self, model, x: torch.Tensor, chunk: list, seeds: list[int], y: torch.Tensor, **inputs) -> torch.Tensor:
+        """``y`` with each face that fails the draw checks drawn again (``pipeline.redraw``); records the draw."""
+        kept = np.zeros(len(chunk), np.int64)
+        if self.draws > 1:
+            checker = self.draw_checker
+            reference = checker.reference([(s.image.rgb, f.transform, f.box) for s, _, f in chunk])
+            y, kept = redraw(model.anonymize, checker, reference, x, y, seeds, self.draws, **inputs)
+        for (_, _, f), k in zip(chunk, kept):
+            f.draw = int(k)
+        return y
 
     def setup(self) -> None:
         for a in self.anonymizers.values():
             a.setup(self.device)
         if self.identity_guard is not None:
             self.identity_guard.setup(self.device)
+        if self.draws > 1:
+            self.draw_checker.setup(self.device)
 
     def _guard(self, x: torch.Tensor, y: torch.Tensor, chunk: list) -> torch.Tensor:
         """Faces of this g2face chunk that still match their originals get the fallback (or withhold)."""
@@ -383,7 +409,7 @@ class AnonymizeStage(_Stage):
         y[idx] = self.anonymizers[self.fallback].anonymize(x[idx], [chunk[j][2].seed for j in idx])
         for j in idx:
             f = chunk[j][2]
-            f.method, f.fallback_reason, f.payload_sent = self.fallback, "identity_match", None
+            f.method, f.fallback_reason, f.payload_sent, f.draw = self.fallback, "identity_match", None, None
         return y
 
     def process(self, batch: list[Sample]) -> list[Sample]:

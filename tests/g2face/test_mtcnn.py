@@ -87,12 +87,12 @@ def test_gradient_reaches_the_image(detector, faces):
 def test_wrong_or_missing_weights_are_refused_by_name(tmp_path):
     src = mtcnn.default_weights_dir()
     shutil.copyfile(src / "rnet.pt", tmp_path / "rnet.pt")
-    with pytest.raises(FileNotFoundError, match="onet.pt"):
+    with pytest.raises(mtcnn.MTCNNWeightsError, match=r"onet\.pt: MTCNN weights not found"):
         mtcnn.load_face_detectability(tmp_path)
     blob = bytearray((src / "onet.pt").read_bytes())
     blob[-100] ^= 0xFF
     (tmp_path / "onet.pt").write_bytes(bytes(blob))
-    with pytest.raises(ValueError, match=r"onet\.pt: sha256 .* is not facenet-pytorch"):
+    with pytest.raises(mtcnn.MTCNNWeightsError, match=r"onet\.pt: sha256 .* is not facenet-pytorch"):
         mtcnn.load_face_detectability(tmp_path)
     shutil.copyfile(src / "onet.pt", tmp_path / "onet.pt")
     assert isinstance(mtcnn.load_face_detectability(tmp_path), mtcnn.FaceDetectability)

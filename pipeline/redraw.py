@@ -1,0 +1,225 @@
+"""Redraw: a G2Face output that still shows the person, or that MTCNN no longer finds, is drawn again.
+
+G2Face draws each face's dummy identity and generator noise from the face's seed, and no single draw succeeds
+on every face. Draws of one face succeed or fail largely independently (first 200 val faces, shipped model,
+draws 0..3: 12.6% of first draws still match their original, 5.5% of faces match in all four; MTCNN finds
+75% of first draws and at least one draw of 92% of faces), so a face whose draw fails a check is drawn again
+with the next seed of its sequence (``draw_seed``), up to ``draws`` draws. The first draw that passes every
+check is kept; when none does, the best one (see ``DrawJudgement.rank``), and the identity guard still
+judges what is kept. Every kept face is an output of the model: nothing here edits pixels.
+
+Checks, on the aligned crops, the way ``pipeline.metrics_stage`` later measures the published faces: the draw
+is first blended into its original crop through the paste-back mask (``align.paste_mask``), as the published
+image will show it, since what is left of the original around the face (hair, jaw line, background) counts
+for the recognizer and the detector too.
+
+- identity: dlib's ResNet descriptor distance to the original is at least ``max_distance``;
+- detection: MTCNN (the job's thresholds) on the crop resized to ``check_resolution`` finds a face with IoU
+  >= ``match_iou`` against its detection in the original crop; waived when MTCNN does not find the original.
+
+Recovery is unaffected: the payload never depends on the draw, and the recover pass draws its noise and
+placeholder bits from the face's own seed on its own stream (``g2face.model.STREAM_RECOVER``), never from the
+anonymize pass's. Only the verdicts leave this module; embeddings stay inside ``judge``.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import align
+
+
+def draw_seed(seed: int, draw: int) -> int:
+    """The seed of draw ``draw`` of a face whose own seed is ``seed``; draw 0 is the face's seed itself."""
+    if draw == 0:
+        return int(seed)
+    h = hashlib.sha256(f"redraw\x00{int(seed)}\x00{int(draw)}".encode()).digest()
+    return int.from_bytes(h[:8], "big")
+
+
+@dataclass(frozen=True)
+class DrawJudgement:
+    """Verdicts on N draws, each (N,): identity distance to the original, far enough with the margin, MTCNN
+    finds the face (job thresholds), and finds it with the margin score."""
+
+    distance: np.ndarray
+    anonymized: np.ndarray
+    detected: np.ndarray
+    confident: np.ndarray
+
+    @property
+    def passed(self) -> np.ndarray:
+        return self.anonymized & self.confident
+
+    def rank(self) -> np.ndarray:
+        """Higher is better: anonymized first, then found by MTCNN, then found with the margin, then distance."""
+        return self.anonymized * 8.0 + self.detected * 4.0 + self.confident * 2.0 + np.clip(self.distance, 0, 1.99) / 2
+
+
+_ORIGINAL_MATCH_IOU = 0.3  # pipeline.metrics_stage.ORIGINAL_MATCH_IOU: the original's detection near its box
+
+
+@dataclass(frozen=True)
+class DrawReference:
+    """Original crops (N, C, C, 3) uint8 at the check resolution, their dlib embeddings (N, 128) and MTCNN
+    boxes in crop pixels (None: MTCNN does not find the original, so detection is not judged)."""
+
+    originals: torch.Tensor
+    embeddings: torch.Tensor
+    boxes: list
+
+
+class DrawChecker:
+    """Judge G2Face draws against their originals (see the module docstring).
+
+    Args:
+        resolution: the job's aligned crop side.
+        max_distance: a draw closer than this to its original (dlib distance) still shows the person (the
+            job's ``identity_guard_distance``).
+        mtcnn_thresholds: MTCNN's P/R/O-net thresholds (the job's detection thresholds).
+        mtcnn_factor: MTCNN's pyramid scale factor (the job's).
+        match_iou: IoU the draw's detection needs against the original's (the job's ``metrics.match_iou``).
+        check_resolution: side of the crops judged (the job's ``metrics.resolution``): originals are cut from
+            the image at this side, draws resized to it.
+        aligned: the corpus is pre-aligned (no detected box: the template's face box is the reference).
+        identity_margin: a draw passes the identity check only this far beyond ``max_distance``, and
+        detection_score: the detection check only with an MTCNN score at least this (above the job's ONet
+            threshold), so that a draw passing here still passes on the published image, which the payload
+            reinforcement and the encoder change slightly (first 200 val faces: every draw judged at least 0.02
+            beyond 0.6 here was also beyond it on the written image).
+    """
+
+    def __init__(self, resolution: int, max_distance: float, mtcnn_thresholds=(0.6, 0.7, 0.7),
+                 mtcnn_factor: float = 0.709, match_iou: float = 0.5, check_resolution: int = 256,
+                 aligned: bool = False, identity_margin: float = 0.03, detection_score: float = 0.9):
+        self.resolution = resolution
+        self.max_distance = float(max_distance)
+        self.mtcnn_thresholds = [float(t) for t in mtcnn_thresholds]
+        self.mtcnn_factor = float(mtcnn_factor)
+        self.match_iou = float(match_iou)
+        self.check_resolution = check_resolution
+        self.aligned = aligned
+        self.identity_margin = float(identity_margin)
+        self.detection_score = float(detection_score)
+        self.net = self.mtcnn = None
+
+    def setup(self, device: torch.device) -> None:
+        from facenet_pytorch import MTCNN
+
+        from g2face.identity import load_dlib_face_resnet  # hash-checked, strict
+
+        from .models import verify_mtcnn_weights
+
+        verify_mtcnn_weights()
+        self.device = torch.device(device)
+        self.net = load_dlib_face_resnet(device=self.device)
+        self.template = align.template(self.check_resolution)
+        self.mask = torch.from_numpy(np.array(align.paste_mask(self.check_resolution))).to(self.device)
+        # As in the metrics stage: an aligned face spans about half the crop, so nothing below a quarter of it.
+        self.mtcnn = MTCNN(min_face_size=max(12, self.check_resolution // 4), thresholds=self.mtcnn_thresholds,
+                           factor=self.mtcnn_factor, keep_all=True, post_process=False, select_largest=False,
+                           device=self.device)
+
+    @torch.no_grad()
+    def embeddings(self, crops: torch.Tensor) -> torch.Tensor:
+        """dlib descriptors (N, 128) of uint8 crops (N, C, C, 3) at the check resolution."""
+        from g2face.identity import aligned_to_chip
+
+        x = crops.to(self.device).permute(0, 3, 1, 2).float().div(255.0)
+        return self.net(aligned_to_chip(x, self.template)).float()
+
+    def boxes(self, crops: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
+        """MTCNN (boxes (k, 4), scores (k,)) per uint8 crop (N, C, C, 3)."""
+        with torch.inference_mode():
+            found, scores = self.mtcnn.detect(list(crops.cpu().numpy()))
+        return [(np.zeros((0, 4)), np.zeros(0)) if b is None else (np.asarray(b, np.float64), np.asarray(p, np.float64))
+                for b, p in zip(found, scores)]
+
+    def reference(self, faces: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> DrawReference:
+        """What draws are judged against, from (image RGB uint8, job-resolution transform, detected box in image
+        pixels) per face: the original crops at the check resolution, their embeddings and MTCNN boxes."""
+        from .metrics_stage import aligned_reference_box, box_in_crop, face_crops, metric_transform
+
+        c = self.check_resolution
+        crops = np.stack([face_crops(rgb, m, self.resolution, c) for rgb, m, _ in faces])
+        originals = torch.from_numpy(crops).to(self.device)
+        boxes = []
+        for (_, m, box), (found, _) in zip(faces, self.boxes(originals)):
+            near = (aligned_reference_box(c) if self.aligned
+                    else box_in_crop(box, metric_transform(m, self.resolution, c)))
+            j = _best_iou(found, near, _ORIGINAL_MATCH_IOU)
+            boxes.append(None if j is None else found[j])
+        return DrawReference(originals, self.embeddings(originals), boxes)
+
+    @torch.no_grad()
+    def as_published(self, draws: torch.Tensor, originals: torch.Tensor) -> torch.Tensor:
+        """Draws (B, 3, R, R) in [0, 1] resized to the check resolution and blended into their original crops
+        (B, C, C, 3) uint8 through the paste-back mask: uint8 (B, C, C, 3)."""
+        c = self.check_resolution
+        big = F.interpolate(draws.to(self.device, torch.float32), size=(c, c), mode="bilinear", align_corners=False)
+        big = big.clamp(0, 1).mul(255).permute(0, 2, 3, 1)
+        mask = self.mask[None, :, :, None]
+        return (originals.float() * (1.0 - mask) + big * mask).round().clamp(0, 255).to(torch.uint8)
+
+    def judge(self, reference: DrawReference, draws: torch.Tensor, rows: np.ndarray) -> DrawJudgement:
+        """Verdicts on ``draws`` (B, 3, R, R) in [0, 1], draw i against original ``rows[i]`` of ``reference``."""
+        assert draws.shape[0] == len(rows) and draws.shape[1:] == (3, self.resolution, self.resolution), draws.shape
+        at = torch.as_tensor(np.asarray(rows), device=self.device)
+        seen = self.as_published(draws, reference.originals[at])
+        distance = (self.embeddings(seen) - reference.embeddings[at]).norm(dim=1).cpu().numpy()
+        detected, confident = np.ones(len(rows), bool), np.ones(len(rows), bool)
+        need = [i for i, r in enumerate(rows) if reference.boxes[r] is not None]
+        if need:
+            found = self.boxes(seen[torch.as_tensor(need, device=self.device)])
+            for i, (b, score) in zip(need, found):
+                ref = reference.boxes[rows[i]]
+                detected[i] = _best_iou(b, ref, self.match_iou) is not None
+                sure = score >= self.detection_score
+                confident[i] = _best_iou(b[sure], ref, self.match_iou) is not None
+        return DrawJudgement(distance.astype(np.float64), distance >= self.max_distance + self.identity_margin,
+                             detected, confident)
+
+
+def _best_iou(boxes: np.ndarray, reference: np.ndarray, min_iou: float) -> int | None:
+    from .metrics_stage import best_match
+
+    return best_match(boxes, reference, min_iou)
+
+
+def redraw(anonymize, checker: DrawChecker, reference: DrawReference, x: torch.Tensor, y: torch.Tensor,
+           seeds: list[int], draws: int, **inputs) -> tuple[torch.Tensor, np.ndarray]:
+    """Draw again each face of ``y`` (the draw-0 outputs of ``x`` under ``seeds``) that fails a check against
+    ``reference`` (``checker.reference`` of the same faces), up to ``draws`` draws in all.
+    ``anonymize(x_subset, seeds_subset, **inputs_subset)`` makes draws; ``inputs`` are per-face tensors (payload
+    bits, identity) passed along row-aligned. Returns (kept outputs, index of the kept draw per face)."""
+    assert x.shape == y.shape and len(seeds) == x.shape[0] == len(reference.boxes), (x.shape, y.shape, len(seeds))
+    n = x.shape[0]
+    kept = np.zeros(n, np.int64)
+    if draws <= 1 or n == 0:
+        return y, kept
+    rows = np.arange(n)
+    verdict = checker.judge(reference, y, rows)
+    best = verdict.rank()
+    pending = np.flatnonzero(~verdict.passed)
+    y = y.clone()
+    for k in range(1, draws):
+        if pending.size == 0:
+            break
+        idx = torch.as_tensor(pending, device=x.device)
+        sub = {name: (v[idx] if isinstance(v, torch.Tensor) else v) for name, v in inputs.items()}
+        cand = anonymize(x[idx], [draw_seed(seeds[j], k) for j in pending], **sub)
+        assert cand.shape == (len(pending), *x.shape[1:]), cand.shape
+        verdict = checker.judge(reference, cand, pending)
+        rank = verdict.rank()
+        better = rank > best[pending]
+        if better.any():
+            take = pending[better]
+            y[torch.as_tensor(take, device=y.device)] = cand[torch.as_tensor(np.flatnonzero(better), device=cand.device)].to(y.dtype)
+            best[take] = rank[better]
+            kept[take] = k
+        pending = pending[~verdict.passed]
+    return y, kept
