@@ -15,11 +15,17 @@ for the recognizer and the detector too.
 
 - identity: dlib's ResNet descriptor distance to the original is at least ``max_distance``;
 - detection: MTCNN (the job's thresholds) on the crop resized to ``check_resolution`` finds a face with IoU
-  >= ``match_iou`` against its detection in the original crop; waived when MTCNN does not find the original.
+  >= ``match_iou`` against its detection in the original crop (where MTCNN does not find the original: the
+  face's own box mapped into the crop, as the metrics stage does).
 
-Recovery is unaffected: the payload never depends on the draw, and the recover pass draws its noise and
-placeholder bits from the face's own seed on its own stream (``g2face.model.STREAM_RECOVER``), never from the
-anonymize pass's. Only the verdicts leave this module; embeddings stay inside ``judge``.
+Recovery is unaffected: a reversible payload never depends on the draw, and the recover pass draws its noise
+and placeholder bits from the face's own seed on its own stream (``g2face.model.STREAM_RECOVER``), never from
+the anonymize pass's. (An irreversible face hides random bits from its draw's seed; verification reads them
+against that seed.) Known gap: where the crop reaches past the image border, the original crop judged here
+is mirrored at the border (``align.warp_to_crop``), while the published image keeps its own pixels there.
+
+Embeddings and original crops live in a ``DrawReference`` only while a chunk is judged; only the verdicts
+(which draw is kept) leave the anonymize stage.
 """
 from __future__ import annotations
 
@@ -65,8 +71,9 @@ _ORIGINAL_MATCH_IOU = 0.3  # pipeline.metrics_stage.ORIGINAL_MATCH_IOU: the orig
 
 @dataclass(frozen=True)
 class DrawReference:
-    """Original crops (N, C, C, 3) uint8 at the check resolution, their dlib embeddings (N, 128) and MTCNN
-    boxes in crop pixels (None: MTCNN does not find the original, so detection is not judged)."""
+    """Original crops (N, C, C, 3) uint8 at the check resolution, their dlib embeddings (N, 128) and the box
+    each draw's detection must overlap, in crop pixels (the original's MTCNN detection near the face's box,
+    else that box itself)."""
 
     originals: torch.Tensor
     embeddings: torch.Tensor
@@ -152,7 +159,7 @@ class DrawChecker:
             near = (aligned_reference_box(c) if self.aligned
                     else box_in_crop(box, metric_transform(m, self.resolution, c)))
             j = _best_iou(found, near, _ORIGINAL_MATCH_IOU)
-            boxes.append(None if j is None else found[j])
+            boxes.append(near if j is None else found[j])
         return DrawReference(originals, self.embeddings(originals), boxes)
 
     @torch.no_grad()
@@ -171,15 +178,11 @@ class DrawChecker:
         at = torch.as_tensor(np.asarray(rows), device=self.device)
         seen = self.as_published(draws, reference.originals[at])
         distance = (self.embeddings(seen) - reference.embeddings[at]).norm(dim=1).cpu().numpy()
-        detected, confident = np.ones(len(rows), bool), np.ones(len(rows), bool)
-        need = [i for i, r in enumerate(rows) if reference.boxes[r] is not None]
-        if need:
-            found = self.boxes(seen[torch.as_tensor(need, device=self.device)])
-            for i, (b, score) in zip(need, found):
-                ref = reference.boxes[rows[i]]
-                detected[i] = _best_iou(b, ref, self.match_iou) is not None
-                sure = score >= self.detection_score
-                confident[i] = _best_iou(b[sure], ref, self.match_iou) is not None
+        detected, confident = np.zeros(len(rows), bool), np.zeros(len(rows), bool)
+        for i, (b, score) in enumerate(self.boxes(seen)):
+            ref = reference.boxes[rows[i]]
+            detected[i] = _best_iou(b, ref, self.match_iou) is not None
+            confident[i] = _best_iou(b[score >= self.detection_score], ref, self.match_iou) is not None
         return DrawJudgement(distance.astype(np.float64), distance >= self.max_distance + self.identity_margin,
                              detected, confident)
 
@@ -210,7 +213,7 @@ def redraw(anonymize, checker: DrawChecker, reference: DrawReference, x: torch.T
         if pending.size == 0:
             break
         idx = torch.as_tensor(pending, device=x.device)
-        sub = {name: (v[idx] if isinstance(v, torch.Tensor) else v) for name, v in inputs.items()}
+        sub = {name: (v[idx.to(v.device)] if isinstance(v, torch.Tensor) else v) for name, v in inputs.items()}
         cand = anonymize(x[idx], [draw_seed(seeds[j], k) for j in pending], **sub)
         assert cand.shape == (len(pending), *x.shape[1:]), cand.shape
         verdict = checker.judge(reference, cand, pending)

@@ -159,9 +159,10 @@ class AnonymizerSpec:
     )
     draws: int = Field(
         default=8, ge=1, le=16,
-        description="Method g2face: a face whose output still matches its original (dlib distance below "
-        "identity_guard_distance) or that MTCNN no longer finds in it is drawn again with the next seed of its "
-        "sequence, up to this many draws in all; the first draw passing both checks is kept, else the best "
+        description="Method g2face: a face whose output, blended into its original crop as paste-back will show "
+        "it, still matches the original (dlib distance below identity_guard_distance + 0.03) or that MTCNN no "
+        "longer finds (score 0.9, IoU metrics.match_iou with the original's detection) is drawn again with the "
+        "next seed of its sequence, up to this many draws in all; the first draw passing both checks is kept, else the best "
         "(anonymized first). Every published face stays a model output, and the identity guard still judges it. "
         "The manifest's `draw` says which draw was kept. 1 keeps every first draw. Each extra draw costs a "
         "generator pass, an identity embedding and an MTCNN pass for the faces that need it.",

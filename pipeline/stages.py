@@ -374,8 +374,18 @@ class AnonymizeStage(_Stage):
         kept = np.zeros(len(chunk), np.int64)
         if self.draws > 1:
             checker = self.draw_checker
-            reference = checker.reference([(s.image.rgb, f.transform, f.box) for s, _, f in chunk])
-            y, kept = redraw(model.anonymize, checker, reference, x, y, seeds, self.draws, **inputs)
+            try:
+                reference = checker.reference([(s.image.rgb, f.transform, f.box) for s, _, f in chunk])
+                y, kept = redraw(model.anonymize, checker, reference, x, y, seeds, self.draws, **inputs)
+                del reference
+            except Exception as e:
+                # Redrawing only improves on the first draws, which are real outputs: keep them (the identity
+                # guard still judges them) rather than lose the images.
+                if self.fail_fast:
+                    raise
+                _log.warning("redraw failed, keeping the first draws of %d face(s): %s: %s", len(chunk),
+                            type(e).__name__, e)
+                kept = np.zeros(len(chunk), np.int64)
         for (_, _, f), k in zip(chunk, kept):
             f.draw = int(k)
         return y

@@ -138,6 +138,7 @@ class VerifyStage(_Stage):
         if not crops:
             return
         from .g2face_method import irreversible_bits
+        from .redraw import draw_seed
 
         for (s, i, f), logits in zip(items, extract_logits(self.model, crops, self.device, self.batch_size)):
             if f.payload_mode == "reversible":
@@ -145,7 +146,8 @@ class VerifyStage(_Stage):
                 f.payload_ok, f.payload_status = res.ok, res.status
                 sent = f.payload_sent
             else:  # irreversible: nothing to open; the error rate against the known random bits is still telling
-                sent = irreversible_bits([f.seed], logits.size)[0].numpy()
+                # the bits the kept draw hid: drawn from that draw's seed (pipeline.redraw)
+                sent = irreversible_bits([draw_seed(f.seed, f.draw or 0)], logits.size)[0].numpy()
                 f.payload_ok, f.payload_status = None, None
             # raw BER against the bits actually hidden (exact, also where decoding failed)
             f.payload_ber = float(np.mean((logits > 0) != (np.asarray(sent) > 0.5))) if sent is not None else None

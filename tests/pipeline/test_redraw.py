@@ -11,7 +11,8 @@ from pipeline.g2face_method import G2FaceAnonymizer
 from pipeline.redraw import DrawChecker, draw_seed, redraw
 from pipeline.shardio import read_webdataset
 from pipeline.spec import JobSpecError, parse_spec, spec_fingerprint
-from pipeline.stages import AlignStage, AnonymizeStage, DecodeStage, DetectStage, Sample
+from pipeline.stages import AlignStage, AnonymizeStage, DecodeStage, DetectStage, PasteEncodeStage, Sample
+from pipeline.verify import VerifyStage
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 R = 128
@@ -84,6 +85,27 @@ def test_kept_face_is_the_best_real_draw_when_none_passes(faces, model):
     assert all((draws[0] - draws[k]).abs().mean() > 0.01 for k in (1, 2))
 
 
+def test_reversible_inputs_follow_their_faces_into_each_draw(faces, model):
+    """Payload bits and identity are sliced with the faces still being drawn: each kept face is exactly the draw
+    of its own bits and identity."""
+    _, items = faces
+    x, seeds, refs = _inputs(items)
+    bits = torch.from_numpy(np.random.default_rng(0).integers(0, 2, (len(items), model.payload_bits))).float()
+    checker = _checker(identity_margin=1.5)
+    with torch.inference_mode():
+        identity = model.identity_embeddings(x)
+        draws = [model.anonymize(x, [draw_seed(s, k) for s in seeds], payload_bits=bits, identity=identity)
+                 for k in range(3)]
+        y, kept = redraw(model.anonymize, checker, checker.reference(refs), x, draws[0], seeds, 3,
+                         payload_bits=bits, identity=identity)
+        swapped = model.anonymize(x, [draw_seed(s, 1) for s in seeds], payload_bits=bits.roll(1, 0),
+                                  identity=identity)
+    assert (kept > 0).any()
+    for i, k in enumerate(kept):
+        assert torch.equal(y[i], draws[k][i])
+    assert not torch.equal(swapped, draws[1])  # the bits matter, so slicing them wrongly would show
+
+
 def test_faces_passing_their_first_draw_keep_it(faces, model):
     _, items = faces
     x, seeds, refs = _inputs(items)
@@ -97,21 +119,26 @@ def test_faces_passing_their_first_draw_keep_it(faces, model):
     assert (kept[passed] == 0).all() and torch.equal(y[passed], y0[passed])
 
 
-def test_stage_records_the_kept_draw_and_reproduces_it(faces, model):
+def test_stage_records_the_kept_draw_reproduces_it_and_verifies_its_bits(faces, model):
     samples, _ = faces
 
     def run(draws):
         copies = [Sample(s.raw, image=s.image, faces=[type(f)(**{**f.__dict__}) for f in s.faces]) for s in samples]
-        stage = AnonymizeStage({"g2face": model, "pixelate": PixelateAnonymizer(R, 8)}, 8, "cpu",
-                               payload_mode="irreversible", draws=draws,
-                               draw_checker=_checker(identity_margin=0.3) if draws > 1 else None)
-        stage.setup()
-        return [f for s in stage.process(copies) for f in s.faces if f.method == "g2face"]
+        stages = [AnonymizeStage({"g2face": model, "pixelate": PixelateAnonymizer(R, 8)}, 8, "cpu",
+                                 payload_mode="irreversible", draws=draws,
+                                 draw_checker=_checker(identity_margin=0.3) if draws > 1 else None),
+                  PasteEncodeStage("png", 95, "pass"), VerifyStage(model, R, "irreversible", 10**8, 8, "cpu")]
+        for st in stages:
+            st.setup()
+            copies = st.process(copies)
+        return [f for s in copies for f in s.faces if f.method == "g2face"]
 
     first, redrawn = run(1), run(3)
     originals = [f for s in samples for f in s.faces if f.method == "g2face"]
     assert [f.draw for f in first] == [0] * len(first)
     assert {f.draw for f in redrawn} <= {0, 1, 2} and any(f.draw for f in redrawn)  # margin 0.3 forces redraws
+    # verification reads each face's bits against the seed of the draw it kept (random bits: 0.5 if not)
+    assert max(f.payload_ber for f in first + redrawn) < 0.1, [f.payload_ber for f in first + redrawn]
     for o, a, b in zip(originals, first, redrawn):
         if b.draw == 0:
             assert np.array_equal(a.crop, b.crop)
