@@ -110,6 +110,16 @@ def _reinforcement(ev: dict) -> str:
     return f"{r['steps']} steps, at most {_fmt(r.get('max_change_grey_levels'))} grey levels"
 
 
+def _redraw(ev: dict) -> str:
+    r = (ev.get("model") or {}).get("redraw") or {}
+    draws = r.get("draws", 1)
+    if draws <= 1:
+        return "off (every face's first draw)"
+    kept = r.get("faces_by_kept_draw") or {}
+    later = sum(n for k, n in kept.items() if k != "0")
+    return f"up to {draws} draws" + (f" ({later} of {sum(kept.values())} faces kept a later draw)" if kept else "")
+
+
 def card_text(artifact: Path, sha256: str, meta: dict, ev: dict, stats: list[dict], hardware: str,
               grid_name: str, grid_figures: dict, minutes: float | None = None, recipe: str | None = None,
               previous: dict | None = None) -> str:
@@ -137,7 +147,9 @@ def card_text(artifact: Path, sha256: str, meta: dict, ev: dict, stats: list[dic
         "With the pipeline's identity guard (`anonymizer.identity_guard`, on by default) a face this model "
         "leaves recognisable (dlib distance to its original below 0.6) is not published as anonymized: it gets the "
         "job's fallback method or its image is withheld, and the manifest says so (`fallback_reason: "
-        "identity_match`). The bars below are the model's own, measured with the guard off.",
+        "identity_match`). The bars below are measured with the guard off, with the pipeline's redraws "
+        f"(`anonymizer.draws`: {_redraw(ev)}; every published face is one of the model's draws, see "
+        "`pipeline/redraw.py`).",
         "",
         "## Training",
         f"- Hardware and time: {hardware}.",
@@ -161,13 +173,15 @@ def card_text(artifact: Path, sha256: str, meta: dict, ev: dict, stats: list[dic
             ok = {True: "yes", False: "no", None: "n/a"}[b.get("pass")]
             lines.append(f"| {name} | {_fmt(b.get('value'))} | {b['comparison']} {_fmt(b['threshold'])} | {ok} |")
     lines += ["", f"Pipeline settings the bars depend on: payload reinforcement {_reinforcement(ev)} "
-                  "(`anonymizer.payload_reinforce_steps`, `payload_reinforce_max_change`)."]
+                  "(`anonymizer.payload_reinforce_steps`, `payload_reinforce_max_change`); redraws "
+                  f"{_redraw(ev)} (`anonymizer.draws`)."]
     if previous is not None:
         prev_bars = previous.get("bars", {})
         prev_sha = previous.get("model", {}).get("artifact_sha256")
         if prev_sha == meta.get("artifact_sha256"):
             intro = (f"Compared with the previous evaluation of this same model (same evaluation data; the pipeline "
-                     f"changed: payload reinforcement {_reinforcement(previous)} then, {_reinforcement(ev)} now):")
+                     f"changed: payload reinforcement {_reinforcement(previous)} then, {_reinforcement(ev)} now; "
+                     f"redraws {_redraw(previous)} then, {_redraw(ev)} now):")
         else:
             intro = f"Compared with the model it replaces (content hash `{prev_sha}`, same evaluation data):"
         lines += ["", intro, "", "| bar | before | now |", "|---|---|---|"]
