@@ -12,7 +12,8 @@ import pyarrow as pa
 
 from schemas import face_methods, load_json, sample_statuses
 
-# 2: per-face metrics struct and per-sample metrics_error; 3: per-face payload verification; 4: per-face draw
+# 2: per-face metrics struct and per-sample metrics_error; 3: per-face payload verification; 4: per-face draw and
+# per-sample warnings
 MANIFEST_VERSION = 4
 STATUSES = sample_statuses()
 FACE_METHODS = face_methods()
@@ -69,6 +70,8 @@ PUBLIC_SCHEMA = pa.schema(
         ("model_id", pa.string()),
         ("metrics_error", pa.string()),  # why this sample's faces have no metrics (the image is unaffected)
         ("payload_reencoded", pa.bool_()),  # written as PNG because a payload did not survive the job's format
+        # steps skipped without stopping the sample (payload reinforcement, redraw), each with its reason
+        ("warnings", pa.list_(pa.string())),
     ],
     metadata={"g2face-pipe.manifest": "public", "version": str(MANIFEST_VERSION)},
 )

@@ -345,6 +345,7 @@ class ShardWorker:
                 "model_id": self.model_id if s.faces else None,
                 "metrics_error": s.metrics_error,
                 "payload_reencoded": s.payload_reencoded if published else None,
+                "warnings": list(s.warnings),
             }
         )
         private_rows.append(

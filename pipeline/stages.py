@@ -23,6 +23,12 @@ from .redraw import redraw
 from .shardio import RawSample
 
 _log = logging.getLogger(__name__)
+
+
+def _brief(e: Exception, limit: int = 200) -> str:
+    """An exception as the manifest records it: type and message, cut to ``limit`` characters."""
+    text = f"{type(e).__name__}: {e}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 _SIZE_CLASSES = load_json("status.json")["size_class"]
 
 
@@ -77,6 +83,8 @@ class Sample:
     out_bytes: bytes | None = None
     out_format: str | None = None
     metrics_error: str | None = None  # why this sample's faces have no metrics (the image is still published)
+    # what went wrong without stopping the sample (it is still published): reinforcement or redraw skipped
+    warnings: list[str] = field(default_factory=list)
     out_key: str | None = None  # the key as published (set by the shard worker); payloads are bound to it
     out_rgb: np.ndarray | None = None  # pasted pixels before encoding, kept until verification (lossless retry)
     payload_reencoded: bool = False  # re-encoded as PNG because a payload did not survive the job's format
@@ -384,8 +392,10 @@ class AnonymizeStage(_Stage):
                 if self.fail_fast:
                     raise
                 _log.warning("redraw failed, keeping the first draws of %d face(s): %s: %s", len(chunk),
-                            type(e).__name__, e)
+                             type(e).__name__, e)
                 kept = np.zeros(len(chunk), np.int64)
+                for sample in {id(s): s for s, _, _ in chunk}.values():
+                    sample.warnings.append(f"redraw failed, first draws kept: {_brief(e)}")
         for (_, _, f), k in zip(chunk, kept):
             f.draw = int(k)
         return y
@@ -494,6 +504,7 @@ class PasteEncodeStage(_Stage):
                                      f"{type(e).__name__}: {e}") from e
                 # Published unreinforced; verification still decides whether its payload reads back.
                 _log.warning("sample %s: payload reinforcement skipped (%s)", batch[i].raw.index, type(e).__name__)
+                batch[i].warnings.append(f"payload reinforcement skipped: {_brief(e)}")
 
     def process(self, batch: list[Sample]) -> list[Sample]:
         if self.reinforcer is not None:

@@ -46,6 +46,7 @@ def test_g2face_job_runs_the_model_with_shipped_priors(tmp_path, artifact):
         a, b = decode(src[r["key"]]["jpg"]), decode(dst[r["key"]]["png"])
         assert all(f["method"] == "g2face" for f in r["faces"])
         assert all(f["payload_mode"] == "irreversible" and f["payload_ok"] is None for f in r["faces"])
+        assert all(0 <= f["draw"] < 8 for f in r["faces"]) and r["warnings"] == []  # redraw ran (default 8 draws)
         assert np.abs(a.astype(int) - b.astype(int)).mean() > 0.5
     again = tmp_path / "again"
     run_job(parse_spec(job_tree(again, DEMO_SHARDS[0], anonymizer={"method": "g2face", "checkpoint": str(artifact),

@@ -208,3 +208,18 @@ def test_run_with_reinforcement_reads_back_better_and_changes_only_the_faces(tmp
             outside[y0:y1, x0:x1] = False
         assert d[outside].max(initial=0) == 0  # nothing but the pasted faces changes
         assert d.max() <= 5  # the 4-level crop cap, plus one level of resampling and blending
+
+
+def test_an_image_whose_reinforcement_fails_is_published_with_the_reason_and_the_rest_reinforced(portraits, shipped):
+    from pipeline.stages import PasteEncodeStage
+
+    samples, bits = _samples(portraits, shipped, 3, ["reversible"] * 3)
+    samples[1].faces[0].payload_sent = bits[1][:-8]  # a payload of the wrong length cannot be reinforced
+    before = [s.faces[0].crop.copy() for s in samples]
+    stage = PasteEncodeStage("png", 95, "pass", reinforcer=PayloadReinforcer(shipped, ReinforceSettings(), 4))
+    stage.process(samples)
+    assert all(s.out_bytes is not None and s.status == "ok" for s in samples)
+    assert samples[1].warnings and samples[1].warnings[0].startswith("payload reinforcement skipped: ")
+    assert np.array_equal(samples[1].faces[0].crop, before[1])
+    for i in (0, 2):
+        assert samples[i].warnings == [] and not np.array_equal(samples[i].faces[0].crop, before[i])

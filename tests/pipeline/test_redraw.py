@@ -159,3 +159,28 @@ def test_draws_are_validated_and_shape_only_g2face_fingerprints(tmp_path):
     assert spec_fingerprint(blur[0]) == spec_fingerprint(blur[1])
     g2 = [parse_spec(job_tree(tmp_path, DEMO_SHARDS[0], anonymizer={"method": "g2face", "draws": d})) for d in (1, 8)]
     assert spec_fingerprint(g2[0]) != spec_fingerprint(g2[1])
+
+
+def test_a_failing_redraw_keeps_the_first_draws_and_says_so(faces, model):
+    samples, _ = faces
+
+    def run(fail_fast):
+        copies = [Sample(s.raw, image=s.image, faces=[type(f)(**{**f.__dict__}) for f in s.faces]) for s in samples]
+        wrong = DrawChecker(64, 0.6)  # judges 64 px crops: every judgement of these 128 px draws fails
+        stage = AnonymizeStage({"g2face": model, "pixelate": PixelateAnonymizer(R, 8)}, 8, "cpu", fail_fast,
+                               payload_mode="irreversible", draws=3, draw_checker=wrong)
+        stage.setup()
+        return stage.process(copies)
+
+    out = run(False)
+    for s, before in zip(out, samples):
+        assert s.live and s.status == "ok"
+        g2 = [f for f in s.faces if f.method == "g2face"]
+        assert all(f.draw == 0 for f in g2)
+        if g2:
+            assert len(s.warnings) == 1 and s.warnings[0].startswith("redraw failed, first draws kept: AssertionError")
+        else:
+            assert s.warnings == []
+    assert any(s.warnings for s in out)
+    with pytest.raises(AssertionError):
+        run(True)
