@@ -185,6 +185,12 @@ def render_html(doc: dict, figures: dict[str, bytes], grid: bytes | None) -> str
         sec.append(
             "<p>Fallback reasons: " + ", ".join(f"{e(k)}: {v}" for k, v in cov["fallback_reasons"].items()) + "</p>"
         )
+    if cov.get("redrawn_faces"):
+        sec.append(f"<p>G2Face faces that kept a later draw (redraw, <code>anonymizer.draws</code>): "
+                   f"{cov['redrawn_faces']}</p>")
+    if cov.get("samples_with_warnings"):
+        sec.append(f"<p class='warn'>Samples published with a step skipped (manifest column <code>warnings</code>): "
+                   f"{cov['samples_with_warnings']}</p>")
     parts.append(f"<section id='coverage'>{''.join(sec)}</section>")
 
     main = priv["rows"][0]

@@ -198,8 +198,9 @@ def test_numbers_agree_with_an_independent_computation(audited):
 
 
 def test_coverage_counts_every_outcome_and_states_the_risky_share():
-    def face(size, reason=None, method="blur"):
-        return {"size_class": size, "fallback_reason": reason, "method": "pixelate" if reason else method}
+    def face(size, reason=None, method="blur", draw=None):
+        return {"size_class": size, "fallback_reason": reason, "method": "pixelate" if reason else method,
+                "draw": draw}
 
     rows = [
         {
@@ -209,20 +210,24 @@ def test_coverage_counts_every_outcome_and_states_the_risky_share():
             "n_faces": 3,
             "faces": [face("large"), face("tiny", "too_small"), face("medium", "low_score")],
         },
+        {"shard": "a", "status": "ok", "published": True, "n_faces": 2, "warnings": ["redraw failed, ..."],
+         "faces": [face("large", method="g2face", draw=3), face("large", method="g2face", draw=0)]},
         {"shard": "a", "status": "no_face", "published": True, "n_faces": 0, "faces": []},
         {"shard": "b", "status": "withheld", "published": False, "n_faces": 1, "faces": [face("tiny", "too_small")]},
         {"shard": "b", "status": "error", "published": False, "n_faces": 0, "faces": []},
     ]
     c = coverage(rows)
-    assert (c["images"], c["published"], c["faces"], c["anonymized"], c["fallback"]) == (4, 2, 4, 3, 2)
+    assert (c["images"], c["published"], c["faces"], c["anonymized"], c["fallback"]) == (5, 3, 6, 5, 2)
     assert (c["withheld"], c["errors"], c["no_face"]) == (1, 1, 1)
-    assert c["by_method"] == {"blur": 1, "pixelate": 2} and c["fallback_reasons"] == {"low_score": 1, "too_small": 2}
+    assert c["by_method"] == {"blur": 1, "g2face": 2, "pixelate": 2}
+    assert c["fallback_reasons"] == {"low_score": 1, "too_small": 2}
+    assert (c["redrawn_faces"], c["samples_with_warnings"]) == (1, 1)
     sizes = {x["size_class"]: x for x in c["by_size_class"]}
     assert sizes["tiny"] == {"size_class": "tiny", "faces": 2, "anonymized": 1, "fallback": 1}
     assert [s["withheld"] for s in c["by_shard"]] == [0, 1]
     risky = c["risky_faces"]
-    assert (risky["tiny"], risky["low_score"], risky["total"], risky["share"]) == (2, 1, 3, 0.75)
-    assert risky["statement"].startswith("3 of 4 detected faces (75.0%) are tiny")
+    assert (risky["tiny"], risky["low_score"], risky["total"], risky["share"]) == (2, 1, 3, 0.5)
+    assert risky["statement"].startswith("3 of 6 detected faces (50.0%) are tiny")
 
 
 def test_small_helpers_match_their_definitions():
