@@ -221,7 +221,8 @@ def redraw(anonymize, checker: DrawChecker, reference: DrawReference, x: torch.T
         better = rank > best[pending]
         if better.any():
             take = pending[better]
-            y[torch.as_tensor(take, device=y.device)] = cand[torch.as_tensor(np.flatnonzero(better), device=cand.device)].to(y.dtype)
+            chosen = cand[torch.as_tensor(np.flatnonzero(better), device=cand.device)]
+            y[torch.as_tensor(take, device=y.device)] = chosen.to(y.device, y.dtype)
             best[take] = rank[better]
             kept[take] = k
         pending = pending[~verdict.passed]
