@@ -104,6 +104,19 @@ def best_match(boxes: np.ndarray, reference: np.ndarray, min_iou: float) -> int 
     return i if ious[i] >= min_iou else None
 
 
+def crop_mtcnn(resolution: int, thresholds, factor: float, device: torch.device):
+    """MTCNN (hash-checked facenet-pytorch weights) for aligned crops of side ``resolution``, every detection."""
+    from facenet_pytorch import MTCNN
+
+    from .models import verify_mtcnn_weights
+
+    verify_mtcnn_weights()
+    # An aligned face spans about half the crop (MTCNN's box ~0.53 of its side): nothing below a quarter of it
+    # is looked for, which skips the costly fine levels of the image pyramid.
+    return MTCNN(min_face_size=max(12, resolution // 4), thresholds=list(thresholds), factor=factor, keep_all=True,
+                 post_process=False, select_largest=False, device=device)
+
+
 def _number(v) -> float | None:
     v = float(v)
     return v if math.isfinite(v) else None
@@ -206,22 +219,7 @@ class FaceMeasurer:
 
     def mtcnn(self):
         if self._mtcnn is None:
-            from facenet_pytorch import MTCNN
-
-            from .models import verify_mtcnn_weights
-
-            verify_mtcnn_weights()
-            # An aligned face spans about half the crop (MTCNN's box ~0.53 of its side): nothing below a
-            # quarter of it is looked for, which skips the costly fine levels of the image pyramid.
-            self._mtcnn = MTCNN(
-                min_face_size=max(12, self.resolution // 4),
-                thresholds=self.mtcnn_thresholds,
-                factor=self.mtcnn_factor,
-                keep_all=True,
-                post_process=False,
-                select_largest=False,
-                device=self.device,
-            )
+            self._mtcnn = crop_mtcnn(self.resolution, self.mtcnn_thresholds, self.mtcnn_factor, self.device)
         return self._mtcnn
 
     def recognizer(self):

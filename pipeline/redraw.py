@@ -66,9 +66,6 @@ class DrawJudgement:
         return self.anonymized * 8.0 + self.detected * 4.0 + self.confident * 2.0 + np.clip(self.distance, 0, 1.99) / 2
 
 
-_ORIGINAL_MATCH_IOU = 0.3  # pipeline.metrics_stage.ORIGINAL_MATCH_IOU: the original's detection near its box
-
-
 @dataclass(frozen=True)
 class DrawReference:
     """Original crops (N, C, C, 3) uint8 at the check resolution, their dlib embeddings (N, 128) and the box
@@ -115,21 +112,15 @@ class DrawChecker:
         self.net = self.mtcnn = None
 
     def setup(self, device: torch.device) -> None:
-        from facenet_pytorch import MTCNN
-
         from g2face.identity import load_dlib_face_resnet  # hash-checked, strict
 
-        from .models import verify_mtcnn_weights
+        from .metrics_stage import crop_mtcnn
 
-        verify_mtcnn_weights()
         self.device = torch.device(device)
         self.net = load_dlib_face_resnet(device=self.device)
         self.template = align.template(self.check_resolution)
         self.mask = torch.from_numpy(np.array(align.paste_mask(self.check_resolution))).to(self.device)
-        # As in the metrics stage: an aligned face spans about half the crop, so nothing below a quarter of it.
-        self.mtcnn = MTCNN(min_face_size=max(12, self.check_resolution // 4), thresholds=self.mtcnn_thresholds,
-                           factor=self.mtcnn_factor, keep_all=True, post_process=False, select_largest=False,
-                           device=self.device)
+        self.mtcnn = crop_mtcnn(self.check_resolution, self.mtcnn_thresholds, self.mtcnn_factor, self.device)
 
     @torch.no_grad()
     def embeddings(self, crops: torch.Tensor) -> torch.Tensor:
@@ -149,7 +140,7 @@ class DrawChecker:
     def reference(self, faces: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> DrawReference:
         """What draws are judged against, from (image RGB uint8, job-resolution transform, detected box in image
         pixels) per face: the original crops at the check resolution, their embeddings and MTCNN boxes."""
-        from .metrics_stage import aligned_reference_box, box_in_crop, face_crops, metric_transform
+        from .metrics_stage import ORIGINAL_MATCH_IOU, aligned_reference_box, box_in_crop, face_crops, metric_transform
 
         c = self.check_resolution
         crops = np.stack([face_crops(rgb, m, self.resolution, c) for rgb, m, _ in faces])
@@ -158,7 +149,7 @@ class DrawChecker:
         for (_, m, box), (found, _) in zip(faces, self.boxes(originals)):
             near = (aligned_reference_box(c) if self.aligned
                     else box_in_crop(box, metric_transform(m, self.resolution, c)))
-            j = _best_iou(found, near, _ORIGINAL_MATCH_IOU)
+            j = _best_iou(found, near, ORIGINAL_MATCH_IOU)
             boxes.append(near if j is None else found[j])
         return DrawReference(originals, self.embeddings(originals), boxes)
 

@@ -23,13 +23,13 @@ from .redraw import redraw
 from .shardio import RawSample
 
 _log = logging.getLogger(__name__)
+_SIZE_CLASSES = load_json("status.json")["size_class"]
 
 
 def _brief(e: Exception, limit: int = 200) -> str:
     """An exception as the manifest records it: type and message, cut to ``limit`` characters."""
     text = f"{type(e).__name__}: {e}"
     return text if len(text) <= limit else text[: limit - 3] + "..."
-_SIZE_CLASSES = load_json("status.json")["size_class"]
 
 
 def size_class(side: float) -> str:
