@@ -10,7 +10,7 @@ changed in the written images against the first setting (where pixels differ: me
 difference; for JPEG output this includes the codec's own response to the change), and seconds per image.
 
 Usage (CPU, about 1 min per setting per 100 images):
-    python bench/payload_reinforce.py --data '../shared/data/val/*.tar' --limit 300 --setting 0:4 --setting 6:4
+    python bench/payload_reinforce.py --data '../shared/data/val/*.tar' --limit 300 --setting 0:6 --setting 12:6
     python bench/payload_reinforce.py --data '../shared/data/val/*.tar' --limit 200 --image-format jpeg
 """
 from __future__ import annotations
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", required=True, help="WebDataset shards (glob)")
     ap.add_argument("--limit", type=int, default=300, help="first N samples")
     ap.add_argument("--setting", action="append", default=[],
-                    help="STEPS:MAX_CHANGE (repeatable; the first is the reference; default 0:4 and 6:4, the job default)")
+                    help="STEPS:MAX_CHANGE (repeatable; the first is the reference; default 0:6 and 12:6, the job default)")
     ap.add_argument("--checkpoint", default=str(ROOT / "g2face" / "weights" / "g2face-lite-128.pt"))
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--image-format", default="png", choices=["png", "jpeg"],
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     ap.add_argument("--jpeg-quality", type=int, default=90)
     ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args(argv)
-    settings = [(int(s.split(":")[0]), int(s.split(":")[1])) for s in (args.setting or ["0:4", "6:4"])]
+    settings = [(int(s.split(":")[0]), int(s.split(":")[1])) for s in (args.setting or ["0:6", "12:6"])]
     from g2face.checkpoint import load_artifact
 
     sha = load_artifact(args.checkpoint).artifact_sha256

@@ -5,9 +5,11 @@ The generator hides the payload, but the bits then pass through the publishing c
 pasted into the photo through the inverse alignment (resampled and feathered), the image is encoded in the
 job's format, and verification re-aligns the written pixels with the stored transform. Each step here runs
 that channel for real (``align.paste_back``, the job's encoder when it is lossy, ``align.warp_to_crop``),
-takes the extractor's gradient with respect to the read-back crop, and moves every pixel of the crop by
-``step`` grey levels against its sign (projected gradient descent, straight through the channel, whose
-resample-and-resample-back is close to the identity at the crop's own pixel grid). The total change per
+takes the extractor's gradient with respect to the read-back crop, carries it back through the channel's
+linear part to the crop (``ChannelAdjoint``), and moves every pixel of the crop by ``step`` grey levels
+against its sign (projected gradient descent). Carrying it back matters where the channel is far from the
+identity: a small face is shrunk on paste, so many crop pixels share one written pixel, and where a crop
+reaches past the image border verification reads a mirror of pixels the face wrote inside it. The total change per
 pixel is capped at ``max_change`` grey levels, so the anonymized face is visibly the same; a face whose bits
 all read with the margin stops changing (and is read again while a neighbour in its image still moves). Only
 the extractor runs (no generator pass), batched across the images of a batch, on the anonymizer's device (the
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -42,8 +45,8 @@ class ReinforceSettings:
         margin: bit-logit margin a face must reach on every bit to stop early.
     """
 
-    steps: int = 6
-    max_change: int = 4
+    steps: int = 12
+    max_change: int = 6
     step: float = 1.0
     margin: float = 2.0
 
@@ -123,6 +126,101 @@ def _through_codec(rgb: np.ndarray, img, fmt: str, quality: int, boxes: list) ->
     return out
 
 
+def _to_grid(coords: np.ndarray, size: int) -> np.ndarray:
+    """Pixel-centre coordinates -> ``grid_sample``'s [-1, 1] (align_corners=True: -1 and 1 are the centres of
+    the first and last pixel, cv2's convention)."""
+    return coords * (2.0 / max(size - 1, 1)) - 1.0
+
+
+def _reflect101(x: np.ndarray, size: int) -> np.ndarray:
+    """cv2's BORDER_REFLECT101 on continuous coordinates: mirror about the centres of the edge pixels (bilinear
+    sampling commutes with it, so reflecting the sample point equals reflecting each tap)."""
+    if size == 1:
+        return np.zeros_like(x)
+    period = 2.0 * (size - 1)
+    x = np.mod(x, period)
+    return np.where(x > size - 1, period - x, x)
+
+
+def _gaussian_kernel(sigma: float) -> torch.Tensor:
+    """cv2.GaussianBlur's kernel for 8-bit images at ``sigma`` (size round(6 sigma + 1), odd), normalised."""
+    size = int(round(sigma * 6 + 1)) | 1
+    x = np.arange(size, dtype=np.float64) - (size - 1) / 2
+    k = np.exp(-0.5 * (x / sigma) ** 2)
+    return torch.from_numpy((k / k.sum()).astype(np.float32))
+
+
+class ChannelAdjoint:
+    """The publishing channel of one face, linearised, run backwards: turns a gradient with respect to the crop
+    verification reads into a gradient with respect to the crop the face pastes.
+
+    The channel is ``align.paste_back`` (bilinear warp of the crop into the image through the inverse transform,
+    weighted by the warped feathered mask) followed by ``align.warp_to_crop`` (a Gaussian pre-blur when it
+    shrinks, then a bilinear warp with reflect-101 borders); both are linear in the crop, so autograd through a
+    ``grid_sample`` copy of them, restricted to the region the crop touches, gives the exact adjoint up to the
+    8-bit rounding. Pixels outside that region are the photo's own and do not depend on the crop; neither do
+    the other faces of the image (their overlaps are read for real each step).
+
+    Args:
+        m: the face's 2x3 image -> crop transform.
+        resolution: crop side in pixels.
+        width, height: the image's size.
+    """
+
+    def __init__(self, m: np.ndarray, resolution: int, width: int, height: int):
+        box = align.paste_region(m, resolution, width, height)
+        if box is None:
+            raise ValueError("the face lies outside the image after alignment")
+        x0, y0, x1, y1 = box
+        self.resolution = resolution
+        self.region = (y1 - y0, x1 - x0)
+        # paste: each pixel of the region samples the crop at its crop coordinates (BORDER_REPLICATE)
+        ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float64)
+        c = align.apply_transform(m, np.stack([xs.ravel(), ys.ravel()], 1))
+        self.paste_grid = self._grid(c[:, 0], c[:, 1], resolution, resolution, self.region)
+        inv = cv2.invertAffineTransform(m)
+        shifted = inv.copy()
+        shifted[:, 2] -= (x0, y0)
+        alpha = cv2.warpAffine(align.paste_mask(resolution), shifted, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR,
+                               borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        self.alpha = torch.from_numpy(alpha)[None, None]
+        scale = align.transform_scale(m)
+        self.blur = _gaussian_kernel(0.5 / scale * 0.5) if scale < 0.5 else None  # warp_to_crop's pre-blur
+        # read: each crop pixel samples the image at its image coordinates, mirrored at the image border
+        vs, us = np.mgrid[0:resolution, 0:resolution].astype(np.float64)
+        p = align.apply_transform(inv, np.stack([us.ravel(), vs.ravel()], 1))
+        px, py = _reflect101(p[:, 0], width) - x0, _reflect101(p[:, 1], height) - y0
+        self.read_grid = self._grid(px, py, x1 - x0, y1 - y0, (resolution, resolution))
+
+    @staticmethod
+    def _grid(x: np.ndarray, y: np.ndarray, w: int, h: int, shape: tuple[int, int]) -> torch.Tensor:
+        g = np.stack([_to_grid(x, w), _to_grid(y, h)], -1).reshape(1, *shape, 2)
+        return torch.from_numpy(g.astype(np.float32))
+
+    def _forward(self, crop: torch.Tensor) -> torch.Tensor:
+        """(1, 3, R, R) crop -> (1, 3, R, R) its contribution to the read-back crop."""
+        pasted = F.grid_sample(crop, self.paste_grid, mode="bilinear", padding_mode="border", align_corners=True)
+        region = pasted * self.alpha
+        if self.blur is not None:
+            # zero padding: beyond the region the image is the photo's own (only its mirror at an image border
+            # is left out, a few pixels where the mask is near zero)
+            k = self.blur.numel()
+            region = F.conv2d(region, self.blur.view(1, 1, 1, k).expand(3, 1, 1, k), padding=(0, k // 2), groups=3)
+            region = F.conv2d(region, self.blur.view(1, 1, k, 1).expand(3, 1, k, 1), padding=(k // 2, 0), groups=3)
+        # outside the region the image does not depend on the crop: zero there
+        return F.grid_sample(region, self.read_grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+    def __call__(self, read_gradient: np.ndarray) -> np.ndarray:
+        """(R, R, 3) gradient w.r.t. the read-back crop -> (R, R, 3) gradient w.r.t. the pasted crop."""
+        r = self.resolution
+        assert read_gradient.shape == (r, r, 3), read_gradient.shape
+        crop = torch.zeros(1, 3, r, r, requires_grad=True)
+        g = torch.from_numpy(np.ascontiguousarray(read_gradient, np.float32)).permute(2, 0, 1)[None]
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad((self._forward(crop) * g).sum(), crop)
+        return grad[0].permute(1, 2, 0).numpy()
+
+
 class PayloadReinforcer:
     """Reinforce the payloads of a batch's reversible g2face faces (see the module docstring).
 
@@ -157,6 +255,8 @@ class PayloadReinforcer:
         current = base.copy()
         lo, hi = np.maximum(base - st.max_change, 0), np.minimum(base + st.max_change, 255)
         inside = (align.paste_mask(base.shape[1]) > 0)[None, :, :, None]  # pixels outside are never pasted
+        adjoint = [ChannelAdjoint(samples[si].faces[fi].transform, base.shape[1], samples[si].image.rgb.shape[1],
+                                  samples[si].image.rgb.shape[0]) for si, fi in keys]
         target = np.stack([bits[k] for k in keys])
         pending = set(range(len(keys)))  # faces below the margin at their last reading
         for _ in range(st.steps):
@@ -172,7 +272,7 @@ class PayloadReinforcer:
             pending = {int(j) for j in move}
             if not pending:
                 break
-            step = np.sign(grad[worst < st.margin]) * inside
+            step = np.sign(np.stack([adjoint[j](grad[i]) for i, j in enumerate(idx) if worst[i] < st.margin])) * inside
             current[move] = np.clip(current[move] - st.step * step, lo[move], hi[move])
         changed = 0
         for k in keys:

@@ -168,7 +168,7 @@ class AnonymizerSpec:
         "generator pass, an identity embedding and an MTCNN pass for the faces that need it.",
     )
     payload_reinforce_steps: int = Field(
-        default=6, ge=0, le=20,
+        default=12, ge=0, le=20,
         description="Method g2face with the shipped priors, reversible payload: up to this many projected-gradient "
         "steps nudge each anonymized crop towards the payload extractor reading every bit with a margin from the "
         "image as it is written (pasted back, encoded in the output format, re-aligned); a face stops once it "
@@ -176,7 +176,7 @@ class AnonymizerSpec:
         "pass per face, plus a paste-back and, for lossy output, an encode/decode around the faces.",
     )
     payload_reinforce_max_change: int = Field(
-        default=4, ge=1, le=8,
+        default=6, ge=1, le=8,
         description="The most payload reinforcement may move any pixel of an anonymized crop, in grey levels.",
     )
 
