@@ -33,6 +33,8 @@ from . import align
 from .imaging import decode_image, encode_image
 from .verify import crops_tensor
 
+# ChannelAdjoint models a face's image region on a grid of at most this many crops' worth of pixels.
+MAX_EXACT_REGION = 4
 LOSSLESS = {("PNG", "RGB"), ("PNG", "RGBA")}  # format/mode pairs whose encoding returns the pixels unchanged
 
 
@@ -132,14 +134,13 @@ def _to_grid(coords: np.ndarray, size: int) -> np.ndarray:
     return coords * (2.0 / max(size - 1, 1)) - 1.0
 
 
-def _reflect101(x: np.ndarray, size: int) -> np.ndarray:
-    """cv2's BORDER_REFLECT101 on continuous coordinates: mirror about the centres of the edge pixels (bilinear
-    sampling commutes with it, so reflecting the sample point equals reflecting each tap)."""
-    if size == 1:
+def _reflect101(x: np.ndarray, last: float) -> np.ndarray:
+    """cv2's BORDER_REFLECT101 on continuous coordinates whose edge pixel centres are 0 and ``last``: mirror
+    about them (bilinear sampling commutes with it, so reflecting the sample point equals reflecting each tap)."""
+    if last <= 0:
         return np.zeros_like(x)
-    period = 2.0 * (size - 1)
-    x = np.mod(x, period)
-    return np.where(x > size - 1, period - x, x)
+    x = np.mod(x, 2.0 * last)
+    return np.where(x > last, 2.0 * last - x, x)
 
 
 def _gaussian_kernel(sigma: float) -> torch.Tensor:
@@ -156,10 +157,13 @@ class ChannelAdjoint:
 
     The channel is ``align.paste_back`` (bilinear warp of the crop into the image through the inverse transform,
     weighted by the warped feathered mask) followed by ``align.warp_to_crop`` (a Gaussian pre-blur when it
-    shrinks, then a bilinear warp with reflect-101 borders); both are linear in the crop, so autograd through a
-    ``grid_sample`` copy of them, restricted to the region the crop touches, gives the exact adjoint up to the
-    8-bit rounding. Pixels outside that region are the photo's own and do not depend on the crop; neither do
-    the other faces of the image (their overlaps are read for real each step).
+    shrinks by more than 2x, then a bilinear warp with reflect-101 borders); both are linear in the crop, so
+    autograd through a ``grid_sample`` copy of them, restricted to the region the crop touches, gives the
+    adjoint up to the 8-bit rounding. A region larger than ``MAX_EXACT_REGION`` crops (a big face in a big
+    photo: megapixels) is modelled on a coarser image grid of that many crops' pixels, still finer than the
+    crop's own pitch, where the pre-blur shrinks in proportion. Pixels outside the region are the photo's own and
+    do not depend on the crop; neither do the other faces of the image (their overlaps are read for real each
+    step).
 
     Args:
         m: the face's 2x3 image -> crop transform.
@@ -168,7 +172,14 @@ class ChannelAdjoint:
     """
 
     def __init__(self, m: np.ndarray, resolution: int, width: int, height: int):
+        scale = align.transform_scale(m)
         box = align.paste_region(m, resolution, width, height)
+        area = 1 if box is None else (box[2] - box[0]) * (box[3] - box[1])
+        pitch = min(1.0, np.sqrt(MAX_EXACT_REGION * resolution ** 2 / area))  # model pixels per image pixel
+        m = np.array(m, dtype=np.float64)
+        m[:, :2] /= pitch
+        last_x, last_y = (width - 1) * pitch, (height - 1) * pitch  # the edge pixel centres on that grid
+        box = align.paste_region(m, resolution, int(last_x) + 1, int(last_y) + 1)
         if box is None:
             raise ValueError("the face lies outside the image after alignment")
         x0, y0, x1, y1 = box
@@ -184,12 +195,12 @@ class ChannelAdjoint:
         alpha = cv2.warpAffine(align.paste_mask(resolution), shifted, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR,
                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
         self.alpha = torch.from_numpy(alpha)[None, None]
-        scale = align.transform_scale(m)
-        self.blur = _gaussian_kernel(0.5 / scale * 0.5) if scale < 0.5 else None  # warp_to_crop's pre-blur
+        # warp_to_crop's pre-blur (sigma 0.25 / scale image pixels), on this grid
+        self.blur = _gaussian_kernel(0.5 / scale * 0.5 * pitch) if scale < 0.5 else None
         # read: each crop pixel samples the image at its image coordinates, mirrored at the image border
         vs, us = np.mgrid[0:resolution, 0:resolution].astype(np.float64)
         p = align.apply_transform(inv, np.stack([us.ravel(), vs.ravel()], 1))
-        px, py = _reflect101(p[:, 0], width) - x0, _reflect101(p[:, 1], height) - y0
+        px, py = _reflect101(p[:, 0], last_x) - x0, _reflect101(p[:, 1], last_y) - y0
         self.read_grid = self._grid(px, py, x1 - x0, y1 - y0, (resolution, resolution))
 
     @staticmethod
