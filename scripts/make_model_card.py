@@ -9,6 +9,8 @@ Nothing in the card is typed by hand: regenerate it whenever the artifact or its
 
     python scripts/make_model_card.py --artifact g2face/weights/g2face-lite-128.pt --eval eval.json \\
         --stats RUN/stats.jsonl --hardware "1x H100 80GB (device tool), 8 min" --out-dir g2face/weights
+    python scripts/make_model_card.py --artifact g2face/weights/g2face-lite-128.pt --eval eval.json \
+        --previous g2face/weights/g2face-lite-128.eval.json --keep-training   # same model, new evaluation
 
 Writes OUT_DIR/<artifact stem>.md and OUT_DIR/<artifact stem>-grid.png.
 """
@@ -120,12 +122,14 @@ def _redraw(ev: dict) -> str:
     return f"up to {draws} draws" + (f" ({later} of {sum(kept.values())} faces kept a later draw)" if kept else "")
 
 
-def card_text(artifact: Path, sha256: str, meta: dict, ev: dict, stats: list[dict], hardware: str,
+def card_text(artifact: Path, sha256: str, meta: dict, ev: dict, stats: list[dict], hardware: str | None,
               grid_name: str, grid_figures: dict, minutes: float | None = None, recipe: str | None = None,
-              previous: dict | None = None) -> str:
+              previous: dict | None = None, training: list[str] | None = None) -> str:
     """The card's Markdown. ``stats``: the training runs' stats lines in order; ``minutes``: their training
     time in all (default: the last line's); ``recipe``: the training settings, if not the defaults;
-    ``previous``: the evaluation of the model this one replaces (a before/now table of the bars)."""
+    ``previous``: the evaluation of the model this one replaces (a before/now table of the bars);
+    ``training``: the Training section's lines to keep as they are (the same artifact re-evaluated), instead of
+    writing them from ``stats``, ``hardware`` and ``recipe``."""
     bars = ev["bars"]
     met = [k for k, b in bars.items() if isinstance(b, dict) and b.get("pass") is True]
     missed = [k for k, b in bars.items() if isinstance(b, dict) and b.get("pass") is False]
@@ -152,14 +156,15 @@ def card_text(artifact: Path, sha256: str, meta: dict, ev: dict, stats: list[dic
         "`pipeline/redraw.py`).",
         "",
         "## Training",
-        f"- Hardware and time: {hardware}.",
-        f"- Steps: {len(warm)} warm-up + {len(train)} full-objective steps"
-        + (f" (last: step {stats[-1].get('total_steps')}, "
-           f"{minutes if minutes is not None else stats[-1].get('time', 0) / 60:.1f} min)" if stats else "")
-        + ".",
-        *([f"- Recipe: {recipe}"] if recipe else []),
-        f"- Config: `{json.dumps(cfg, sort_keys=True)}`",
-        f"- Data and terms: {DATA_TERMS}",
+        *(training if training is not None else [
+            f"- Hardware and time: {hardware}.",
+            f"- Steps: {len(warm)} warm-up + {len(train)} full-objective steps"
+            + (f" (last: step {stats[-1].get('total_steps')}, "
+               f"{minutes if minutes is not None else stats[-1].get('time', 0) / 60:.1f} min)" if stats else "")
+            + ".",
+            *([f"- Recipe: {recipe}"] if recipe else []),
+            f"- Config: `{json.dumps(cfg, sort_keys=True)}`",
+            f"- Data and terms: {DATA_TERMS}"]),
         "",
         "## Evaluation (`g2face-pipe evaluate`)",
         f"Data: {', '.join(ev['data']['shards'])} ({ev['data']['samples']} samples"
@@ -198,6 +203,24 @@ def card_text(artifact: Path, sha256: str, meta: dict, ev: dict, stats: list[dic
     return "\n".join(lines)
 
 
+def kept_training(card: Path, sha256: str) -> list[str]:
+    """The Training section's lines of ``card``, which must describe the file with this sha256 (the same
+    artifact, re-evaluated: its training did not change, and its stats files need not be at hand)."""
+    if not card.is_file():
+        raise SystemExit(f"--keep-training: there is no card at {card} to keep the Training section of; "
+                         "give --stats and --hardware instead")
+    text = card.read_text().splitlines()
+    if not any(f"`{sha256}`" in line for line in text[:4]):
+        raise SystemExit(f"--keep-training: {card} describes another file than this artifact (sha256 {sha256}); "
+                         "give --stats and --hardware for a new model")
+    start = text.index("## Training") + 1
+    end = next(i for i in range(start, len(text)) if text[i].startswith("## "))
+    lines = text[start:end]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--artifact", type=Path, required=True)
@@ -207,9 +230,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipe", default=None, help="training settings that differ from the defaults, as text")
     ap.add_argument("--previous", type=Path, default=None,
                     help="eval.json of the model this one replaces (adds a before/now table)")
-    ap.add_argument("--hardware", required=True, help="where and how long it trained, e.g. '1x H100, 8 min'")
+    ap.add_argument("--hardware", help="where and how long it trained, e.g. '1x H100, 8 min' (required unless "
+                    "--keep-training)")
+    ap.add_argument("--keep-training", action="store_true",
+                    help="the same artifact re-evaluated: keep the Training section of the card in --out-dir "
+                         "(which must name this file's sha256) instead of writing it from --stats/--hardware/--recipe")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "g2face" / "weights")
     args = ap.parse_args(argv)
+    if args.keep_training and (args.stats or args.hardware or args.recipe):
+        ap.error("--keep-training keeps the Training section as it is: drop --stats, --hardware and --recipe")
+    if not args.keep_training and not args.hardware:
+        ap.error("--hardware is required (or --keep-training for the same artifact re-evaluated)")
 
     from g2face.checkpoint import load_artifact
 
@@ -229,9 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     grid_path = args.out_dir / f"{args.artifact.stem}-grid.png"
     Image.fromarray(grid).save(grid_path)
     meta = {"config": model.config.to_dict(), "artifact_sha256": model.artifact_sha256}
+    training = kept_training(args.out_dir / f"{args.artifact.stem}.md", sha) if args.keep_training else None
     previous = json.loads(args.previous.read_text()) if args.previous else None
     text = card_text(args.artifact, sha, meta, ev, stats, args.hardware, grid_path.name, figures, minutes,
-                     args.recipe, previous)
+                     args.recipe, previous, training)
     (args.out_dir / f"{args.artifact.stem}.md").write_text(text)
     # the evaluation itself, beside the card: run.json's model_quality reads the bars from it
     (args.out_dir / f"{args.artifact.stem}.eval.json").write_text(json.dumps(ev, indent=1, sort_keys=True) + "\n")

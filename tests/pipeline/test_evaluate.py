@@ -293,3 +293,20 @@ def test_model_card_states_exactly_the_evaluated_numbers(evaluated, artifact, tm
     assert grid.shape == (3 * 128, 12 * 128, 3)
     # an untrained model's payloads never open: the recovered row is left white, not filled with anything else
     assert (grid[256:] == 255).all()
+    # The same artifact re-evaluated (--keep-training): the Training section is kept word for word, the numbers
+    # are the new evaluation's; a card of another file is refused.
+    sha = hashlib.sha256(artifact.read_bytes()).hexdigest()
+    card = tmp_path / f"{artifact.stem}.md"
+    kept = card_mod.kept_training(card, sha)
+    assert kept[0] == "- Hardware and time: test." and "- Recipe: weights.dissimilar_margin=0.8" in kept
+    again = json.loads(json.dumps(doc))
+    again["bars"]["6_pixel_change"]["value"] = 99.5
+    meta = {"config": json.loads(re.search(r"- Config: `(.*)`", text).group(1)),
+            "artifact_sha256": doc["model"]["artifact_sha256"]}
+    text2 = card_mod.card_text(artifact, sha, meta, again, [], None, "grid.png", {"portraits": 12, "recovered": 0},
+                               previous=doc, training=kept)
+    section = lambda t: t.split("## Training\n", 1)[1].split("\n## ", 1)[0]  # noqa: E731
+    assert section(text2) == section(text)
+    assert "| 6_pixel_change | 99.5 |" in text2 and "| 6_pixel_change | " + card_mod._fmt(doc["bars"]["6_pixel_change"]["value"]) + " | 99.5 |" in text2
+    with pytest.raises(SystemExit, match="another file"):
+        card_mod.kept_training(card, "0" * 64)
