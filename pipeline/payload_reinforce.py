@@ -9,11 +9,12 @@ takes the extractor's gradient with respect to the read-back crop, carries it ba
 linear part to the crop (``ChannelAdjoint``), and moves every pixel of the crop by ``step`` grey levels
 against its sign (projected gradient descent). Carrying it back matters where the channel is far from the
 identity: a small face is shrunk on paste, so many crop pixels share one written pixel, and where a crop
-reaches past the image border verification reads a mirror of pixels the face wrote inside it. The total change per
-pixel is capped at ``max_change`` grey levels, so the anonymized face is visibly the same; a face whose bits
-all read with the margin stops changing (and is read again while a neighbour in its image still moves). Only
-the extractor runs (no generator pass), batched across the images of a batch, on the anonymizer's device (the
-GPU model pool when there is one). For JPEG output only a tile around the faces, on JPEG's block grid, goes
+reaches past the image border verification reads a mirror of pixels the face wrote inside it. The codec is
+not linearised: its response is read for real each step. The total change per pixel is capped at
+``max_change`` grey levels, so the anonymized face is visibly the same; a face whose bits all read with the
+margin stops changing (and is read again while a neighbour in its image still moves). Only the extractor runs
+(no generator pass), batched across the images of a batch, on the anonymizer's device (the GPU model pool
+when there is one); the adjoint runs on the CPU (about 10 ms per face and step at 128 px). For JPEG output only a tile around the faces, on JPEG's block grid, goes
 through the codec each step, so large photos stay cheap; WebP goes through whole.
 
 Only reversible faces are reinforced: their bits are the encrypted payload. An irreversible face hides
@@ -35,6 +36,7 @@ from .verify import crops_tensor
 
 # ChannelAdjoint models a face's image region on a grid of at most this many crops' worth of pixels.
 MAX_EXACT_REGION = 4
+GREY_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)  # Pillow's RGB -> L (ITU-R 601-2 luma)
 LOSSLESS = {("PNG", "RGB"), ("PNG", "RGBA")}  # format/mode pairs whose encoding returns the pixels unchanged
 
 
@@ -169,9 +171,10 @@ class ChannelAdjoint:
         m: the face's 2x3 image -> crop transform.
         resolution: crop side in pixels.
         width, height: the image's size.
+        grey: the image is written grey (mode L or LA): each written pixel is the luma of the three channels.
     """
 
-    def __init__(self, m: np.ndarray, resolution: int, width: int, height: int):
+    def __init__(self, m: np.ndarray, resolution: int, width: int, height: int, grey: bool = False):
         scale = align.transform_scale(m)
         box = align.paste_region(m, resolution, width, height)
         area = 1 if box is None else (box[2] - box[0]) * (box[3] - box[1])
@@ -179,12 +182,15 @@ class ChannelAdjoint:
         m = np.array(m, dtype=np.float64)
         m[:, :2] /= pitch
         last_x, last_y = (width - 1) * pitch, (height - 1) * pitch  # the edge pixel centres on that grid
-        box = align.paste_region(m, resolution, int(last_x) + 1, int(last_y) + 1)
+        box = align.paste_region(m, resolution, int(np.ceil(last_x)) + 1, int(np.ceil(last_y)) + 1)
         if box is None:
             raise ValueError("the face lies outside the image after alignment")
         x0, y0, x1, y1 = box
         self.resolution = resolution
+        self.grey = grey
         self.region = (y1 - y0, x1 - x0)
+        # sides of the region on the image border (left, right, top, bottom): the pre-blur mirrors there
+        self.on_border = (x0 == 0, x1 >= int(np.ceil(last_x)) + 1, y0 == 0, y1 >= int(np.ceil(last_y)) + 1)
         # paste: each pixel of the region samples the crop at its crop coordinates (BORDER_REPLICATE)
         ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float64)
         c = align.apply_transform(m, np.stack([xs.ravel(), ys.ravel()], 1))
@@ -213,11 +219,14 @@ class ChannelAdjoint:
         pasted = F.grid_sample(crop, self.paste_grid, mode="bilinear", padding_mode="border", align_corners=True)
         region = pasted * self.alpha
         if self.blur is not None:
-            # zero padding: beyond the region the image is the photo's own (only its mirror at an image border
-            # is left out, a few pixels where the mask is near zero)
+            # Beyond the region the image is the photo's own (zero here); at an image border it is the mirror of
+            # the region (reflect-101, as cv2.GaussianBlur pads), unless the region is too thin to mirror.
             k = self.blur.numel()
-            region = F.conv2d(region, self.blur.view(1, 1, 1, k).expand(3, 1, 1, k), padding=(0, k // 2), groups=3)
-            region = F.conv2d(region, self.blur.view(1, 1, k, 1).expand(3, 1, k, 1), padding=(k // 2, 0), groups=3)
+            h, w = self.region
+            pads = [k // 2 if side and size > k // 2 else 0 for side, size in zip(self.on_border, (w, w, h, h))]
+            region = F.pad(F.pad(region, pads, mode="reflect"), [k // 2 - p for p in pads])
+            region = F.conv2d(region, self.blur.view(1, 1, 1, k).expand(3, 1, 1, k), groups=3)
+            region = F.conv2d(region, self.blur.view(1, 1, k, 1).expand(3, 1, k, 1), groups=3)
         # outside the region the image does not depend on the crop: zero there
         return F.grid_sample(region, self.read_grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
@@ -227,6 +236,8 @@ class ChannelAdjoint:
         assert read_gradient.shape == (r, r, 3), read_gradient.shape
         crop = torch.zeros(1, 3, r, r, requires_grad=True)
         g = torch.from_numpy(np.ascontiguousarray(read_gradient, np.float32)).permute(2, 0, 1)[None]
+        if self.grey:  # every channel reads the luma: a change of channel c moves all three by its weight
+            g = g.sum(dim=1, keepdim=True) * torch.from_numpy(GREY_WEIGHTS).view(1, 3, 1, 1)
         with torch.enable_grad():
             (grad,) = torch.autograd.grad((self._forward(crop) * g).sum(), crop)
         return grad[0].permute(1, 2, 0).numpy()
@@ -265,9 +276,10 @@ class PayloadReinforcer:
         base = np.stack([start[k] for k in keys]).astype(np.float32)
         current = base.copy()
         lo, hi = np.maximum(base - st.max_change, 0), np.minimum(base + st.max_change, 255)
-        inside = (align.paste_mask(base.shape[1]) > 0)[None, :, :, None]  # pixels outside are never pasted
+        inside = (align.paste_mask(base.shape[1]) > 0)[None, :, :, None]  # where the paste shows the crop
         adjoint = [ChannelAdjoint(samples[si].faces[fi].transform, base.shape[1], samples[si].image.rgb.shape[1],
-                                  samples[si].image.rgb.shape[0]) for si, fi in keys]
+                                  samples[si].image.rgb.shape[0], grey=samples[si].image.mode in ("L", "LA"))
+                   for si, fi in keys]
         target = np.stack([bits[k] for k in keys])
         pending = set(range(len(keys)))  # faces below the margin at their last reading
         for _ in range(st.steps):

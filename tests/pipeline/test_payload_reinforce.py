@@ -227,46 +227,64 @@ def test_an_image_whose_reinforcement_fails_is_published_with_the_reason_and_the
         assert samples[i].warnings == [] and not np.array_equal(samples[i].faces[0].crop, before[i])
 
 
-def _face_transform(cx: float, cy: float, eye_distance: float, resolution: int) -> np.ndarray:
-    """Image -> crop transform of an upright face centred at (cx, cy) with the given eye distance in pixels."""
+def _face_transform(cx: float, cy: float, eye_distance: float, resolution: int, angle: float = 0.0) -> np.ndarray:
+    """Image -> crop transform of a face centred at (cx, cy) with the given eye distance in pixels, rolled by
+    ``angle`` degrees."""
     t = align.template(resolution)
-    pts = (t - t[:3].mean(axis=0)) * (eye_distance / (t[1, 0] - t[0, 0])) + (cx, cy)
+    a = np.deg2rad(angle)
+    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    pts = (t - t[:3].mean(axis=0)) @ rot.T * (eye_distance / (t[1, 0] - t[0, 0])) + (cx, cy)
     return align.landmark_transform(pts, resolution)
 
 
-@pytest.mark.parametrize("cx,cy,eye_distance,height,width", [
-    (89, 110, 60, 218, 178),    # a CelebA-sized face, shrunk a little on paste
-    (25, 100, 12, 218, 178),    # a small face: ~2.6 crop pixels per written pixel
-    (60, 8, 30, 218, 178),      # cut by the top border: verification reads a mirror of what the face wrote below it
-    (90, 200, 55, 218, 178),    # cut by the bottom border
-    (89, 110, 200, 218, 178),   # larger than the image: warp_to_crop pre-blurs before shrinking
-    (300, 250, 180, 600, 500),  # a region of many crops: modelled at the crop's pixel pitch
-    (300, 40, 180, 600, 500),   # the same, cut by the top border
+@pytest.mark.parametrize("cx,cy,eye_distance,height,width,angle,grey", [
+    (89, 110, 60, 218, 178, 0, False),    # a CelebA-sized face, shrunk a little on paste
+    (25, 100, 12, 218, 178, 0, False),    # a small face: ~2.6 crop pixels per written pixel
+    (60, 8, 30, 218, 178, 0, False),      # cut by the top border: verification reads a mirror of what it wrote
+    (90, 200, 55, 218, 178, 0, False),    # cut by the bottom border
+    (89, 110, 200, 218, 178, 0, False),   # larger than the image: warp_to_crop pre-blurs before shrinking
+    (89, 200, 200, 218, 178, 0, False),   # the same, cut by the bottom border: the pre-blur mirrors there
+    (90, 105, 50, 218, 178, 25, False),   # rolled
+    (40, 105, 50, 218, 178, 0, True),     # written grey, cut by the left border
+    (300, 250, 180, 600, 500, 0, False),  # a region of many crops: modelled on a coarser grid
+    (300, 40, 180, 600, 500, 0, False),   # the same, cut by the top border
+    (300, 560, 180, 600, 500, 0, False),  # ... by the bottom border
+    (460, 300, 150, 600, 500, 20, False),  # ... rolled and cut by the right border
 ])
-def test_channel_adjoint_predicts_what_the_real_channel_reads(cx, cy, eye_distance, height, width):
-    """<gradient, change read back through paste_back + warp_to_crop> equals <adjoint(gradient), change of the
-    crop> up to 8-bit rounding, where taking the read-back gradient as the crop's (the identity) is far off."""
+def test_channel_adjoint_predicts_what_the_real_channel_reads(cx, cy, eye_distance, height, width, angle, grey):
+    """<gradient, change read back through paste_back (+ grey conversion) + warp_to_crop> equals <adjoint(gradient),
+    change of the crop> up to 8-bit rounding, for smooth and for pixel-wise signals, where taking the read-back
+    gradient as the crop's (the identity) is far off."""
+    from PIL import Image
+
     r, h, w = 128, height, width
     rng = np.random.default_rng(3)
     photo = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    m = _face_transform(cx, cy, eye_distance, r)
-    crop = rng.integers(60, 196, (r, r, 3)).astype(np.uint8)
-    change = np.kron(rng.normal(0, 25, (r // 4, r // 4, 3)), np.ones((4, 4, 1)))  # smooth: rounding stays small
-    moved = np.clip(crop + change, 0, 255).astype(np.uint8)
-    change = moved.astype(np.float64) - crop
-    before, after = photo.copy(), photo.copy()
-    align.paste_back(before, crop, m)
-    align.paste_back(after, moved, m)
-    read_change = align.warp_to_crop(after, m, r).astype(np.float64) - align.warp_to_crop(before, m, r)
-    adjoint = ChannelAdjoint(m, r, w, h)
-    true, ours, identity = [], [], []
-    for _ in range(6):
-        g = np.kron(rng.normal(0, 1, (r // 8, r // 8, 3)), np.ones((8, 8, 1))).astype(np.float32)
-        true.append(float((read_change * g).sum()))
-        ours.append(float((adjoint(g) * change).sum()))
-        identity.append(float((g * change).sum()))
-    true, scale = np.array(true), np.abs(true).mean()
-    error = np.abs(np.array(ours) - true).mean() / scale
-    identity_error = np.abs(np.array(identity) - true).mean() / scale
-    assert error < 0.06, (error, true, ours)
-    assert identity_error > 2 * error, (identity_error, error)
+    m = _face_transform(cx, cy, eye_distance, r, angle)
+    adjoint = ChannelAdjoint(m, r, w, h, grey=grey)
+
+    def read(crop: np.ndarray) -> np.ndarray:
+        img = photo.copy()
+        align.paste_back(img, crop, m)
+        if grey:
+            img = np.repeat(np.asarray(Image.fromarray(img).convert("L"))[:, :, None], 3, axis=2)
+        return align.warp_to_crop(img, m, r).astype(np.float64)
+
+    for block, limit in ((4, 0.06), (1, 0.15)):  # smooth changes and signals, then pixel-wise ones
+        crop = rng.integers(60, 196, (r, r, 3)).astype(np.uint8)
+        change = np.kron(rng.normal(0, 25, (r // block, r // block, 3)), np.ones((block, block, 1)))
+        moved = np.clip(crop + change, 0, 255).astype(np.uint8)
+        change = moved.astype(np.float64) - crop
+        read_change = read(moved) - read(crop)
+        true, ours, identity = [], [], []
+        for _ in range(6):
+            g = np.kron(rng.normal(0, 1, (r // (2 * block), r // (2 * block), 3)),
+                        np.ones((2 * block, 2 * block, 1))).astype(np.float32)
+            true.append(float((read_change * g).sum()))
+            ours.append(float((adjoint(g) * change).sum()))
+            identity.append(float((g * change).sum()))
+        true, scale = np.array(true), np.abs(true).mean()
+        error = np.abs(np.array(ours) - true).mean() / scale
+        identity_error = np.abs(np.array(identity) - true).mean() / scale
+        assert error < limit, (block, error, true, ours)
+        assert identity_error > 2 * error, (block, identity_error, error)
