@@ -103,6 +103,21 @@ def paste_region(m: np.ndarray, resolution: int, width: int, height: int) -> tup
     return x0, y0, x1, y1
 
 
+def _region_warp(m: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """Crop -> region transform: the inverse of ``m`` shifted so that ``box``'s corner is the origin."""
+    inv = cv2.invertAffineTransform(m)
+    inv[:, 2] -= box[:2]
+    return inv
+
+
+def paste_alpha(m: np.ndarray, resolution: int, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The paste mask warped into the image region ``box`` (x0, y0, x1, y1): float32 (y1 - y0, x1 - x0), the
+    weight ``paste_back`` gives the crop at each pixel of the region."""
+    size = (box[2] - box[0], box[3] - box[1])
+    return cv2.warpAffine(paste_mask(resolution), _region_warp(m, box), size, flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
 def paste_back(image: np.ndarray, crop: np.ndarray, m: np.ndarray) -> tuple[int, int, int, int] | None:
     """Blend ``crop`` back into ``image`` in place through the inverse of ``m`` and the feathered mask.
 
@@ -115,11 +130,10 @@ def paste_back(image: np.ndarray, crop: np.ndarray, m: np.ndarray) -> tuple[int,
     if box is None:
         return None
     x0, y0, x1, y1 = box
-    inv = cv2.invertAffineTransform(m)
-    inv[:, 2] -= (x0, y0)  # warp straight into the region of interest
-    size = (x1 - x0, y1 - y0)
-    face = cv2.warpAffine(crop, inv, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    alpha = cv2.warpAffine(paste_mask(res), inv, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    # warp straight into the region of interest
+    face = cv2.warpAffine(crop, _region_warp(m, box), (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_REPLICATE)
+    alpha = paste_alpha(m, res, box)
     roi = image[y0:y1, x0:x1]
     a = alpha[:, :, None]
     blended = roi.astype(np.float32) * (1.0 - a) + face.astype(np.float32) * a

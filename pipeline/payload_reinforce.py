@@ -196,11 +196,7 @@ class ChannelAdjoint:
         c = align.apply_transform(m, np.stack([xs.ravel(), ys.ravel()], 1))
         self.paste_grid = self._grid(c[:, 0], c[:, 1], resolution, resolution, self.region)
         inv = cv2.invertAffineTransform(m)
-        shifted = inv.copy()
-        shifted[:, 2] -= (x0, y0)
-        alpha = cv2.warpAffine(align.paste_mask(resolution), shifted, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR,
-                               borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        self.alpha = torch.from_numpy(alpha)[None, None]
+        self.alpha = torch.from_numpy(align.paste_alpha(m, resolution, (x0, y0, x1, y1)))[None, None]
         # warp_to_crop's pre-blur (sigma 0.25 / scale image pixels), on this grid
         self.blur = _gaussian_kernel(0.5 / scale * 0.5 * pitch) if scale < 0.5 else None
         # read: each crop pixel samples the image at its image coordinates, mirrored at the image border

@@ -4,8 +4,9 @@ Per reversible face, in the manifest's face order and with the transform stored 
 (no re-detection): re-align the published image, extract the payload bits, Reed-Solomon-correct,
 authenticate and decrypt them under the shard key (the master key or an exported shard key), run the
 model's recovery pass with the decrypted identity and the geometry of the anonymized crop, and paste the
-recovered face back. A face that does not open gets its status ("authentication failed: wrong key or
-modified image", ...) and no recovered pixels. The model must be the run's artifact (its sha256 is in
+recovered face back. Faces are batched across samples (``RECOVERY_BATCH`` crops per extractor and recovery
+pass); rows keep the manifest's order. A face that does not open gets its status ("authentication failed:
+wrong key or modified image", ...) and no recovered pixels. The model must be the run's artifact (its sha256 is in
 run.json); images are written as PNG.
 
 Outputs under ``out_dir``: ``shards/<shard>`` (the recovered images, in the run's shard format, keyed as
@@ -20,6 +21,7 @@ import datetime as _dt
 import io
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +35,7 @@ from .keys import KeyFileError, load_shard_key
 from .shardio import read_parquet, read_webdataset, write_parquet, write_webdataset
 from .spec import parse_spec
 from .stages import face_seed, payload_sample_key
-from .verify import ShardPayload, extract_logits, run_payload_job
+from .verify import ShardPayload, crops_tensor, extract_logits, run_payload_job
 
 REPORT_SCHEMA = pa.schema(
     [
@@ -48,6 +50,11 @@ REPORT_SCHEMA = pa.schema(
     ],
     metadata={"g2face-pipe.report": "recovery", "version": "1"},
 )
+
+
+# Faces are batched across the samples of one slice: decoded photos of a slice stay in memory together.
+SAMPLES_PER_BATCH = 16
+RECOVERY_BATCH = 32  # crops per extractor / recovery pass
 
 
 class RecoveryError(RuntimeError):
@@ -153,6 +160,7 @@ def recover_shard(shard: str, key_path: str, out_dir: str, *, samples: list[str]
         in_scope = [r for r in public if wanted is None or r["key"] in wanted]
         todo = [r for r in in_scope if any(f["payload_mode"] == "reversible" for f in r["faces"])]
         model = _load_model(run, checkpoint, dev) if todo else None
+        sp = None
         if model is not None:
             try:
                 sp = ShardPayload(run_payload_job(run, spec.dataset.id, spec.seed, model), key)
@@ -160,48 +168,9 @@ def recover_shard(shard: str, key_path: str, out_dir: str, *, samples: list[str]
                 raise RecoveryError(f"{shard}: {e}") from None
         published = _read_published(spec, shard) if todo else {}
         res = spec.anonymizer.resolution
-        for r in in_scope:
-            p = private.get(r["index"], {})
-            transforms = p.get("transforms") or []
-            raw = published.get(r["key"])
-            rgb = None
-            if raw is not None and r["published"]:
-                rgb = decode_image(raw.fields[raw.image_field], max(spec.input.max_pixels, 1)).rgb
-            opened = []
-            for j, f in enumerate(r["faces"]):
-                t = transforms[j] if j < len(transforms) else None
-                row = {"shard": name, "key": r["key"], "original_key": p.get("original_key"), "index": r["index"],
-                       "face_index": j, "raw_ber": None, "transform": t, "recovered": False}
-                rows.append(row)
-                if not r["published"] or rgb is None or t is None:
-                    row.update(status="not_published", message="the sample is not in the anonymized shard")
-                    continue
-                if f["payload_mode"] != "reversible":
-                    row.update(status="not_reversible", message=f"face published as {f['payload_mode'] or f['method']}: "
-                               "it carries no payload that any key opens")
-                    continue
-                m = np.asarray(t, np.float64).reshape(2, 3)
-                crop = align.warp_to_crop(rgb, m, res)
-                logits = extract_logits(model, [crop], dev, 1)[0]
-                dec = sp.decode(logits, payload_sample_key(r["key"], r["index"]), j)
-                row["raw_ber"] = dec.raw_ber
-                if not dec.ok:
-                    row.update(status=dec.status, message=dec.message)
-                    continue
-                seed = face_seed(spec.seed, p.get("original_key") or str(r["index"]), j)
-                opened.append((m, crop, torch.from_numpy(dec.embedding.astype(np.float32))[None], seed))
-                del dec
-                row.update(status="recovered", message="ok", recovered=True)
-            if opened:
-                out = rgb.copy()
-                for m, crop, identity, seed in opened:
-                    x = torch.from_numpy(crop[None]).to(dev).permute(0, 3, 1, 2).float().div_(255.0)
-                    with torch.inference_mode():
-                        y = model.recover(x, identity.to(dev), [seed])
-                    face = y.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()[0]
-                    align.paste_back(out, np.ascontiguousarray(face), m)
-                images[r["key"]] = encode_image(out, None, "RGB", "PNG", 100)
-            opened.clear()
+        for start in range(0, len(in_scope), SAMPLES_PER_BATCH):
+            images.update(_recover_samples(in_scope[start : start + SAMPLES_PER_BATCH], private, published, spec,
+                                           name, res, model, sp, dev, rows))
     finally:
         counts = _counts(rows)
         _append_log(log_path or storage.join(run_dir, "recovery-log.jsonl"), {
@@ -221,6 +190,84 @@ def recover_shard(shard: str, key_path: str, out_dir: str, *, samples: list[str]
     shard_out, report_out = _write_outputs(spec, name, out_dir, rows, images)
     return {"shard": name, "key_id": key.key_id, "counts": counts, "faces": rows, "images": images,
             "recovered_shard": shard_out, "report": report_out}
+
+
+@dataclass
+class _Candidate:
+    """A reversible face of a published sample, waiting for the extractor and, if it opens, recovery."""
+
+    row: dict  # its report row, updated in place
+    key: str  # the sample's key as published
+    payload_key: str  # the key its payload is bound to
+    face_index: int
+    transform: np.ndarray  # image -> crop, 2x3
+    crop: np.ndarray  # the re-aligned published crop, uint8 (R, R, 3)
+    seed: int
+
+
+def _recover_samples(samples: list[dict], private: dict, published: dict, spec, name: str, res: int, model, sp,
+                     dev: torch.device, rows: list[dict]) -> dict[str, bytes]:
+    """Recover the faces of a few samples, faces batched across samples: one extractor pass over every
+    reversible face, then one recovery pass over every face that opened. Appends one row per face to
+    ``rows`` (in manifest order); returns published key -> PNG of each sample with a recovered face."""
+    images: dict[str, bytes] = {}
+    pictures: dict[str, np.ndarray] = {}
+    candidates: list[_Candidate] = []
+    for r in samples:
+        p = private.get(r["index"], {})
+        transforms = p.get("transforms") or []
+        raw = published.get(r["key"])
+        rgb = None
+        if raw is not None and r["published"]:
+            rgb = decode_image(raw.fields[raw.image_field], max(spec.input.max_pixels, 1)).rgb
+        for j, f in enumerate(r["faces"]):
+            t = transforms[j] if j < len(transforms) else None
+            row = {"shard": name, "key": r["key"], "original_key": p.get("original_key"), "index": r["index"],
+                   "face_index": j, "raw_ber": None, "transform": t, "recovered": False}
+            rows.append(row)
+            if not r["published"] or rgb is None or t is None:
+                row.update(status="not_published", message="the sample is not in the anonymized shard")
+                continue
+            if f["payload_mode"] != "reversible":
+                row.update(status="not_reversible", message=f"face published as {f['payload_mode'] or f['method']}: "
+                           "it carries no payload that any key opens")
+                continue
+            m = np.asarray(t, np.float64).reshape(2, 3)
+            pictures[r["key"]] = rgb
+            candidates.append(_Candidate(row, r["key"], payload_sample_key(r["key"], r["index"]), j, m,
+                                         align.warp_to_crop(rgb, m, res),
+                                         face_seed(spec.seed, p.get("original_key") or str(r["index"]), j)))
+    if not candidates:
+        return images
+    logits = extract_logits(model, [c.crop for c in candidates], dev, RECOVERY_BATCH)
+    opened, identities = [], []
+    for c, face_logits in zip(candidates, logits):
+        dec = sp.decode(face_logits, c.payload_key, c.face_index)
+        c.row["raw_ber"] = dec.raw_ber
+        if not dec.ok:
+            c.row.update(status=dec.status, message=dec.message)
+            continue
+        identities.append(dec.embedding.astype(np.float32))
+        del dec
+        opened.append(c)
+        c.row.update(status="recovered", message="ok", recovered=True)
+    if not opened:
+        return images
+    outputs = {}
+    for start in range(0, len(opened), RECOVERY_BATCH):
+        chunk = opened[start : start + RECOVERY_BATCH]
+        x = crops_tensor([c.crop for c in chunk], dev)
+        ids = torch.from_numpy(np.stack(identities[start : start + RECOVERY_BATCH])).to(dev)
+        with torch.inference_mode():
+            y = model.recover(x, ids, [c.seed for c in chunk])
+        faces = y.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        for c, face in zip(chunk, faces):
+            out = outputs.setdefault(c.key, pictures[c.key].copy())
+            align.paste_back(out, np.ascontiguousarray(face), c.transform)
+    identities.clear()
+    for key, out in outputs.items():
+        images[key] = encode_image(out, None, "RGB", "PNG", 100)
+    return images
 
 
 def _counts(rows: list[dict]) -> dict:
