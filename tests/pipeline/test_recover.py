@@ -124,9 +124,10 @@ def test_faces_batched_across_samples_recover_as_one_by_one(reversible_run, tmp_
     root, out, rows = reversible_run
     shard = str(out / "shards" / SHARD.name)
     assert sum(1 for r in rows if any(f["payload_mode"] == "reversible" for f in r["faces"])) > 1
+    assert recover.RECOVERY_BATCH["cpu"] > 1 and recover.SAMPLES_PER_BATCH > 1
     batched = recover_shard(shard, str(root / "master.key"), str(tmp_path / "batched"))
     monkeypatch.setattr(recover, "SAMPLES_PER_BATCH", 1)
-    monkeypatch.setattr(recover, "RECOVERY_BATCH", 1)
+    monkeypatch.setattr(recover, "RECOVERY_BATCH", {"cpu": 1, "cuda": 1})
     single = recover_shard(shard, str(root / "master.key"), str(tmp_path / "single"))
     assert batched["faces"] == single["faces"] and set(batched["images"]) == set(single["images"])
     for key, png in batched["images"].items():
