@@ -21,7 +21,7 @@ import datetime as _dt
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -209,6 +209,7 @@ class _Candidate:
     transform: np.ndarray  # image -> crop, 2x3
     crop: np.ndarray  # the re-aligned published crop, uint8 (R, R, 3)
     seed: int
+    identity: np.ndarray | None = field(default=None, repr=False)  # decrypted; held only while its slice is recovered
 
 
 def _recover_samples(samples: list[dict], private: dict, published: dict, spec, name: str, res: int, model, sp,
@@ -247,14 +248,14 @@ def _recover_samples(samples: list[dict], private: dict, published: dict, spec, 
         return images
     batch = _recovery_batch(dev)
     logits = extract_logits(model, [c.crop for c in candidates], dev, batch)
-    opened, identities = [], []
+    opened = []
     for c, face_logits in zip(candidates, logits):
         dec = sp.decode(face_logits, c.payload_key, c.face_index)
         c.row["raw_ber"] = dec.raw_ber
         if not dec.ok:
             c.row.update(status=dec.status, message=dec.message)
             continue
-        identities.append(dec.embedding.astype(np.float32))
+        c.identity = dec.embedding.astype(np.float32)
         del dec
         opened.append(c)
         c.row.update(status="recovered", message="ok", recovered=True)
@@ -264,14 +265,15 @@ def _recover_samples(samples: list[dict], private: dict, published: dict, spec, 
     for start in range(0, len(opened), batch):
         chunk = opened[start : start + batch]
         x = crops_tensor([c.crop for c in chunk], dev)
-        ids = torch.from_numpy(np.stack(identities[start : start + batch])).to(dev)
+        ids = torch.from_numpy(np.stack([c.identity for c in chunk])).to(dev)
         with torch.inference_mode():
             y = model.recover(x, ids, [c.seed for c in chunk])
         faces = y.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         for c, face in zip(chunk, faces):
             out = outputs.setdefault(c.key, pictures[c.key].copy())
             align.paste_back(out, np.ascontiguousarray(face), c.transform)
-    identities.clear()
+    for c in opened:
+        c.identity = None
     for key, out in outputs.items():
         images[key] = encode_image(out, None, "RGB", "PNG", 100)
     return images
