@@ -54,10 +54,18 @@ def quality_record(artifact_sha256: str) -> dict:
         return {"evaluated": False,
                 "note": "no evaluation ships for this artifact: measure it with `g2face-pipe evaluate`"}
     bars = {k: b for k, b in ev.get("bars", {}).items() if isinstance(b, dict)}
+    redraw = ev.get("model", {}).get("redraw") or {}
+    reinforcement = ev.get("payload", {}).get("reinforcement") or {}
     return {
         "evaluated": True,
         "card": "g2face/weights/" + path.name.replace(".eval.json", ".md"),
         "evaluated_on": {k: ev.get("data", {}).get(k) for k in ("shards", "samples", "limit")},
+        # the pipeline settings the figures rest on; a job with other settings gets other figures
+        "evaluated_with": {
+            "draws": redraw.get("draws", 1),
+            "payload_reinforce_steps": reinforcement.get("steps", 0),
+            "payload_reinforce_max_change": reinforcement.get("max_change_grey_levels"),
+        },
         "bars_met": sorted(k for k, b in bars.items() if b.get("pass") is True),
         "bars_not_yet_met": sorted(k for k, b in bars.items() if b.get("pass") is False),
         "bars_not_measured": sorted(k for k, b in bars.items() if b.get("pass") is None),

@@ -275,9 +275,9 @@ def test_model_card_states_exactly_the_evaluated_numbers(evaluated, artifact, tm
     assert "1 warm-up + 2 full-objective steps (last: step 3, 2.5 min)" in text  # time summed over the runs
     assert "Recipe: weights.dissimilar_margin=0.8" in text
     assert "payload reinforcement 12 steps, at most 6 grey levels" in text  # the pipeline setting bar 4 rests on
-    assert "redraws up to 8 draws" in text  # and the redraws that bars 1 and 5 rest on
+    assert "redraws up to 16 draws" in text  # and the redraws that bars 1 and 5 rest on
     kept = json.loads(eval_json.read_text())["model"]["redraw"]["faces_by_kept_draw"]
-    assert set(kept) <= {str(k) for k in range(8)} and sum(kept.values()) > 0
+    assert set(kept) <= {str(k) for k in range(16)} and sum(kept.values()) > 0
     assert hashlib.sha256(artifact.read_bytes()).hexdigest() in text
     doc = json.loads(eval_json.read_text())
     rows = dict(re.findall(r"^\| (\d_[a-z0-9_]+) \| ([^|]+) \|", text, re.M))

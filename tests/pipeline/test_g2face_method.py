@@ -46,7 +46,7 @@ def test_g2face_job_runs_the_model_with_shipped_priors(tmp_path, artifact):
         a, b = decode(src[r["key"]]["jpg"]), decode(dst[r["key"]]["png"])
         assert all(f["method"] == "g2face" for f in r["faces"])
         assert all(f["payload_mode"] == "irreversible" and f["payload_ok"] is None for f in r["faces"])
-        assert all(0 <= f["draw"] < 8 for f in r["faces"]) and r["warnings"] == []  # redraw ran (default 8 draws)
+        assert all(0 <= f["draw"] < 16 for f in r["faces"]) and r["warnings"] == []  # redraw ran (default 16 draws)
         assert np.abs(a.astype(int) - b.astype(int)).mean() > 0.5
     again = tmp_path / "again"
     run_job(parse_spec(job_tree(again, DEMO_SHARDS[0], anonymizer={"method": "g2face", "checkpoint": str(artifact),
@@ -141,5 +141,9 @@ def test_quality_record_of_the_shipped_model_is_its_evaluation():
     assert record["bars_met"] == sorted(k for k, b in bars.items() if b["pass"] is True)
     assert record["bars_not_yet_met"] == sorted(k for k, b in bars.items() if b["pass"] is False)
     assert set(record["bars_met"]) | set(record["bars_not_yet_met"]) | set(record["bars_not_measured"]) == set(bars)
+    reinforcement = ev["payload"]["reinforcement"]
+    assert record["evaluated_with"] == {"draws": ev["model"]["redraw"]["draws"],  # the settings behind the figures
+                                        "payload_reinforce_steps": reinforcement["steps"],
+                                        "payload_reinforce_max_change": reinforcement["max_change_grey_levels"]}
     card = (shipped_evaluation_path().parents[2] / record["card"]).read_text()
     assert SHIPPED_SHA256 in json.dumps(ev) and all(k in card for k in record["bars_not_yet_met"])
