@@ -197,6 +197,7 @@ class FaceRecord:
     orig: np.ndarray | None = None  # dlib embeddings, kept in memory only
     anon: np.ndarray | None = None
     recovered: dict | None = None  # psnr / ssim / mae of the recovered face
+    method: str | None = None  # the method that made the published face (g2face, or the fallback's)
 
 
 @dataclass
@@ -311,7 +312,8 @@ def collect_faces(
                 o = align.warp_to_crop(rgb_in, m, res)
                 a = align.warp_to_crop(rgb_out, m, res)
                 side = float(max(f["box"][2] - f["box"][0], f["box"][3] - f["box"][1]))
-                rec = FaceRecord(shard, r["index"], j, p["original_key"], side, f["size_class"], f.get("metrics"))
+                rec = FaceRecord(shard, r["index"], j, p["original_key"], side, f["size_class"], f.get("metrics"),
+                                 method=f.get("method"))
                 if recovery_dir:
                     rec.recovered = (
                         psnr_ssim_mae(align.warp_to_crop(rgb_rec, m, res), o) if rgb_rec is not None else None

@@ -83,11 +83,11 @@ def summary(values) -> dict | None:
     }
 
 
-def identity_distances(run, collected) -> tuple[list[float], list[str | None], str]:
-    """Per-face identity distances and size classes: from the manifests' metrics, else recomputed from the
-    re-read faces."""
+def identity_distances(run, collected) -> tuple[list[float], list[str | None], list[str | None], str]:
+    """Per-face identity distances, size classes and methods: from the manifests' metrics, else recomputed
+    from the re-read faces."""
     measured = [
-        (f["metrics"]["identity_distance"], f["size_class"])
+        (f["metrics"]["identity_distance"], f["size_class"], f.get("method"))
         for r in run.public
         if r["published"]
         for f in r["faces"]
@@ -96,31 +96,32 @@ def identity_distances(run, collected) -> tuple[list[float], list[str | None], s
     source = "manifest"
     if not measured and collected and collected.with_embeddings:
         measured = [
-            (float(np.linalg.norm(f.orig.astype(np.float64) - f.anon)), f.size_class) for f in collected.with_embeddings
+            (float(np.linalg.norm(f.orig.astype(np.float64) - f.anon)), f.size_class, f.method)
+            for f in collected.with_embeddings
         ]
         source = "recomputed"
     if not measured:
-        return [], [], "none"
-    return [m[0] for m in measured], [m[1] for m in measured], source
+        return [], [], [], "none"
+    return [m[0] for m in measured], [m[1] for m in measured], [m[2] for m in measured], source
+
+
+def _matching(d: np.ndarray) -> dict:
+    matching = int((d < SAME_PERSON_DISTANCE).sum())
+    return {"faces": int(len(d)), "still_matching": matching,
+            "share_still_matching": matching / len(d) if len(d) else None}
 
 
 def privacy_row(label: str, run, collected) -> dict:
-    dist, sizes, source = identity_distances(run, collected)
+    dist, sizes, methods, source = identity_distances(run, collected)
     d = np.asarray(dist, np.float64)
     counts = np.histogram(np.clip(d, 0, HIST_EDGES[-1]), HIST_EDGES)[0] if len(d) else np.zeros(len(HIST_EDGES) - 1)
     faces = collected.with_embeddings if collected else []
-    by_size = []
-    for name in _SIZE_CLASSES:
-        sel = d[[s == name for s in sizes]] if len(d) else d
-        matching = int((sel < SAME_PERSON_DISTANCE).sum())
-        by_size.append(
-            {
-                "size_class": name,
-                "faces": int(len(sel)),
-                "still_matching": matching,
-                "share_still_matching": matching / len(sel) if len(sel) else None,
-            }
-        )
+    by_size = [{"size_class": name, **_matching(d[[s == name for s in sizes]] if len(d) else d)}
+               for name in _SIZE_CLASSES]
+    # A g2face run's faces split by the method that made them: the model's own, and the fallback's (faces
+    # too small or scored too low for the model)
+    by_method = [{"method": m, **_matching(d[[x == m for x in methods]])}
+                 for m in sorted({x for x in methods if x is not None})]
     return {
         "label": label,
         "method": run.method,
@@ -131,6 +132,7 @@ def privacy_row(label: str, run, collected) -> dict:
         "still_matching": int((d < SAME_PERSON_DISTANCE).sum()),
         "share_still_matching": match_share(d),
         "by_size_class": by_size,
+        "by_method": by_method,
         "rank1": (
             rank1(np.stack([f.orig for f in faces]), np.stack([f.anon for f in faces])) if len(faces) >= 2 else None
         ),

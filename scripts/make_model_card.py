@@ -122,6 +122,17 @@ def _redraw(ev: dict) -> str:
     return f"up to {draws} draws" + (f" ({later} of {sum(kept.values())} faces kept a later draw)" if kept else "")
 
 
+def _port_by_method(ev: dict) -> list[str]:
+    """Bar 1's port figure split by the method that made each face (evaluations that record it)."""
+    row = next((r for r in ev.get("privacy_rows", []) if r.get("method") == "g2face" and r.get("by_method")), None)
+    if row is None:
+        return []
+    parts = [f"{m['method']} {m['still_matching']} of {m['faces']} ({_fmt(m['share_still_matching'])})"
+             for m in row["by_method"]]
+    return ["", "Bar 1's port figure by the method that made each face (the job's fallback takes the faces too "
+                "small or scored too low for the model): " + "; ".join(parts) + "."]
+
+
 def card_text(artifact: Path, sha256: str, meta: dict, ev: dict, stats: list[dict], hardware: str | None,
               grid_name: str, grid_figures: dict, minutes: float | None = None, recipe: str | None = None,
               previous: dict | None = None, training: list[str] | None = None) -> str:
@@ -180,6 +191,7 @@ def card_text(artifact: Path, sha256: str, meta: dict, ev: dict, stats: list[dic
     lines += ["", f"Pipeline settings the bars depend on: payload reinforcement {_reinforcement(ev)} "
                   "(`anonymizer.payload_reinforce_steps`, `payload_reinforce_max_change`); redraws "
                   f"{_redraw(ev)} (`anonymizer.draws`)."]
+    lines += _port_by_method(ev)
     if previous is not None:
         prev_bars = previous.get("bars", {})
         prev_sha = previous.get("model", {}).get("artifact_sha256")

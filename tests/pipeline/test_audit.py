@@ -230,6 +230,38 @@ def test_coverage_counts_every_outcome_and_states_the_risky_share():
     assert risky["statement"].startswith("3 of 6 detected faces (50.0%) are tiny")
 
 
+def test_privacy_row_splits_still_matching_faces_by_the_method_that_made_them():
+    """A g2face run's fallback faces (pixelated: too small or low score) are counted apart from the model's,
+    from the manifests and, with metrics off, from the re-read embeddings."""
+    from types import SimpleNamespace
+
+    from pipeline.audit import Collected, FaceRecord
+    from pipeline.privacy_metrics import privacy_row
+
+    def face(method, distance, size="medium"):
+        return {"method": method, "size_class": size, "metrics": {"identity_distance": distance}}
+
+    rows = [{"published": True, "faces": [face("g2face", 0.5), face("g2face", 0.7), face("pixelate", 0.55, "tiny")]},
+            {"published": True, "faces": [face("g2face", 0.8), face("pixelate", 0.65, "tiny")]},
+            {"published": False, "faces": [face("g2face", 0.1)]}]  # withheld: nothing published to match
+    row = privacy_row("run", SimpleNamespace(public=rows, method="g2face"), None)
+    assert (row["faces"], row["still_matching"]) == (5, 2)
+    assert row["by_method"] == [
+        {"method": "g2face", "faces": 3, "still_matching": 1, "share_still_matching": 1 / 3},
+        {"method": "pixelate", "faces": 2, "still_matching": 1, "share_still_matching": 0.5},
+    ]
+    assert {x["size_class"]: x["still_matching"] for x in row["by_size_class"]}["tiny"] == 1
+    col = Collected()
+    for i, (method, d) in enumerate([("g2face", 0.9), ("blur", 0.3)]):
+        orig = np.zeros(128, np.float32)
+        col.faces.append(FaceRecord("a", i, 0, None, 80.0, "medium", None, orig=orig, anon=orig + d / np.sqrt(128),
+                                    method=method))
+    unmeasured = [{"published": True, "faces": [{"method": "g2face", "size_class": "medium", "metrics": None}]}]
+    row = privacy_row("run", SimpleNamespace(public=unmeasured, method="g2face"), col)
+    assert row["distance_source"] == "recomputed"
+    assert [(x["method"], x["still_matching"]) for x in row["by_method"]] == [("blur", 1), ("g2face", 0)]
+
+
 def test_small_helpers_match_their_definitions():
     imp = np.arange(2000) / 1000.0  # FAR 1e-3 of 2000 impostors: 2 may pass
     t, far = far_threshold(imp)
