@@ -3,10 +3,11 @@
 For each ``--draws`` value, one reversible g2face run of ``g2face-pipe run`` (identity guard off, as
 ``g2face-pipe evaluate`` runs it, so every face keeps a model output) on the same slice, model, key and seed:
 a face's first draws are the same in every run, so a larger value only adds draws for the faces the smaller
-one gave up on. Per run it prints bar 1's port figure (share of g2face faces whose written face is within
-dlib's 0.6 of the original, from the metrics stage) over every face and over the g2face faces alone (the job's
-fallback faces, too small or low-score, are mostly not faces, and dlib matches them to their pixelated selves
-whatever the block size), bar 5's MTCNN re-detection rate, which draw the faces kept, and seconds per image.
+one gave up on. Per run it prints bar 1's port figure (share of the run's published faces whose written face
+is within dlib's 0.6 of the original, from the metrics stage), the same over the g2face faces alone (without
+the job's fallback faces, too small or scored too low for the model), bar 5's MTCNN re-detection rate, which
+draw the faces kept, and seconds per image of the whole run, metrics stage included (as ``evaluate`` runs it;
+a job without metrics spends a larger share of its time on redraws).
 
 Usage (CPU, 2 cores: about 0.55 s per image at 8 draws, 0.7 s at 16):
     python bench/redraw.py --data '../shared/data/val/*.tar' --skip 400 --limit 400 --draws 8 --draws 16
@@ -37,7 +38,7 @@ from pipeline.spec import parse_spec  # noqa: E402
 
 def slice_samples(urls: list[str], skip: int, limit: int, out: Path) -> int:
     """Samples skip .. skip + limit of the shards, in order, as one WebDataset shard at ``out``; returns how many."""
-    seen, taken = 0, set()
+    seen, taken = 0, 0
     with tarfile.open(out, "w") as dst:
         for url in urls:
             fs, p = storage.url_to_fs(url)
@@ -49,12 +50,12 @@ def slice_samples(urls: list[str], skip: int, limit: int, out: Path) -> int:
                     key = m.name.rsplit("/", 1)[-1].split(".")[0]
                     if key != last:
                         last, seen = key, seen + 1
-                    if seen > skip + limit:
-                        return len(taken)
+                        if seen > skip + limit:
+                            return taken
+                        taken += seen > skip
                     if seen > skip:
-                        taken.add(key)
                         dst.addfile(m, src.extractfile(m))
-    return len(taken)
+    return taken
 
 
 def run_draws(draws: int, shard: Path, scratch: Path, key: Path, checkpoint: Path, threads: int) -> dict:

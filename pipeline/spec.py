@@ -166,8 +166,8 @@ class AnonymizerSpec:
         "(anonymized first). Every published face stays a model output, and the identity guard still judges it. "
         "The manifest's `draw` says which draw was kept. 1 keeps every first draw. Each extra draw costs a "
         "generator pass, an identity embedding and an MTCNN pass for the faces that need it (1200 CelebA val "
-        "images, 2 CPU cores, 16 against 8 draws: MTCNN re-detection 0.92 against 0.88, faces still matching 5.9% "
-        "against 6.6%, about 25% more time per image; bench/redraw.py).",
+        "images, 2 CPU cores, 16 against 8 draws: MTCNN re-detection 0.92 against 0.88, published faces still "
+        "matching 5.9% against 6.6%, about 25% more time per image with the metrics stage on; bench/redraw.py).",
     )
     payload_reinforce_steps: int = Field(
         default=12, ge=0, le=20,

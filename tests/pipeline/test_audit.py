@@ -260,6 +260,8 @@ def test_privacy_row_splits_still_matching_faces_by_the_method_that_made_them():
     row = privacy_row("run", SimpleNamespace(public=unmeasured, method="g2face"), col)
     assert row["distance_source"] == "recomputed"
     assert [(x["method"], x["still_matching"]) for x in row["by_method"]] == [("blur", 1), ("g2face", 0)]
+    empty = privacy_row("run", SimpleNamespace(public=[], method="g2face"), None)
+    assert empty["faces"] == 0 and empty["by_method"] == [] and empty["distance_source"] == "none"
 
 
 def test_small_helpers_match_their_definitions():
@@ -352,6 +354,9 @@ def test_metrics_off_unreachable_inputs_and_no_examples_are_stated(audited, tmp_
         and doc["utility"]["rows"][0]["faces_measured"] == 0
     )
     assert doc["privacy"]["rows"][0]["faces"] == 6
+    # the re-read faces keep the method that made them (FaceRecord.method), as the manifest route does
+    assert [(m["method"], m["faces"]) for m in doc["privacy"]["rows"][0]["by_method"]] == [("blur", 6)]
+    assert [m["faces"] for m in on_doc["privacy"]["rows"][0]["by_method"]] == [on_doc["privacy"]["rows"][0]["faces"]]
     assert (
         doc["privacy"]["rows"][0]["identity_distance"]["mean"] > 0.6
         and on_doc["privacy"]["rows"][0]["identity_distance"]["mean"] > 0.6

@@ -35,6 +35,7 @@ def test_g2face_job_runs_the_model_with_shipped_priors(tmp_path, artifact):
     out = tmp_path / "out"
     tree = job_tree(out, DEMO_SHARDS[0], anonymizer={"method": "g2face", "checkpoint": str(artifact),
                                                      "payload": "irreversible"}, output={"image_format": "png"})
+    assert parse_spec(tree).anonymizer.draws == 16  # the default
     run_job(parse_spec(tree), echo=lambda *_: None)
     rows = pq.read_table(out / "manifests" / f"{DEMO_SHARDS[0].name}.parquet").to_pylist()
     src, dst = read_tar(DEMO_SHARDS[0]), read_tar(out / "shards" / DEMO_SHARDS[0].name)
@@ -147,3 +148,23 @@ def test_quality_record_of_the_shipped_model_is_its_evaluation():
                                         "payload_reinforce_max_change": reinforcement["max_change_grey_levels"]}
     card = (shipped_evaluation_path().parents[2] / record["card"]).read_text()
     assert SHIPPED_SHA256 in json.dumps(ev) and all(k in card for k in record["bars_not_yet_met"])
+
+
+def test_quality_record_names_the_settings_its_evaluation_ran_at(tmp_path, monkeypatch):
+    import pipeline.g2face_method as method
+
+    bars = {"1_anonymization_port": {"pass": False}, "6_pixel_change": {"pass": True}}
+    ev = {"model": {"artifact_sha256": "ab" * 32, "redraw": {"draws": 5}}, "bars": bars,
+          "payload": {"reinforcement": {"steps": 3, "max_change_grey_levels": 2}}, "data": {"samples": 10}}
+    path = tmp_path / "m.eval.json"
+    path.write_text(json.dumps(ev))
+    monkeypatch.setattr(method, "shipped_evaluation_path", lambda: path)
+    record = quality_record("ab" * 32)
+    assert record["evaluated_with"] == {"draws": 5, "payload_reinforce_steps": 3, "payload_reinforce_max_change": 2}
+    assert (record["bars_met"], record["bars_not_yet_met"]) == (["6_pixel_change"], ["1_anonymization_port"])
+    for k in ("redraw", "reinforcement"):  # an evaluation from before redraws and reinforcement: both off
+        (ev["model"] if k == "redraw" else ev["payload"]).pop(k)
+    path.write_text(json.dumps(ev))
+    assert quality_record("ab" * 32)["evaluated_with"] == {"draws": 1, "payload_reinforce_steps": 0,
+                                                           "payload_reinforce_max_change": None}
+    assert quality_record("cd" * 32)["evaluated"] is False  # another model: not evaluated
