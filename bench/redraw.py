@@ -23,15 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline import storage  # noqa: E402
 from pipeline.audit import load_run  # noqa: E402
 from pipeline.evaluate import job_tree, write_evaluation_key  # noqa: E402
-from pipeline.privacy_metrics import utility_row  # noqa: E402
+from pipeline.privacy_metrics import privacy_row, utility_row  # noqa: E402
 from pipeline.runner import run_job  # noqa: E402
 from pipeline.spec import parse_spec  # noqa: E402
 
@@ -66,20 +64,16 @@ def run_draws(draws: int, shard: Path, scratch: Path, key: Path, checkpoint: Pat
     seconds = time.perf_counter() - t
     run = load_run(str(scratch / name))
     faces = [f for r in run.public if r["published"] for f in r["faces"] if f.get("metrics")]
-    dist = np.array([f["metrics"]["identity_distance"] for f in faces
-                     if f["metrics"].get("identity_distance") is not None])
-    g2 = np.array([f["metrics"]["identity_distance"] for f in faces if f["method"] == "g2face"
-                   and f["metrics"].get("identity_distance") is not None])
     kept = collections.Counter(f.get("draw") for f in faces if f["method"] == "g2face")
-    util = utility_row(name, run)
-    return {"draws": draws, "images": len(run.public), "faces": len(faces), "g2face_faces": int(g2.size),
-            "port_share_still_matching": float((dist < 0.6).mean()) if dist.size else None,
-            "port_share_still_matching_g2face_only": float((g2 < 0.6).mean()) if g2.size else None,
-            "mean_identity_distance": float(dist.mean()) if dist.size else None,
-            "mtcnn_detection_rate": util["mtcnn_detection_rate"],
+    privacy = privacy_row(name, run, None)  # bar 1's port figure, as evaluate computes it
+    model = {m["method"]: m for m in privacy["by_method"]}.get("g2face", {})
+    return {"draws": draws, "images": len(run.public), "faces": len(faces), "g2face_faces": model.get("faces", 0),
+            "port_share_still_matching": privacy["share_still_matching"],
+            "port_share_still_matching_g2face_only": model.get("share_still_matching"),
+            "mean_identity_distance": (privacy["identity_distance"] or {}).get("mean"),
+            "mtcnn_detection_rate": utility_row(name, run)["mtcnn_detection_rate"],
             "faces_by_kept_draw": {str(k): v for k, v in sorted(kept.items())},
             "seconds": round(seconds, 1), "seconds_per_image": round(seconds / max(len(run.public), 1), 3)}
-
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
