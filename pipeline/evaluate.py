@@ -142,9 +142,20 @@ def job_tree(method: str, shards: list[str], out: Path, key: Path, resolution: i
         "anonymizer": anonymizer,
         "keys": {"master": str(key)},
         "metrics": {"enabled": True, "resolution": 256},
-        "runtime": {"executor": "local", "progress": False, "torch_threads": torch_threads, "device": device},
+        "runtime": {"executor": "local", "progress": True, "torch_threads": torch_threads, "device": device},
         "seed": seed,
     }
+
+
+def _shard_progress(method: str, started: float, echo: Callable[[str], None]) -> Callable[[str], None]:
+    """Pass on only the run's per-shard "done" lines, tagged with the method and the minutes since it started:
+    a full evaluation runs for hours on a CPU, and the rest of the run's output is the job's, not evaluate's."""
+
+    def forward(line: str) -> None:
+        if line.lstrip().startswith("done "):
+            echo(f"evaluate: {method} {line.strip()} ({(time.perf_counter() - started) / 60:.1f} min)")
+
+    return forward
 
 
 def _get(doc: dict, path: str):
@@ -253,7 +264,7 @@ def evaluate(
                             device, torch_threads, seed, draws)
             from .runner import run_job
 
-            run_job(parse_spec(tree, f"<evaluate {method}>"), echo=lambda *_: None)
+            run_job(parse_spec(tree, f"<evaluate {method}>"), echo=_shard_progress(method, t, echo))
             timings[f"pipeline_{method}_seconds"] = round(time.perf_counter() - t, 3)
             runs[method] = load_run(str(scratch / method))
 

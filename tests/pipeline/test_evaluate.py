@@ -48,12 +48,13 @@ def evaluated(tmp_path_factory, artifact):
     tmp = tmp_path_factory.mktemp("evaluate")
     shards = [str(DEMO_SHARDS[0]), str(_copies_shard(tmp / "copies-000000.tar"))]
     pairs = _pairs_csv(tmp / "pairs.csv")
+    lines: list[str] = []
     doc = evaluate(shards, str(pairs), str(tmp / "eval.json"), checkpoint=str(artifact), baselines=("blur",),
-                   work_dir=str(tmp / "work"), torch_threads=1, echo=lambda *_: None)
+                   work_dir=str(tmp / "work"), torch_threads=1, echo=lines.append)
     _, audit_json = write_audit(str(tmp / "work" / "g2face"), str(tmp / "report" / "report.html"), pairs=str(pairs),
                                 baselines=[str(tmp / "work" / "blur")], examples=False)
     return {"tmp": tmp, "doc": doc, "pairs": pairs, "audit": json.loads(audit_json.read_text()),
-            "runs": [tmp / "work" / "g2face", tmp / "work" / "blur"]}
+            "runs": [tmp / "work" / "g2face", tmp / "work" / "blur"], "lines": lines}
 
 
 def _pixel_change(run: Path) -> float:
@@ -207,6 +208,18 @@ def test_document_bars_and_privacy(evaluated):
     for key in read_tar(DEMO_SHARDS[0]):
         assert key not in text, "sample keys hold names and must not reach eval.json"
     assert "evaluation.key" not in text
+
+
+def test_progress_names_each_method_and_shard_as_it_finishes(evaluated):
+    """A full evaluation runs for hours on a CPU: each finished shard of each run is reported, in run order."""
+    done = [line for line in evaluated["lines"] if " done " in line]
+    shards = [Path(r).name for r in (DEMO_SHARDS[0], "copies-000000.tar")]
+    assert [line.split()[1:3] for line in done] == [[m, "done"] for m in ("g2face", "blur") for _ in shards]
+    for method in ("g2face", "blur"):
+        assert sorted(line.split()[3].rstrip(":") for line in done if line.split()[1] == method) == sorted(shards)
+    assert all(line.startswith("evaluate: ") and line.endswith(" min)") for line in done)
+    running = [i for i, line in enumerate(evaluated["lines"]) if line.startswith("evaluate: running ")]
+    assert len(running) == 2 and running[0] < evaluated["lines"].index(done[0]) < running[1]
 
 
 def test_cli_errors_name_the_fix(tmp_path, artifact):
