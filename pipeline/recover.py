@@ -34,7 +34,7 @@ from .imaging import decode_image, encode_image
 from .keys import KeyFileError, load_shard_key
 from .shardio import read_parquet, read_webdataset, write_parquet, write_webdataset
 from .spec import parse_spec
-from .stages import face_seed, payload_sample_key
+from .stages import face_seed, payload_sample_key, seed_sample_key
 from .verify import ShardPayload, crops_tensor, extract_logits, run_payload_job
 
 REPORT_SCHEMA = pa.schema(
@@ -176,7 +176,7 @@ def recover_shard(shard: str, key_path: str, out_dir: str, *, samples: list[str]
         res = spec.anonymizer.resolution
         for start in range(0, len(in_scope), SAMPLES_PER_BATCH):
             images.update(_recover_samples(in_scope[start : start + SAMPLES_PER_BATCH], private, published, spec,
-                                           name, res, model, sp, dev, rows))
+                                           name, res, model, sp, dev, rows, run.get("face_seeds")))
     finally:
         counts = _counts(rows)
         _append_log(log_path or storage.join(run_dir, "recovery-log.jsonl"), {
@@ -198,6 +198,13 @@ def recover_shard(shard: str, key_path: str, out_dir: str, *, samples: list[str]
             "recovered_shard": shard_out, "report": report_out}
 
 
+def _seed_key(face_seeds: str | None, public_row: dict, private_row: dict) -> str:
+    """The sample name the run derived this sample's face seeds from (stages.seed_sample_key)."""
+    if face_seeds == "published_key":
+        return seed_sample_key(public_row["key"], private_row.get("original_key"), public_row["index"])
+    return private_row.get("original_key") or str(public_row["index"])
+
+
 @dataclass
 class _Candidate:
     """A reversible face of a published sample, waiting for the extractor and, if it opens, recovery."""
@@ -213,10 +220,11 @@ class _Candidate:
 
 
 def _recover_samples(samples: list[dict], private: dict, published: dict, spec, name: str, res: int, model, sp,
-                     dev: torch.device, rows: list[dict]) -> dict[str, bytes]:
+                     dev: torch.device, rows: list[dict], face_seeds: str | None) -> dict[str, bytes]:
     """Recover the faces of a few samples, faces batched across samples: extractor passes over every
     reversible face, then recovery passes over every face that opened. Appends one row per face to
-    ``rows`` (in manifest order); returns published key -> PNG of each sample with a recovered face."""
+    ``rows`` (in manifest order); returns published key -> PNG of each sample with a recovered face.
+    ``face_seeds`` is run.json's: "published_key", or None for runs made before seeds left the original key."""
     images: dict[str, bytes] = {}
     pictures: dict[str, np.ndarray] = {}
     candidates: list[_Candidate] = []
@@ -243,7 +251,7 @@ def _recover_samples(samples: list[dict], private: dict, published: dict, spec, 
             pictures[r["key"]] = rgb
             candidates.append(_Candidate(row, r["key"], payload_sample_key(r["key"], r["index"]), j, m,
                                          align.warp_to_crop(rgb, m, res),
-                                         face_seed(spec.seed, p.get("original_key") or str(r["index"]), j)))
+                                         face_seed(spec.seed, _seed_key(face_seeds, r, p), j)))
     if not candidates:
         return images
     batch = _recovery_batch(dev)

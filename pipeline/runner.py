@@ -277,6 +277,7 @@ def run_job(spec: JobSpec, dry_run: bool = False, echo: Callable[[str], None] = 
         "key_id": keys.key_id,
         "anonymizer_model_id": model_id,
         "payload": payload_doc,  # g2face: mode, the artifact's full sha256 (recover checks it), layout figures
+        "face_seeds": "published_key",  # stages.seed_sample_key; recover derives the same seeds from it
         "model_hashes": model_hashes,
         "metric_model_hashes": metric_hashes,
         "versions": package_versions(),

@@ -345,7 +345,7 @@ class JobSpec:
     keys: KeysSpec = Field(default_factory=KeysSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="The utility/privacy metrics stage.")
-    seed: int = Field(default=0, ge=0, lt=2**63, description="Job seed; each face's seed derives from it.")
+    seed: int = Field(default=0, ge=0, lt=2**63, description="Job seed; each face's seed derives from it, the sample key as published and the face index.")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "JobSpec":
@@ -436,7 +436,12 @@ def reinforcement_applies(an: AnonymizerSpec) -> bool:
 
 
 def spec_fingerprint(spec: JobSpec) -> str:
-    """Hash of what shapes the output bytes of a shard.
+    """Hash of what shapes the output bytes of a shard (fingerprint_fields)."""
+    return hashlib.sha256(json.dumps(fingerprint_fields(spec), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fingerprint_fields(spec: JobSpec) -> dict:
+    """What shapes the output bytes of a shard.
 
     Left out: where inputs and outputs live (adding shards later must not refuse a resume), the key file's
     path (the key id is checked separately), the failure policy, and actor counts. Kept: the detection
@@ -452,6 +457,10 @@ def spec_fingerprint(spec: JobSpec) -> str:
     if not reinforcement_applies(spec.anonymizer):  # jobs whose bytes it does not touch keep their fingerprints
         d["anonymizer"].pop("payload_reinforce_steps")
         d["anonymizer"].pop("payload_reinforce_max_change")
+    if spec.anonymizer.method == "g2face" and spec.output.keys == "pseudonymize":
+        # Face seeds come from the published (pseudonymized) key since this field: a run started before
+        # drew from the original keys and must not resume into shards drawn the new way.
+        d["face_seeds"] = "published_key"
     d.pop("runtime", None)
     d.pop("resources", None)
     d["output"].pop("dir", None)
@@ -460,7 +469,7 @@ def spec_fingerprint(spec: JobSpec) -> str:
     d["policy"].pop("on_error", None)
     d["detect_batch_size"] = spec.resources.detect.batch_size
     d["device"] = spec.runtime.device
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    return d
 
 
 def json_schema() -> dict:

@@ -45,9 +45,19 @@ def payload_sample_key(published_key: str | None, index: int) -> str:
 
 
 def face_seed(job_seed: int, sample_key: str, face_index: int) -> int:
-    """Deterministic per-face seed from (job seed, sample key, face index)."""
+    """Deterministic per-face seed from (job seed, sample key, face index); ``sample_key`` is seed_sample_key's."""
     h = hashlib.sha256(f"{job_seed}\x00{sample_key}\x00{face_index}".encode("utf-8")).digest()
     return int.from_bytes(h[:8], "little") & (2**63 - 1)
+
+
+def seed_sample_key(published_key: str | None, original_key: str | None, index: int) -> str:
+    """The sample name face seeds derive from: the key as published, else (a sample built without one, as
+    `prepare` does) the original key, else the row index. Never the original key of a pseudonymized sample:
+    a face's seed fixes its dummy identity and its irreversible payload bits, and the job seed is public
+    (run.json), so anyone could test a guessed original key against a published face."""
+    if published_key is not None:
+        return published_key
+    return original_key or str(index)
 
 
 @dataclass
@@ -297,7 +307,7 @@ class AlignStage(_Stage):
                 w, h = f.box[2] - f.box[0], f.box[3] - f.box[1]
                 side = float(max(w, h))
                 f.size_class = size_class(side)
-                f.seed = face_seed(self.seed, s.raw.key or str(s.raw.index), i)
+                f.seed = face_seed(self.seed, seed_sample_key(s.out_key, s.raw.key, s.raw.index), i)
                 if side < self.min_size:
                     f.fallback_reason = "too_small"
                 elif f.score < self.score_threshold:

@@ -136,6 +136,29 @@ def test_faces_batched_across_samples_recover_as_one_by_one(reversible_run, tmp_
         assert a.shape == b.shape and np.abs(a - b).max() <= 1, key
 
 
+def test_recovery_draws_with_the_seeds_of_the_published_keys(reversible_run, tmp_path, monkeypatch):
+    """Anonymization seeds each face from the key as published (stages.seed_sample_key; this run pseudonymizes
+    its keys), so recovery must derive the same seeds from the same key, not from the private original key."""
+    from pipeline.g2face_method import G2FaceAnonymizer
+    from pipeline.stages import face_seed
+
+    root, out, rows = reversible_run
+    run = json.loads((out / "run.json").read_text())
+    assert run["face_seeds"] == "published_key" and run["spec"]["output"]["keys"] == "pseudonymize"
+    seen: list[int] = []
+    recover_faces = G2FaceAnonymizer.recover
+
+    def recording(self, anonymized, identity, seeds):
+        seen.extend(seeds)
+        return recover_faces(self, anonymized, identity, seeds)
+
+    monkeypatch.setattr(G2FaceAnonymizer, "recover", recording)
+    res = recover_shard(str(out / "shards" / SHARD.name), str(root / "master.key"), str(tmp_path / "rec"))
+    opened = [f for f in res["faces"] if f["status"] == "recovered"]
+    assert opened and all(f["key"] != f["original_key"] for f in opened)
+    assert seen == [face_seed(run["spec"]["seed"], f["key"], f["face_index"]) for f in opened]
+
+
 def test_samples_recovers_just_those(reversible_run, tmp_path):
     root, out, rows = reversible_run
     key = next(r["key"] for r in rows if any(f["payload_mode"] == "reversible" for f in r["faces"]))

@@ -1,3 +1,5 @@
+import hashlib
+import json
 import subprocess
 import sys
 
@@ -125,3 +127,18 @@ def test_fingerprint_ignores_locations_but_not_detection_batching(tmp_path):
     rebatched = parse_spec(job_tree(tmp_path / "a", DEMO_SHARDS, resources={"detect": {"batch_size": 3}}))
     assert spec_mod.spec_fingerprint(base) == spec_mod.spec_fingerprint(moved)
     assert spec_mod.spec_fingerprint(base) != spec_mod.spec_fingerprint(rebatched)
+
+
+
+def test_pseudonymized_g2face_jobs_fingerprint_the_seed_rule(tmp_path):
+    """Their face seeds come from the published key now: a run begun with seeds from the original keys must
+    not resume into shards drawn the new way. Jobs whose seeds did not move keep their fingerprints."""
+    from pipeline.spec import fingerprint_fields, spec_fingerprint
+
+    for method, keys, moved in (("g2face", "pseudonymize", True), ("g2face", "keep", False),
+                                ("blur", "pseudonymize", False)):
+        spec = parse_spec(job_tree(tmp_path / "out", DEMO_SHARDS[0], anonymizer={"method": method},
+                                   keys={"master": str(tmp_path / "m.key")}, output={"keys": keys}))
+        fields = fingerprint_fields(spec)
+        assert (fields.pop("face_seeds", None) == "published_key") is moved, (method, keys)
+        assert (spec_fingerprint(spec) != hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]) is moved

@@ -82,3 +82,30 @@ def test_face_seeds_are_deterministic_and_distinct():
 @pytest.mark.parametrize("side,name", [(0, "tiny"), (31.9, "tiny"), (32, "small"), (64, "medium"), (127.9, "medium"), (128, "large"), (5000, "large")])
 def test_size_classes_follow_the_schema(side, name):
     assert size_class(side) == name
+
+
+def test_face_seeds_come_from_the_published_key_never_a_pseudonymized_original(tmp_path):
+    """A face's seed fixes its dummy identity and irreversible payload bits and the job seed is public: seeds
+    from the original key would let anyone test a guessed name against a published face."""
+    from pipeline.keys import create_master_key, load_master_key, pseudonym_key, pseudonymize
+    from pipeline.stages import seed_sample_key
+
+    img = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+
+    def seeds(out_key):
+        s = _sample(img, key="Jane_Doe")
+        s.out_key = out_key
+        DetectStage(16, (0.6, 0.7, 0.7), 0.709, 0.8, 1280, aligned=True, resolution=128, device="cpu").process([s])
+        AlignStage(128, "g2face", "pixelate", 32, 0.95, 7, "pass").process([s])
+        return [f.seed for f in s.faces]
+
+    published = []
+    for name in ("a.key", "b.key"):
+        create_master_key(tmp_path / name)
+        published.append(pseudonymize(pseudonym_key(load_master_key(tmp_path / name)[0], "ds"), "Jane_Doe"))
+    a, b = seeds(published[0]), seeds(published[1])
+    assert a == [face_seed(7, published[0], 0)] and b == [face_seed(7, published[1], 0)]
+    assert a != b and face_seed(7, "Jane_Doe", 0) not in a + b
+    # keys kept as they are: seeds as before this rule (the published key is the original)
+    assert seeds("Jane_Doe") == [face_seed(7, "Jane_Doe", 0)]
+    assert seed_sample_key(None, "Jane_Doe", 3) == "Jane_Doe" and seed_sample_key(None, None, 3) == "3"
