@@ -7,8 +7,10 @@ read error so that it reaches the manifest.
 from __future__ import annotations
 
 import io
+import lzma
 import re
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -40,7 +42,28 @@ def _pick_image_field(fields: dict, wanted: str | None) -> str | None:
     return None
 
 
+def _flag_duplicate_keys(samples: Iterator[RawSample]) -> Iterator[RawSample]:
+    """Mark every sample whose key an earlier sample of the shard already has: outputs, manifests and payloads
+    are bound to the key, so a second sample under it is recorded as an error rather than published."""
+    first: dict[str, int] = {}
+    for s in samples:
+        if s.key is not None:
+            if s.key in first:
+                # the key itself stays out of the message: errors reach the public manifest, keys may hold names
+                dup = (f"duplicate key: sample {first[s.key]} of this shard has the same key; keys must be unique "
+                       "within a shard (rename or drop one of them)")
+                s.read_error = f"{s.read_error}; {dup}" if s.read_error else dup
+            else:
+                first[s.key] = s.index
+        yield s
+
+
 def read_webdataset(url: str, image_field: str | None) -> Iterator[RawSample]:
+    """Samples of a tar shard in member order (a key's members are consecutive, as WebDataset writes them)."""
+    return _flag_duplicate_keys(_read_tar_samples(url, image_field))
+
+
+def _read_tar_samples(url: str, image_field: str | None) -> Iterator[RawSample]:
     fs, p = url_to_fs(url)
     index = 0
     current: RawSample | None = None
@@ -56,7 +79,8 @@ def read_webdataset(url: str, image_field: str | None) -> Iterator[RawSample]:
                     key, ext = info.name, ""
                 else:
                     key, ext = m.group(1), m.group(2).lower()
-                if current is None or current.key != key:
+                # a repeated member (a.jpg twice, or a.jpg and a.JPG) starts a sample of its own, never overwrites
+                if current is None or current.key != key or ext in current.fields:
                     if current is not None:
                         current.image_field = _pick_image_field(current.fields, image_field)
                         yield current
@@ -69,7 +93,7 @@ def read_webdataset(url: str, image_field: str | None) -> Iterator[RawSample]:
             tar.fileobj.seek(tar.offset)
             if tar.fileobj.read(512) != bytes(512):
                 raise tarfile.ReadError("missing end-of-archive marker (file truncated?)")
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as e:  # damaged .tar.gz / .tar.xz too
         if current is not None:
             current.image_field = _pick_image_field(current.fields, image_field)
             current.read_error = f"shard truncated in or after this sample: {type(e).__name__}: {e}"
@@ -118,14 +142,17 @@ def read_parquet(
         return None, [RawSample(index=0, key=None, read_error=err)]
     samples = []
     for i, row in enumerate(table.to_pylist()):
-        key = str(row[key_column]) if key_column else f"{stem}/{i}"
+        key = (None if row[key_column] is None else str(row[key_column])) if key_column else f"{stem}/{i}"
         s = RawSample(index=i, key=key, fields=row, image_field=image_column)
         try:
             row[image_column] = _parquet_image_bytes(row[image_column])
         except TypeError as e:
             s.read_error = str(e)
+        if key is None:
+            s.read_error = (f"input.key_column {key_column!r} is null in row {i}; give every row a key, or leave "
+                            "input.key_column unset to key rows by shard and row number")
         samples.append(s)
-    return table.schema, samples
+    return table.schema, list(_flag_duplicate_keys(iter(samples)))
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:

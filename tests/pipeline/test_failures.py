@@ -135,3 +135,18 @@ def test_wrong_parquet_column_is_a_job_error_before_anything_is_written(tmp_path
         run_job(parse_spec(tree), echo=lambda *_: None)
     assert not (tmp_path / "out" / "done").exists()
 
+
+
+def test_a_key_that_repeats_in_a_shard_is_recorded_once_published_and_once_an_error(tmp_path):
+    """Outputs, manifests and payloads are bound to the key: the second sample under a key is not published,
+    and not lost either: its manifest row says why."""
+    good = _portrait()
+    shard = write_tar(tmp_path / "dup-000000.tar", [("a.jpg", good), ("b.png", encode(no_face_image(), "PNG")),
+                                                    ("a.jpg", good)])
+    out = tmp_path / "out"
+    run = run_job(parse_spec(job_tree(out, shard)), echo=lambda *_: None)
+    rows = pq.read_table(out / "manifests" / "dup-000000.tar.parquet").to_pylist()
+    assert [(r["index"], r["key"], r["status"]) for r in rows] == [(0, "a", "ok"), (1, "b", "no_face"), (2, "a", "error")]
+    assert rows[2]["error"].startswith("duplicate key: sample 0 of this shard") and not rows[2]["published"]
+    assert sorted(read_tar(out / "shards" / "dup-000000.tar")) == ["a", "b"]
+    assert run["counts"]["status"] == {"error": 1, "no_face": 1, "ok": 1}

@@ -367,3 +367,54 @@ def test_atomic_write_bytes_on_a_memory_uri():
         assert [p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/sub", detail=False)] == ["x.bin"]
     finally:
         fs.rm(root, recursive=True)
+
+
+# --- keys that repeat, damaged compressed tars -------------------------------------------------------------
+
+
+def test_repeated_members_and_keys_become_samples_of_their_own_marked_as_duplicates(tmp_path):
+    """A second a.jpg (or a.JPG) must neither overwrite the first nor vanish: it is a sample of its own, recorded
+    with an error that names the earlier sample (never the key: errors are public and keys may be names)."""
+    shard = write_tar(tmp_path / "s.tar", [("a.jpg", b"A1"), ("a.jpg", b"A2"), ("b.jpg", b"B"), ("a.JPG", b"A3"),
+                                           ("b.json", b"{}")])
+    samples = _samples(shard)
+    assert [(s.index, s.key, s.fields) for s in samples] == [
+        (0, "a", {"jpg": b"A1"}), (1, "a", {"jpg": b"A2"}), (2, "b", {"jpg": b"B"}), (3, "a", {"jpg": b"A3"}),
+        (4, "b", {"json": b"{}"})]
+    assert samples[0].read_error is None and samples[2].read_error is None
+    for s, first in zip([samples[1], samples[3], samples[4]], (0, 0, 2)):
+        assert s.read_error.startswith(f"duplicate key: sample {first} of this shard has the same key")
+        assert "'a'" not in s.read_error and "'b'" not in s.read_error
+
+
+def test_read_parquet_null_and_repeated_keys_are_per_sample_errors(tmp_path):
+    table = pa.table({"image": [b"i0", b"i1", b"i2", b"i3"], "id": pa.array(["x", None, "x", "y"])})
+    schema, samples = read_parquet(_write_pq(tmp_path / "s.parquet", table), "image", "id", "s")
+    assert schema is not None and [s.key for s in samples] == ["x", None, "x", "y"]
+    assert samples[0].read_error is None and samples[3].read_error is None
+    assert "input.key_column 'id' is null in row 1" in samples[1].read_error
+    assert samples[2].read_error.startswith("duplicate key: sample 0 of this shard")
+
+
+@pytest.mark.parametrize("mode", ["gz", "xz"])
+def test_damaged_compressed_tar_yields_an_error_sample_not_an_exception(tmp_path, mode):
+    """A damaged deflate or xz stream raises zlib.error / LZMAError, which are not OSErrors."""
+    import gzip
+    import lzma
+    import random
+    import zlib
+
+    rng = random.Random(0)
+    members = [(f"k{i}.txt", bytes(rng.choice(b"abcd") for _ in range(4000))) for i in range(6)]
+    plain = write_tar(tmp_path / "plain.tar", members).read_bytes()
+    packed = bytearray(gzip.compress(plain, mtime=0) if mode == "gz" else lzma.compress(plain))
+    packed[len(packed) // 2 : len(packed) // 2 + 64] = bytes(64)
+    damaged = tmp_path / f"s.tar.{mode}"
+    damaged.write_bytes(bytes(packed))
+    with pytest.raises(zlib.error if mode == "gz" else lzma.LZMAError):  # what tarfile itself raises here
+        with tarfile.open(damaged, "r:*") as tar:
+            for info in tar:
+                tar.extractfile(info).read()
+    samples = _samples(damaged)
+    assert samples and samples[-1].key is None and samples[-1].read_error.startswith("shard unreadable after")
+    assert ("while decompressing" if mode == "gz" else "LZMAError") in samples[-1].read_error
