@@ -73,6 +73,20 @@ def _write_key_file(path: Path, doc: dict) -> None:
         os.fsync(f.fileno())
 
 
+def _check_private(path: Path) -> None:
+    """Refuse a key file other users may read or write (as ssh refuses private keys): whoever reads the master
+    key opens every payload and reverses the pseudonyms. Checked after the contents, so errors about a
+    malformed file come first."""
+    if os.name != "posix":
+        return
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise KeyFileError(
+            f"{path} has mode {mode:04o}: other users can read or change this key; make it private with "
+            f"`chmod 600 {path}` (a Kubernetes secret: mount it with defaultMode 0400)"
+        )
+
+
 def load_master_key(path: str | Path) -> tuple[bytes, str]:
     """Read a master key file; returns (key bytes, key id). Errors never echo key material."""
     path = Path(path)
@@ -99,6 +113,7 @@ def load_master_key(path: str | Path) -> tuple[bytes, str]:
     kid = key_id(key)
     if doc.get("key_id") != kid:
         raise KeyFileError(f"{path}: key_id does not match the key (file corrupted or edited)")
+    _check_private(path)
     return key, kid
 
 
@@ -235,6 +250,7 @@ def _load_shard_key_file(path: Path, doc: dict) -> ShardKey:
     if shard_key_id(key, ds, shard) != kid:
         raise KeyFileError(f"{path}: key_id does not match the key, dataset and shard (file corrupted or edited)")
     mkid = doc.get("master_key_id")
+    _check_private(path)
     return ShardKey(key, ds, shard, mkid if isinstance(mkid, str) else None, source=str(path))
 
 

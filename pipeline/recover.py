@@ -312,15 +312,16 @@ def _write_outputs(spec, name: str, out_dir: str, rows: list[dict], images: dict
     shard_out = storage.join(out_dir, "shards", name)
     if spec.input.format == "webdataset":
         records = [(k, [("png", images[k])]) for k in sorted(images)]
-        storage.atomic_write_file(shard_out, lambda f: write_webdataset(f, records))
+        storage.atomic_write_file(shard_out, lambda f: write_webdataset(f, records), storage.PRIVATE_MODE)
     else:
         inp = spec.input
         schema = pa.schema([(inp.key_column or "key", pa.string()), (inp.image_column, pa.binary())])
         prows = [{inp.key_column or "key": k, inp.image_column: images[k]} for k in sorted(images)]
-        storage.atomic_write_file(shard_out, lambda f: write_parquet(f, prows, schema))
+        storage.atomic_write_file(shard_out, lambda f: write_parquet(f, prows, schema), storage.PRIVATE_MODE)
     report = [{k: r[k] for k in REPORT_SCHEMA.names} for r in rows]
     report_out = storage.join(out_dir, "reports", name + ".parquet")
-    storage.atomic_write_file(report_out, lambda f: write_parquet(f, report, REPORT_SCHEMA))
+    # recovered originals and their report are for the key holder alone
+    storage.atomic_write_file(report_out, lambda f: write_parquet(f, report, REPORT_SCHEMA), storage.PRIVATE_MODE)
     storage.atomic_write_bytes(storage.join(out_dir, "reports", name + ".json"),
-                               (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+                               (json.dumps(report, indent=2, sort_keys=True) + "\n").encode(), storage.PRIVATE_MODE)
     return shard_out, report_out

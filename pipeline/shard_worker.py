@@ -287,8 +287,11 @@ class ShardWorker:
             out_schema = self._parquet_out_schema(schema)
             if out_schema is not None:
                 storage.atomic_write_file(self.layout.shard(name), lambda f: write_parquet(f, parquet_rows, out_schema))
+            else:  # unreadable input: no columns to write; an output left by an earlier attempt must not outlive it
+                storage.remove(self.layout.shard(name))
         storage.atomic_write_file(self.layout.manifest(name), lambda f: write_parquet(f, public_rows, PUBLIC_SCHEMA))
-        storage.atomic_write_file(self.layout.private(name), lambda f: write_parquet(f, private_rows, PRIVATE_SCHEMA))
+        storage.atomic_write_file(self.layout.private(name), lambda f: write_parquet(f, private_rows, PRIVATE_SCHEMA),
+                                  storage.PRIVATE_MODE)
         counts = shard_counts(public_rows)
         done = {"shard": name, "fingerprint": self.fingerprint, "key_id": self.key_id, "counts": counts,
                 **output_signature(self.spec, self.model_id)}

@@ -275,6 +275,14 @@ class KeysSpec:
         description="Demo only: create a clearly named demo master key next to the run when keys.master is unset.",
     )
 
+    @model_validator(mode="after")
+    def _local_key_file(self) -> "KeysSpec":
+        if self.master and "://" in self.master:
+            raise ValueError(f"keys.master {self.master!r} is a URI; key files are read from the local file system "
+                             "only (never fetched or uploaded): copy the key to the same local path, mode 0600, on "
+                             "every node and give that path")
+        return self
+
 
 @dataclass(config=_STRICT, frozen=True)
 class RuntimeSpec:

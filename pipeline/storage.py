@@ -64,17 +64,32 @@ def exists(url: str) -> bool:
     return fs.exists(p)
 
 
+def remove(url: str) -> bool:
+    """Delete the file at ``url`` if there is one; True when one was removed."""
+    fs, p = url_to_fs(url)
+    if not fs.exists(p):
+        return False
+    fs.rm(p)
+    return True
+
+
 def makedirs(url: str) -> None:
     fs, p = url_to_fs(url)
     fs.makedirs(p, exist_ok=True)
 
 
-def atomic_write_bytes(url: str, data: bytes) -> None:
-    atomic_write_file(url, lambda f: f.write(data))
+# For files only the data controller or a key holder may read (private manifests, recovered originals):
+# on local disks they are never readable by other users, at no point of the write.
+PRIVATE_MODE = 0o600
 
 
-def atomic_write_file(url: str, write_fn) -> None:
-    """Call ``write_fn(fileobj)`` and publish the result at ``url`` atomically where the fs allows."""
+def atomic_write_bytes(url: str, data: bytes, mode: int = 0o644) -> None:
+    atomic_write_file(url, lambda f: f.write(data), mode)
+
+
+def atomic_write_file(url: str, write_fn, mode: int = 0o644) -> None:
+    """Call ``write_fn(fileobj)`` and publish the result at ``url`` atomically where the fs allows.
+    ``mode`` applies on local disks (object stores have no file modes: their access is set on the bucket)."""
     fs, p = url_to_fs(url)
     if is_local(fs):
         d = os.path.dirname(p) or "."
@@ -85,7 +100,7 @@ def atomic_write_file(url: str, write_fn) -> None:
                 write_fn(f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
+            os.chmod(tmp, mode)
             os.replace(tmp, p)
         except BaseException:
             if os.path.exists(tmp):

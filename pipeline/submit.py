@@ -62,7 +62,7 @@ def stage_submission(job: Path, overrides: list[str], cwd: Path | None = None) -
             f"output.dir {spec.output.dir!r} is relative; a cluster job needs an absolute path on shared storage "
             "or an fsspec URI (--set output.dir=/shared/out or s3://bucket/out)"
         )
-    if spec.keys.master and not (_is_uri(spec.keys.master) or os.path.isabs(spec.keys.master)):
+    if spec.keys.master and not os.path.isabs(spec.keys.master):  # a URI is refused by the spec already
         raise JobSpecError("keys.master must be an absolute path that the cluster can read (key files are never uploaded)")
     stage = Path(tempfile.mkdtemp(prefix="g2face-submit-"))
     for d in _CODE_DIRS:

@@ -50,6 +50,9 @@ def test_bad_samples_are_recorded_not_dropped(tmp_path):
     assert any("error 3" in line and "no_face 1" in line and "ok 2" in line for line in lines), lines
     private = pq.read_table(out / "private" / "bad-000000.tar.parquet").to_pylist()
     assert len(private) == 6 and private[0]["input_sha256"] and private[2]["input_sha256"] is None
+    # original keys and transforms are the data controller's: other users cannot read the private manifest
+    assert (out / "private" / "bad-000000.tar.parquet").stat().st_mode & 0o777 == 0o600
+    assert (out / "manifests" / "bad-000000.tar.parquet").stat().st_mode & 0o777 == 0o644
 
 
 def test_truncated_shard_completes_and_reports_the_tail(tmp_path):
@@ -150,3 +153,19 @@ def test_a_key_that_repeats_in_a_shard_is_recorded_once_published_and_once_an_er
     assert rows[2]["error"].startswith("duplicate key: sample 0 of this shard") and not rows[2]["published"]
     assert sorted(read_tar(out / "shards" / "dup-000000.tar")) == ["a", "b"]
     assert run["counts"]["status"] == {"error": 1, "no_face": 1, "ok": 1}
+
+
+def test_an_unreadable_parquet_shard_leaves_no_output_of_an_earlier_attempt(tmp_path):
+    """An attempt killed after writing its output shard, then a rerun that cannot read the input: the done
+    shard's outputs must agree with its manifest (one error row, nothing published), not keep stale rows."""
+    shard = tmp_path / "t-000000.parquet"
+    shard.write_bytes(b"PAR1 this is not parquet PAR1")
+    out = tmp_path / "out"
+    stale = out / "shards" / "t-000000.parquet"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"rows of an earlier attempt")
+    tree = job_tree(out, shard, input={"format": "parquet", "paths": str(shard), "image_column": "image"})
+    run_job(parse_spec(tree), echo=lambda *_: None)
+    (row,) = pq.read_table(out / "manifests" / "t-000000.parquet.parquet").to_pylist()
+    assert row["status"] == "error" and "shard unreadable" in row["error"] and not row["published"]
+    assert not stale.exists() and (out / "done" / "t-000000.parquet.json").exists()

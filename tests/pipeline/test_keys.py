@@ -222,3 +222,22 @@ def test_pseudonyms_are_collision_free_on_many_keys():
     pkey = pseudonym_key(bytes(KEY_BYTES), "ds")
     names = [f"sample-{i:05d}" for i in range(5000)]
     assert len({pseudonymize(pkey, n) for n in names}) == len(names)
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o666])
+def test_a_key_file_others_can_read_is_refused_with_the_fix(tmp_path, mode):
+    """Whoever reads the master key opens every payload and reverses the pseudonyms (ssh refuses such keys too)."""
+    from pipeline.keys import export_shard_key, load_shard_key
+
+    master, shard = tmp_path / "master.json", tmp_path / "shard.json"
+    create_master_key(master)
+    export_shard_key(master, "ds", "s-000.tar", shard)
+    for path, load in ((master, load_master_key), (shard, lambda p: load_shard_key(p, "ds", "s-000.tar")),
+                       (master, lambda p: load_shard_key(p, "ds", "s-000.tar"))):
+        os.chmod(path, 0o600)
+        load(path)
+        os.chmod(path, mode)
+        with pytest.raises(KeyFileError, match=rf"mode {mode:04o}.*chmod 600 {re.escape(str(path))}"):
+            load(path)
+        os.chmod(path, 0o400)
+        load(path)  # read-only for its owner is fine

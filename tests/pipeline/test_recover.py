@@ -157,6 +157,9 @@ def test_recovery_draws_with_the_seeds_of_the_published_keys(reversible_run, tmp
     opened = [f for f in res["faces"] if f["status"] == "recovered"]
     assert opened and all(f["key"] != f["original_key"] for f in opened)
     assert seen == [face_seed(run["spec"]["seed"], f["key"], f["face_index"]) for f in opened]
+    # the recovered originals and their report are the key holder's alone
+    for path in (res["recovered_shard"], res["report"], str(res["report"]).replace(".parquet", ".json")):
+        assert (tmp_path / "rec" / path).stat().st_mode & 0o777 == 0o600, path
 
 
 def test_samples_recovers_just_those(reversible_run, tmp_path):

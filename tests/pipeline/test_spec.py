@@ -142,3 +142,8 @@ def test_pseudonymized_g2face_jobs_fingerprint_the_seed_rule(tmp_path):
         fields = fingerprint_fields(spec)
         assert (fields.pop("face_seeds", None) == "published_key") is moved, (method, keys)
         assert (spec_fingerprint(spec) != hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]) is moved
+
+
+def test_a_master_key_uri_is_refused_naming_the_field(tmp_path):
+    with pytest.raises(JobSpecError, match=r"keys.master 's3://bucket/m.key' is a URI.*local"):
+        parse_spec(job_tree(tmp_path / "out", DEMO_SHARDS[0], keys={"master": "s3://bucket/m.key"}))
