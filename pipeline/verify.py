@@ -22,7 +22,7 @@ from . import align
 from .imaging import decode_image, encode_image
 from .keys import ShardKey
 from .payload import FORMAT_VERSION, DecodeResult, PayloadContext, PayloadLayout, decode, encode
-from .stages import Face, Sample, _Stage, payload_sample_key
+from .stages import Face, Sample, _Stage, _brief, payload_sample_key
 
 EMBEDDING_DIM = 128  # the dlib identity embedding the g2face method hides
 ON_UNVERIFIED = ("reencode_lossless", "irreversible", "withhold")
@@ -140,9 +140,21 @@ class VerifyStage(_Stage):
         from .g2face_method import irreversible_bits
         from .redraw import draw_seed
 
-        for (s, i, f), logits in zip(items, extract_logits(self.model, crops, self.device, self.batch_size)):
+        try:
+            all_logits = extract_logits(self.model, crops, self.device, self.batch_size)
+        except Exception as e:  # a model failure (out of memory, ...) fails these samples, not the shard
+            for s in {id(s): s for s, _, _ in items}.values():
+                self._unchecked(s, f"payload verification failed: {_brief(e)}")
+            return
+        for (s, i, f), logits in zip(items, all_logits):
+            if not s.live:  # an earlier face of it failed
+                continue
             if f.payload_mode == "reversible":
-                res = self.payload.decode(logits, payload_sample_key(s.out_key, s.raw.index), i)
+                try:
+                    res = self.payload.decode(logits, payload_sample_key(s.out_key, s.raw.index), i)
+                except Exception as e:
+                    self._unchecked(s, f"payload verification failed on face {i}: {_brief(e)}")
+                    continue
                 f.payload_ok, f.payload_status = res.ok, res.status
                 sent = f.payload_sent
             else:  # irreversible: nothing to open; the error rate against the known random bits is still telling
@@ -151,6 +163,12 @@ class VerifyStage(_Stage):
                 f.payload_ok, f.payload_status = None, None
             # raw BER against the bits actually hidden (exact, also where decoding failed)
             f.payload_ber = float(np.mean((logits > 0) != (np.asarray(sent) > 0.5))) if sent is not None else None
+
+    def _unchecked(self, s: Sample, reason: str) -> None:
+        """A sample whose payloads could not be checked is not published (nothing unverified goes out)."""
+        for f in s.faces:
+            f.payload_mode = None
+        self._record(s, "error", reason)
 
     @staticmethod
     def _unverified(s: Sample) -> list[int]:

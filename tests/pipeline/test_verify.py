@@ -103,3 +103,22 @@ def test_recovery_reads_payloads_in_the_format_version_the_run_recorded():
         assert run_payload_job(doc, "ds", 3, model).layout == PayloadLayout(4096, 128, version)
     with pytest.raises(ValueError, match="records payloads of 3240 bits, but the model carries 4096"):
         run_payload_job({"payload": {"layout": PayloadLayout(3240, 128).describe()}}, "ds", 3, model)
+
+
+def test_a_model_failure_during_verification_fails_those_samples_not_the_run(tmp_path, untrained, monkeypatch):
+    """Fault injection (as an out-of-memory error would strike): nothing whose payload was not checked is
+    published, each sample's row says why, and the shard still completes."""
+    from pipeline import verify
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(verify, "extract_logits", out_of_memory)
+    doc = run_job(_job(tmp_path, untrained, output={"image_format": "png"}), echo=lambda *_: None)
+    rows = _rows(tmp_path)
+    with_faces = [r for r in rows if r["n_faces"]]
+    assert with_faces and all(r["status"] == "error" and not r["published"] for r in with_faces)
+    assert all(r["error"] == "payload verification failed: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+               for r in with_faces)
+    assert all(f["payload_mode"] is None for r in with_faces for f in r["faces"])
+    assert doc["counts"]["status"]["error"] == len(with_faces) and (tmp_path / "out" / "done" / f"{SHARD.name}.json").exists()
