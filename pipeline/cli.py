@@ -31,10 +31,13 @@ def run(
     from .runner import run_job
     from .spec import JobSpecError, load_spec
 
+    from .stages import StageError
+
     try:
         spec = load_spec(job, set_ or [])
         run_job(spec, dry_run=dry_run, echo=typer.echo)
-    except (JobSpecError, KeyFileError, AnonymizerUnavailable, WeightsError, FileNotFoundError, PermissionError) as e:
+    except (JobSpecError, KeyFileError, AnonymizerUnavailable, WeightsError, FileNotFoundError, PermissionError,
+            StageError) as e:
         _fail(str(e))
 
 

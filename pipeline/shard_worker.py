@@ -26,7 +26,7 @@ from .metrics_stage import FaceMeasurer, MetricsStage, recognizer_of
 from .payload_reinforce import PayloadReinforcer, ReinforceSettings
 from .shardio import RawSample, read_parquet, read_webdataset, write_parquet, write_webdataset
 from .spec import JobSpec, reinforcement_applies
-from .stages import AlignStage, AnonymizeStage, DecodeStage, DetectStage, PasteEncodeStage, Sample
+from .stages import AlignStage, AnonymizeStage, DecodeStage, DetectStage, PasteEncodeStage, Sample, StageError
 from .verify import PayloadJob, ShardPayload, VerifyStage
 
 
@@ -269,7 +269,11 @@ class ShardWorker:
         parquet_rows: list[dict] = []
 
         def flush(batch: list[Sample]) -> None:
-            for s in self._run_stages(batch):
+            try:
+                done = self._run_stages(batch)
+            except StageError as e:  # policy.on_error: fail; say where, and keep the cause for tracebacks
+                raise StageError(f"shard {name}, {e} (policy.on_error is 'fail'; 'withhold' records such a sample and goes on)") from e
+            for s in done:
                 self._collect(s, name, public_rows, private_rows, records, parquet_rows)
 
         batch: list[Sample] = []

@@ -94,9 +94,20 @@ def test_fail_policy_stops_the_job(tmp_path):
     from pipeline.stages import StageError
 
     shard = _bad_shard(tmp_path / "bad-000000.tar")
-    with pytest.raises(StageError, match="cannot decode"):
+    with pytest.raises(StageError, match=r"^shard bad-000000.tar, sample 1: cannot decode.*'withhold' records"):
         run_job(parse_spec(job_tree(tmp_path / "out", shard, policy={"on_error": "fail"})), echo=lambda *_: None)
     assert not (tmp_path / "out" / "done" / "bad-000000.tar.json").exists()
+    # the CLI says the same in one line, no traceback
+    import yaml
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(job_tree(tmp_path / "out2", shard, policy={"on_error": "fail"})))
+    res = CliRunner().invoke(app, ["run", str(job)])
+    assert res.exit_code != 0 and "shard bad-000000.tar, sample 1: cannot decode" in res.output
+    assert "Traceback" not in res.output
 
 
 def test_unwritable_output_and_missing_input_fail_fast(tmp_path):
