@@ -704,6 +704,8 @@ def write_audit(run_dir: str, out: str | None = None, **kwargs) -> tuple[Path, P
     doc, figures, grid = build_audit(run_dir, **kwargs)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     json_path = out_path.with_name("audit.json")
-    json_path.write_text(json.dumps(doc, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
-    out_path.write_text(render_html(doc, figures, grid), encoding="utf-8")
+    storage.atomic_write_bytes(str(json_path), (json.dumps(doc, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
+    # example faces show the originals beside their anonymized versions: such a report is the data controller's
+    storage.atomic_write_bytes(str(out_path), render_html(doc, figures, grid).encode("utf-8"),
+                               storage.PRIVATE_MODE if grid is not None else 0o644)
     return out_path, json_path

@@ -322,6 +322,9 @@ def test_report_has_every_section_and_never_an_original_key(audited):
     assert len(re.findall(r"data:image/png;base64,", text)) == len(audited["doc"]["figures"]) + 1  # + example grid
     assert "No payload in this run" in text and "FID:</b> not computed" in text
     assert "Recovery was not checked" in text
+    # its example grid shows original faces: other users cannot read it; audit.json holds no image
+    assert audited["html"].stat().st_mode & 0o777 == 0o600
+    assert (audited["html"].parent / "audit.json").stat().st_mode & 0o777 == 0o644
 
 
 def test_metrics_off_unreachable_inputs_and_no_examples_are_stated(audited, tmp_path):
@@ -342,6 +345,7 @@ def test_metrics_off_unreachable_inputs_and_no_examples_are_stated(audited, tmp_
     text = (moved / "report.html").read_text()
     assert "was not computed: the originals could not be re-read" in text
     assert "left out (--no-examples)" in text and len(re.findall("data:image/png", text)) == len(doc["figures"])
+    assert (moved / "report.html").stat().st_mode & 0o777 == 0o644, "without examples it may be shared"
 
     # Metrics off: distances are recomputed from the re-read faces, and they agree with the measured ones.
     off = tmp_path / "off"
