@@ -123,11 +123,14 @@ def check_feasible(plan: ResourcePlan, cluster: dict) -> None:
 class _ModelServer:
     """Holds one anonymizer on its device; called with uint8 crops so transfers stay small and exact."""
 
-    def __init__(self, method: str, spec: JobSpec):
+    def __init__(self, method: str, spec: JobSpec, expected_model_id: str | None = None):
         from .anonymizers import anonymizer_for
-        from .shard_worker import resolve_device
+        from .shard_worker import check_model_id, resolve_device
 
         self.model = anonymizer_for(spec.anonymizer, method)
+        if hasattr(self.model, "set_payload_mode") and method == "g2face":
+            self.model.set_payload_mode(spec.anonymizer.payload)  # model ids name the payload mode
+        check_model_id(spec.anonymizer, self.model.model_id, expected_model_id)
         self.device = torch.device(resolve_device(spec.runtime.device))
         self.model.setup(self.device)
 
@@ -223,7 +226,8 @@ class _ShardActor:
         if model_handles:
             offset = os.getpid()
             remote[spec.anonymizer.method] = RemoteAnonymizer(model_handles, model_id, spec.anonymizer.resolution, offset)
-        self.worker = ShardWorker(spec, pseudonym_key, key_id, fingerprint, torch_threads, device, remote)
+        self.worker = ShardWorker(spec, pseudonym_key, key_id, fingerprint, torch_threads, device, remote,
+                                  expected_model_id=model_id)
         self.worker.setup()
 
     def __call__(self, batch: dict) -> dict:
@@ -253,7 +257,7 @@ def run_shards(
     handles = []
     if plan.model_actors:
         server = ray.remote(num_cpus=plan.model_cpus, num_gpus=plan.model_gpus)(_ModelServer)
-        handles = [server.remote(spec.anonymizer.method, spec) for _ in range(plan.model_actors)]
+        handles = [server.remote(spec.anonymizer.method, spec, model_id) for _ in range(plan.model_actors)]
         ready, pending = ray.wait([h.device_name.remote() for h in handles], num_returns=len(handles), timeout=600)
         if pending:
             for h in handles:

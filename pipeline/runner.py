@@ -259,7 +259,7 @@ def run_job(spec: JobSpec, dry_run: bool = False, echo: Callable[[str], None] = 
             run_shards(spec, [p.url for p in pending], keys.pseudonym_key, keys.key_id, fingerprint, model_id, on_result, echo)
         else:
             worker = ShardWorker(spec, keys.pseudonym_key, keys.key_id, fingerprint, spec.runtime.torch_threads,
-                                 remote_anonymizers=local_models)
+                                 remote_anonymizers=local_models, expected_model_id=model_id)
             for p in pending:
                 on_result(worker.process_shard(p.url))
     exec_seconds = time.perf_counter() - t_exec

@@ -68,6 +68,19 @@ def output_signature(spec: JobSpec, model_id: str) -> dict:
     return {"model_id": model_id, "payload_format": FORMAT_VERSION if reversible else None}
 
 
+def check_model_id(an, loaded: str, expected: str | None) -> None:
+    """Stop when a worker's model is not the one the run started with (run.json, the done markers and every
+    payload name the driver's): the weights file was replaced while the run went on."""
+    if expected is None or loaded == expected:
+        return
+    from .models import WeightsError
+
+    where = (f"anonymizer.official.g2face {an.official.g2face}" if getattr(an, "weights", "shipped") == "official"
+             else f"anonymizer.checkpoint {an.checkpoint}" if an.checkpoint else "the shipped model")
+    raise WeightsError(f"{where} changed after the run started: this worker loaded {loaded}, the run started with "
+                       f"{expected}; put the original file back, or start a new run in a new output.dir")
+
+
 class ShardWorker:
     """Processes whole shards. ``setup()`` loads the models once; ``process_shard`` is called per shard.
 
@@ -80,6 +93,8 @@ class ShardWorker:
         device: overrides runtime.device (the Ray adapter pins GPU-less actors to the CPU).
         remote_anonymizers: method -> anonymizer that runs elsewhere (the Ray adapter's GPU model pool); other
             methods are built locally.
+        expected_model_id: the model id the driver loaded and run.json records; a worker that loads another
+            (the checkpoint file replaced since the run started) stops instead of writing shards of it.
     """
 
     def __init__(
@@ -91,8 +106,10 @@ class ShardWorker:
         torch_threads: int = 0,
         device: str | None = None,
         remote_anonymizers: dict | None = None,
+        expected_model_id: str | None = None,
     ):
         self.spec = spec
+        self.expected_model_id = expected_model_id
         self.pseudonym_key = pseudonym_key
         self.key_id = key_id
         self.fingerprint = fingerprint
@@ -118,6 +135,7 @@ class ShardWorker:
         if payload_mode and hasattr(anonymizers["g2face"], "set_payload_mode"):
             anonymizers["g2face"].set_payload_mode(payload_mode)
         self.model_id = anonymizers[an.method].model_id
+        check_model_id(an, self.model_id, self.expected_model_id)
         verifier = self._payload_setup(anonymizers, payload_mode)
         det = spec.detection
         self.stages = [
@@ -184,6 +202,7 @@ class ShardWorker:
         if not hasattr(local, "extract"):  # runs in the GPU model pool: verify with a local copy of the model
             local = anonymizer_for(an)
             local.set_payload_mode(payload_mode)
+            check_model_id(an, local.model_id, self.expected_model_id)  # its hash binds the payloads
         if payload_mode == "reversible":
             from .keys import load_master_key
             from .runner import demo_key_path

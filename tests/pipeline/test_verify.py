@@ -122,3 +122,29 @@ def test_a_model_failure_during_verification_fails_those_samples_not_the_run(tmp
                for r in with_faces)
     assert all(f["payload_mode"] is None for r in with_faces for f in r["faces"])
     assert doc["counts"]["status"]["error"] == len(with_faces) and (tmp_path / "out" / "done" / f"{SHARD.name}.json").exists()
+
+
+def test_a_checkpoint_replaced_after_the_run_started_stops_the_workers(tmp_path, untrained):
+    """run.json, the done markers and every payload name the model the driver loaded: a worker that finds
+    another valid artifact at the same path must stop, not write shards of it."""
+    import shutil
+
+    from g2face.checkpoint import save_artifact
+    from g2face.config import preset
+    from g2face.model import G2Face
+    from pipeline.models import WeightsError
+
+    torch.manual_seed(1)
+    other = tmp_path / "other.pt"
+    save_artifact(G2Face(preset("lite-128")), other)
+    path = tmp_path / "model.pt"
+    shutil.copy(untrained, path)
+
+    def swap_when_shards_are_planned(line: str) -> None:
+        if "shard(s):" in line:
+            shutil.copy(other, path)
+
+    with pytest.raises(WeightsError, match=rf"anonymizer.checkpoint {path} changed after the run started: this worker "
+                                           r"loaded g2face:lite-128:\w{16}:reversible, the run started with g2face"):
+        run_job(_job(tmp_path, path), echo=swap_when_shards_are_planned)
+    assert not (tmp_path / "out" / "done").exists() or not any((tmp_path / "out" / "done").iterdir())
