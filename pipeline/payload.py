@@ -1,13 +1,15 @@
-"""The key-gated payload hidden in each anonymized face (format version 2, version 1 still read; spec:
-schemas/payload.md).
+"""The key-gated payload hidden in each anonymized face (format version 3, versions 1 and 2 still read;
+spec: schemas/payload.md).
 
-encode: identity embedding -> plaintext with a 4-byte header (version 2: int8 values with one float16
-scale; version 1: float16 values) -> AES-256-GCM-SIV under a key
+encode: identity embedding -> plaintext with a 4-byte header (versions 2 and 3: int8 values with one
+float16 scale; version 1: float16 values) -> AES-256-GCM-SIV under a key
 derived from the shard key (nonce from job seed, sample key and face index; associated data binds
 dataset, shard, sample, face, model and layout) -> Reed-Solomon over GF(256) -> codewords interleaved
-byte by byte -> the stream repeated cyclically to fill exactly ``capacity_bits`` bits.
+byte by byte -> the stream repeated cyclically to fill exactly ``capacity_bits`` bits -> (version 3)
+XOR with a keyed per-face mask, so that without the key neither the RS parity nor the repetition shows.
 
-decode: bits or bit logits -> copies combined by summing logits -> hard decisions -> RS decoding
+decode: bits or bit logits -> (version 3) the mask undone by flipping logit signs -> copies combined by
+summing logits -> hard decisions -> RS decoding
 (errors only first, then erasing the least reliable symbols) -> authenticated decryption. Any failure
 returns a result with ok=False and a message; a wrong plaintext is never returned.
 
@@ -24,15 +26,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import reedsolo
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from .keys import ShardKey
 
-FORMAT_VERSION = 2  # what new payloads are written in
-FORMAT_VERSIONS = (1, 2)  # what can be read
+FORMAT_VERSION = 3  # what new payloads are written in
+FORMAT_VERSIONS = (1, 2, 3)  # what can be read
+MASKED_FROM_VERSION = 3  # version 3 = version 2 bits XOR a keyed per-face mask
+MAX_MASK_BITS = 8 * 255 * 32  # the longest HKDF-SHA256 expansion
 DTYPE_FLOAT16 = 1  # version 1: dim float16 values
-DTYPE_INT8_SCALED = 2  # version 2: float16 scale, then dim int8 values; value = int8 * scale
-ELEMENT_TYPE = {1: DTYPE_FLOAT16, 2: DTYPE_INT8_SCALED}
+DTYPE_INT8_SCALED = 2  # versions 2 and 3: float16 scale, then dim int8 values; value = int8 * scale
+ELEMENT_TYPE = {1: DTYPE_FLOAT16, 2: DTYPE_INT8_SCALED, 3: DTYPE_INT8_SCALED}
 HEADER_BYTES = 4  # version u8 | dtype u8 | dim u16 big-endian
 TAG_BYTES = 16
 NONCE_BYTES = 12
@@ -157,8 +163,8 @@ class PayloadLayout:
     """How one payload fills ``capacity_bits`` bits; a pure function of (capacity, embedding dim, format).
 
     capacity_bits: number of bits the hiding model carries per face; embedding_dim: length of the identity
-    embedding (128 for the dlib-based prior, 512 for ArcFace); format_version: 2 for new payloads, 1 to
-    read payloads written before version 2 (run.json's ``payload.layout.format_version`` says which).
+    embedding (128 for the dlib-based prior, 512 for ArcFace); format_version: 3 for new payloads, 2 or 1
+    to read payloads written before (run.json's ``payload.layout.format_version`` says which).
     """
 
     capacity_bits: int
@@ -180,6 +186,9 @@ class PayloadLayout:
                 f"needs at least {minimum_capacity_bits(dim, version)} bits (use a hiding model with more capacity "
                 "or a shorter embedding)"
             )
+        if version >= MASKED_FROM_VERSION and c_bits > MAX_MASK_BITS:
+            raise PayloadError(f"capacity of {c_bits} bits exceeds the {MAX_MASK_BITS} bits that format version "
+                               f"{version}'s mask covers (one HKDF-SHA256 expansion); use format version 2")
         k_total, l_min = _ciphertext_bytes(dim, version), _min_stream_bytes(dim, version)
         r = 1
         while c_bits // (8 * (r + 2)) >= l_min:
@@ -333,6 +342,18 @@ def _check_key(key: ShardKey, ctx: PayloadContext) -> None:
         )
 
 
+def _mask(key: ShardKey, ctx: PayloadContext, layout: PayloadLayout) -> np.ndarray | None:
+    """Version 3's per-face mask over the capacity bits (0/1 uint8), None for earlier versions. Without it
+    anyone could run the public RS parity check (or compare the copies) on the bits a public extractor reads,
+    and tell a face carrying a payload from one carrying random bits."""
+    if layout.format_version < MASKED_FROM_VERSION:
+        return None
+    info = (b"g2face-pipe/payload-mask" + _lp(ctx.dataset_id) + _lp(ctx.shard) + ctx.seed.to_bytes(8, "big")
+            + _lp(ctx.sample_key) + ctx.face_index.to_bytes(4, "big") + layout.capacity_bits.to_bytes(4, "big"))
+    stream = HKDFExpand(hashes.SHA256(), -(-layout.capacity_bits // 8), info).derive(key.derive(b"payload/v3/mask"))
+    return np.unpackbits(np.frombuffer(stream, np.uint8))[: layout.capacity_bits]
+
+
 @functools.lru_cache(maxsize=None)
 def _rs(nsym: int) -> reedsolo.RSCodec:
     return reedsolo.RSCodec(nsym, nsize=RS_MAX_N)
@@ -371,7 +392,9 @@ def encode(embedding, ctx: PayloadContext, key: ShardKey, layout: PayloadLayout)
         stream[pos] = np.frombuffer(bytes(cw), dtype=np.uint8)
         start += k
     bits = np.unpackbits(stream)  # MSB first
-    return bits[np.arange(layout.capacity_bits) % bits.size]
+    bits = bits[np.arange(layout.capacity_bits) % bits.size]
+    mask = _mask(key, ctx, layout)
+    return bits if mask is None else bits ^ mask
 
 
 def _as_logits(received, capacity: int) -> np.ndarray:
@@ -424,6 +447,9 @@ def decode(received, ctx: PayloadContext, key: ShardKey, layout: PayloadLayout, 
     x = _as_logits(received, layout.capacity_bits)
     if hard:
         x = np.where(x > 0, 1.0, -1.0)
+    mask = _mask(key, ctx, layout)
+    if mask is not None:  # a masked 1 reads as 0: flip those logits back (errors stay where they were)
+        x = np.where(mask.astype(bool), -x, x)
     n_stream_bits = 8 * layout.stream_bytes
     where = np.arange(layout.capacity_bits) % n_stream_bits
     combined = np.bincount(where, weights=x, minlength=n_stream_bits)
@@ -447,6 +473,8 @@ def decode(received, ctx: PayloadContext, key: ShardKey, layout: PayloadLayout, 
                 message=(
                     f"uncorrectable: too many bit errors (RS codeword {j + 1} of {len(layout.codewords)} has more "
                     f"than {t[j]} wrong symbols); the face is too degraded or carries no payload of this layout"
+                    + ("; or, the bits being masked under the key, a wrong key or a payload that belongs to another "
+                       "face, sample, shard, dataset or seed" if mask is not None else "")
                 ),
                 raw_ber=ber,
                 correctable_symbols=t,

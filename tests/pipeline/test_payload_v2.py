@@ -1,4 +1,5 @@
-"""Payload format version 2 (int8 values with one float16 scale): what new runs write.
+"""Payload format version 2 (int8 values with one float16 scale): what runs wrote before version 3 (the same
+bits, masked: test_payload_v3.py), still read.
 
 Error correction, binding and leakage are shared with version 1 and tested in test_payload.py; here: the
 sizes, the exact values returned, the precision on real dlib embeddings, the known answer, the bytes as
@@ -28,17 +29,17 @@ def _emb(seed=0, dim=128, scale=1.0) -> np.ndarray:
     return (np.random.default_rng(seed).standard_normal(dim) * scale).astype(np.float32)
 
 
-def test_new_payloads_are_version_2_and_need_about_half_the_capacity():
-    assert FORMAT_VERSION == 2 and PayloadLayout(4096, 128).format_version == 2
-    assert minimum_capacity_bits(128) == 1456 and minimum_capacity_bits(128, 1) == 2720
-    assert minimum_capacity_bits(512) == 5040
-    PayloadLayout(1620, 128)  # one face plane of lite-128 carries a 128-d payload
+def test_version_2_needs_about_half_the_capacity_of_version_1():
+    assert FORMAT_VERSION == 3 and PayloadLayout(4096, 128, 2).format_version == 2
+    assert minimum_capacity_bits(128, 2) == 1456 and minimum_capacity_bits(128, 1) == 2720
+    assert minimum_capacity_bits(512, 2) == 5040
+    PayloadLayout(1620, 128, 2)  # one face plane of lite-128 carries a 128-d payload
     with pytest.raises(PayloadError, match="format version 1: it needs at least 2720 bits"):
         PayloadLayout(1620, 128, 1)
     with pytest.raises(PayloadError, match="format_version must be one of"):
-        PayloadLayout(4096, 128, 3)
+        PayloadLayout(4096, 128, 4)
     # the spare capacity becomes parity: lite-128's 3,240 bits tolerate ~3% random bit errors (1.15% in version 1)
-    d = PayloadLayout(3240, 128).describe()
+    d = PayloadLayout(3240, 128, 2).describe()
     assert d["format_version"] == 2 and d["rs_codewords"] == [[203, 75], [202, 75]]
     assert d["random_ber_limit_1e-3"] > 0.025 > 2 * PayloadLayout(3240, 128, 1).random_ber_limit()
 
@@ -87,7 +88,7 @@ def test_format_2_known_answer():
     # pins format version 2 (header, scale, int8, AEAD, nonce, AAD, RS, interleaving): any change to the bytes
     # written needs a new FORMAT_VERSION and a spec update
     e = (np.arange(128, dtype=np.float32) - 64) / 32
-    bits = encode(e, _ctx(), _key(), PayloadLayout(3240, 128))
+    bits = encode(e, _ctx(), _key(), PayloadLayout(3240, 128, 2))
     assert hashlib.sha256(np.packbits(bits).tobytes()).hexdigest() == KNOWN_ANSWER_SHA256
 
 
@@ -127,7 +128,7 @@ def test_format_2_bytes_follow_the_written_spec():
     ct = AESGCMSIV(aead_key).encrypt(nonce, plaintext, aad)
     assert len(plaintext) == 134 and len(ct) == 150
 
-    bits = encode(e, _ctx(), _key(), PayloadLayout(3240, 128))
+    bits = encode(e, _ctx(), _key(), PayloadLayout(3240, 128, 2))
     stream = np.packbits(bits[: 8 * 405])
     cws = [bytearray(), bytearray()]
     for s, byte in enumerate(stream):
@@ -140,8 +141,8 @@ def test_format_2_bytes_follow_the_written_spec():
 
 def test_versions_never_open_each_others_payloads():
     key, ctx, e = _key(), _ctx(), _emb(9, 128, 0.1)
-    v1, v2 = PayloadLayout(4096, 128, 1), PayloadLayout(4096, 128, 2)
-    assert decode(encode(e, ctx, key, v1), ctx, key, v1).ok and decode(encode(e, ctx, key, v2), ctx, key, v2).ok
-    for written, read in ((v1, v2), (v2, v1)):
+    layouts = [PayloadLayout(4096, 128, v) for v in (1, 2, 3)]
+    assert all(decode(encode(e, ctx, key, lay), ctx, key, lay).ok for lay in layouts)
+    for written, read in ((a, b) for a in layouts for b in layouts if a != b):
         res = decode(encode(e, ctx, key, written), ctx, key, read)
         assert not res.ok and res.embedding is None
