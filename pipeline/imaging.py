@@ -58,11 +58,18 @@ def decode_image(data: bytes, max_pixels: int, keep_exif: bool = False) -> Decod
                 fmt = "JPEG"
             if fmt not in FORMAT_EXT:
                 raise DecodeError(f"unsupported image format {fmt}; supported: JPEG, PNG, WebP")
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1 and img.format != "MPO":  # publishing frame 1 alone would drop the others unseen
+                raise DecodeError(f"animated {fmt} with {frames} frames; only still images are anonymized: store "
+                                  "each frame as a sample of its own")
             img.load()
             icc = img.info.get("icc_profile")
             img = ImageOps.exif_transpose(img)
         except DecodeError:
             raise
+        except Image.DecompressionBombError as e:  # Pillow's own cap (2x its limit) struck before ours
+            raise DecodeError(f"image exceeds input.max_pixels={max_pixels} ({_public_message(e)}); raise "
+                              "input.max_pixels if the image is genuine") from None
         except Exception as e:  # corrupt files raise all sorts (struct.error, TypeError, ...): all are per-sample
             raise DecodeError(f"cannot decode image: {type(e).__name__}: {_public_message(e)}") from None
     exif = None
@@ -129,7 +136,8 @@ def encode_image(
         if mode == "LA":
             img = img.convert("LA")
     kwargs: dict = {}
-    if icc_profile:
+    if icc_profile and _icc_colour_space(icc_profile) == ("GRAY" if img.mode in ("L", "LA") else "RGB"):
+        # a CMYK (or grey) profile on RGB pixels would misdescribe them: such a profile is dropped
         kwargs["icc_profile"] = icc_profile
     if exif:
         kwargs["exif"] = exif
@@ -142,6 +150,11 @@ def encode_image(
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kwargs)
     return buf.getvalue()
+
+
+def _icc_colour_space(profile: bytes) -> str | None:
+    """The data colour space an ICC profile describes ('RGB', 'GRAY', 'CMYK', ...; header bytes 16-19)."""
+    return profile[16:20].decode("ascii", "replace").strip() if len(profile) >= 128 else None
 
 
 def jpeg_roundtrip(rgb: np.ndarray, quality: int) -> np.ndarray:

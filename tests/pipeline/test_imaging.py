@@ -287,13 +287,49 @@ def test_keep_exif_on_an_image_without_exif_gives_none():
     assert d.exif is None
 
 
+def _icc(space: bytes) -> bytes:
+    """A profile header naming its data colour space (bytes 16-19); PIL stores profile bytes as given."""
+    return b"\0\0\x01\0fake" + bytes(4) + b"mntr" + space + b"XYZ " + bytes(104)
+
+
 def test_icc_profile_is_carried_through():
-    icc = b"\0\0\0\x10fake-icc-profile"  # PIL stores the bytes as given
+    icc = _icc(b"RGB ")
     data = encode(np.zeros((8, 8, 3), np.uint8), "PNG", icc_profile=icc)
     d = decode_image(data, BIG)
     assert d.icc_profile == icc
     out = encode_image(d.rgb, d.alpha, d.mode, d.format, 90, d.icc_profile)
     assert _open(out).info.get("icc_profile") == icc
+
+
+@pytest.mark.parametrize("mode,fmt,space,kept", [
+    ("RGB", "PNG", b"CMYK", False),  # a CMYK JPEG's profile on the RGB pixels written
+    ("RGB", "JPEG", b"GRAY", False),
+    ("L", "PNG", b"GRAY", True),
+    ("LA", "PNG", b"GRAY", True),
+    ("LA", "JPEG", b"GRAY", False),  # JPEG has no alpha: grey-alpha is written as RGB
+    ("L", "JPEG", b"RGB ", False),
+])
+def test_a_profile_of_another_colour_space_than_the_output_is_dropped(mode, fmt, space, kept):
+    rgb = np.full((8, 8, 3), 90, np.uint8)
+    alpha = np.full((8, 8), 200, np.uint8) if mode == "LA" else None
+    out = _open(encode_image(rgb, alpha, mode, fmt, 90, _icc(space)))
+    assert (out.info.get("icc_profile") == _icc(space)) is kept, out.mode
+
+
+def test_animated_images_are_a_decode_error_naming_the_frames():
+    frames = [Image.fromarray(np.full((16, 16, 3), v, np.uint8)) for v in (0, 120, 240)]
+    for fmt in ("WEBP", "PNG"):
+        buf = io.BytesIO()
+        frames[0].save(buf, fmt, save_all=True, append_images=frames[1:], duration=100)
+        with pytest.raises(DecodeError, match=f"animated {fmt} with 3 frames; only still images"):
+            decode_image(buf.getvalue(), BIG)
+
+
+def test_an_image_past_pillows_own_bomb_limit_names_max_pixels(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # Pillow refuses at open() beyond twice this
+    data = encode(np.zeros((40, 40, 3), np.uint8), "PNG")
+    with pytest.raises(DecodeError, match=r"image exceeds input.max_pixels=400 \(.*\); raise input.max_pixels"):
+        decode_image(data, max_pixels=400)
 
 
 def test_png_text_chunks_are_not_carried_over():
