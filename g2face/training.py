@@ -196,12 +196,20 @@ class FaceSampler:
         return np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(len(self.faces))
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "faces": len(self.faces)}
+        return {"epoch": self.epoch, "index": self.index, "faces": len(self.faces), "seed": self.seed,
+                "world_size": self.world_size}
 
     def load_state(self, state: Mapping) -> None:
         if int(state["faces"]) != len(self.faces):
             raise TrainingError(f"the checkpoint was trained on {state['faces']} faces, the data now has "
                                 f"{len(self.faces)}; resume with the same shards (or warm-start instead)")
+        # the order of the faces to come depends on both (checkpoints from before they were saved: not checked)
+        if state.get("seed", self.seed) != self.seed:
+            raise TrainingError(f"the checkpoint's data order comes from run.seed {state['seed']}, this run has "
+                                f"{self.seed}; resume with run.seed {state['seed']} (or warm-start instead)")
+        if state.get("world_size", self.world_size) != self.world_size:
+            raise TrainingError(f"the checkpoint was trained by {state['world_size']} worker(s), this run has "
+                                f"{self.world_size}; resume with the same number of workers (or warm-start instead)")
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
         self._order = self._permutation(self.epoch)
 

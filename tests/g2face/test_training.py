@@ -111,6 +111,22 @@ def test_run_checkpoints_and_resumes_exactly(tmp_path, faces, priors):
         run(tmp_path / "other", faces, priors, resume_from=ckpt, settings={"batch_size": 3})
 
 
+def test_a_resume_that_would_change_the_data_order_is_refused(faces):
+    """"Continues exactly" needs the same order of faces to come: the seed and the number of workers fix it."""
+    saved = training.FaceSampler(faces, 2, seed=5, rank=0, world_size=2)
+    saved.next_faces()
+    state = saved.state()
+    same = training.FaceSampler(faces, 2, seed=5, rank=1, world_size=2)
+    same.load_state(state)  # another rank of the same run
+    assert (same.epoch, same.index) == (saved.epoch, saved.index)
+    with pytest.raises(training.TrainingError, match="data order comes from run.seed 5, this run has 6; resume with run.seed 5"):
+        training.FaceSampler(faces, 2, seed=6, rank=0, world_size=2).load_state(state)
+    with pytest.raises(training.TrainingError, match="trained by 2 worker\\(s\\), this run has 1"):
+        training.FaceSampler(faces, 2, seed=5).load_state(state)
+    old = {k: state[k] for k in ("epoch", "index", "faces")}  # a checkpoint from before these were saved
+    training.FaceSampler(faces, 2, seed=6).load_state(old)
+
+
 def test_warm_start_files_are_small_and_load(tmp_path, faces, priors):
     state, _ = run(tmp_path / "a", faces, priors, settings={"steps": 2, "hiding_warmup_steps": 0})
     meta = training.save_warm_start(state, tmp_path / "ws", total_steps=2, part_bytes=2**17)
