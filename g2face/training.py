@@ -686,6 +686,10 @@ class Run:
         if blob.get("model_config") != self.state.model.config.to_dict():
             raise TrainingError(f"checkpoint {where} is for model config {blob.get('model_config', {}).get('name')!r} "
                                 "with other sizes; resume with the config it was trained with")
+        saved_seed = blob["settings"].get("seed", self.settings.seed)
+        if saved_seed != self.settings.seed:  # checked here too: checkpoints older than the sampler's own record
+            raise TrainingError(f"checkpoint {where} was trained with run.seed {saved_seed}, this run has "
+                                f"{self.settings.seed}; resume with run.seed {saved_seed} (or warm-start instead)")
         saved_batch = blob["settings"]["batch_size"]
         if saved_batch != self.settings.batch_size:
             raise TrainingError(f"checkpoint {where} used batch_size {saved_batch}, this run {self.settings.batch_size};"

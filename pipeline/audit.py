@@ -228,8 +228,10 @@ def _read_samples(spec: JobSpec, url: str, output: bool) -> dict:
         _, samples = read_parquet(url, inp.image_column, key_col, storage.shard_name(url).rsplit(".", 1)[0])
     out = {}
     for s in samples:
-        if s.read_error and s.key is None:
+        if s.shard_error:
             raise OSError(s.read_error)
+        if s.key is None or s.duplicate_of is not None:  # never published: the first sample of a key was
+            continue
         out[s.key] = s
     return out
 

@@ -73,17 +73,23 @@ def _write_key_file(path: Path, doc: dict) -> None:
         os.fsync(f.fileno())
 
 
+# Some file systems cannot hold a private mode (CIFS, WSL's /mnt/c, vfat report 0777 whatever chmod does) and a
+# Kubernetes secret mounted with fsGroup gains group read: there, after checking who can read the file, set this.
+ALLOW_SHARED_KEY_ENV = "G2FACE_PIPE_ALLOW_SHARED_KEY_FILE"
+
+
 def _check_private(path: Path) -> None:
     """Refuse a key file other users may read or write (as ssh refuses private keys): whoever reads the master
     key opens every payload and reverses the pseudonyms. Checked after the contents, so errors about a
     malformed file come first."""
-    if os.name != "posix":
+    if os.name != "posix" or os.environ.get(ALLOW_SHARED_KEY_ENV) == "1":
         return
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
         raise KeyFileError(
             f"{path} has mode {mode:04o}: other users can read or change this key; make it private with "
-            f"`chmod 600 {path}` (a Kubernetes secret: mount it with defaultMode 0400)"
+            f"`chmod 600 {path}`. Where the file system cannot (CIFS, WSL /mnt/c; a Kubernetes secret mounted "
+            f"with fsGroup gains group read), check who can read it, then set {ALLOW_SHARED_KEY_ENV}=1"
         )
 
 

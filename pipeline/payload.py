@@ -102,7 +102,7 @@ def minimum_capacity_bits(embedding_dim: int, format_version: int = FORMAT_VERSI
 
 
 def _int8_scale(emb: np.ndarray) -> np.float16:
-    """The float16 scale of version 2: the smallest float16 >= max|x| / 127 that keeps every |x| / scale
+    """The float16 scale of versions 2 and 3: the smallest float16 >= max|x| / 127 that keeps every |x| / scale
     within 127.5 (so rounding never leaves int8's symmetric range)."""
     peak = float(np.max(np.abs(emb.astype(np.float64)))) if emb.size else 0.0
     scale = np.float16(peak / 127)
@@ -112,7 +112,7 @@ def _int8_scale(emb: np.ndarray) -> np.float16:
 
 
 def _int8(emb: np.ndarray) -> tuple[np.float16, np.ndarray]:
-    """Version 2's (scale, int8 values) of an embedding: q = round(x / scale) clipped to [-127, 127]."""
+    """Versions 2 and 3's (scale, int8 values) of an embedding: q = round(x / scale) clipped to [-127, 127]."""
     emb = np.asarray(emb, dtype=np.float64)
     scale = _int8_scale(emb)
     q = np.rint(emb / float(scale)) if scale else np.zeros(emb.shape)
@@ -121,7 +121,7 @@ def _int8(emb: np.ndarray) -> tuple[np.float16, np.ndarray]:
 
 def quantize(embedding, format_version: int = FORMAT_VERSION) -> np.ndarray:
     """Exactly the embedding that ``decode`` returns for ``embedding`` in this format: float16 values
-    (version 1) or float32 values int8 * scale (version 2, error at most scale / 2: max|x| / 254, or
+    (version 1) or float32 values int8 * scale (versions 2 and 3, error at most scale / 2: max|x| / 254, or
     2^-25 for vectors so small that float16 holds no smaller scale)."""
     _check_version(format_version)
     emb = np.asarray(embedding, dtype=np.float64)
@@ -188,7 +188,9 @@ class PayloadLayout:
             )
         if version >= MASKED_FROM_VERSION and c_bits > MAX_MASK_BITS:
             raise PayloadError(f"capacity of {c_bits} bits exceeds the {MAX_MASK_BITS} bits that format version "
-                               f"{version}'s mask covers (one HKDF-SHA256 expansion); use format version 2")
+                               f"{version}'s mask covers (one HKDF-SHA256 expansion); a model carrying more needs a "
+                               "payload format with a longer mask (runs use the current format; set "
+                               "anonymizer.payload: irreversible to run it without recovery)")
         k_total, l_min = _ciphertext_bytes(dim, version), _min_stream_bytes(dim, version)
         r = 1
         while c_bits // (8 * (r + 2)) >= l_min:
@@ -291,7 +293,7 @@ class PayloadLayout:
 
 @dataclass(frozen=True)
 class DecodeResult:
-    """Outcome for one face. ``embedding`` (``quantize``'s values: float32 for version 2, float16 for version 1)
+    """Outcome for one face. ``embedding`` (``quantize``'s values: float32 for versions 2 and 3, float16 for version 1)
     is set only when ok; it never appears in repr().
 
     status: "ok", "uncorrectable" (too many bit errors for the RS code), "authentication_failed" (wrong key,

@@ -302,6 +302,8 @@ def _read_published(spec, shard: str) -> dict:
         _, samples = read_parquet(shard, inp.image_column, inp.key_column or "key", storage.shard_name(shard).rsplit(".", 1)[0])
     out = {}
     for s in samples:
+        if s.duplicate_of is not None and not s.shard_error:
+            continue  # a repeated key (runs made before repeats were refused published both): the first is its row's
         if s.read_error:
             raise RecoveryError(f"{shard}: {s.read_error}")
         out[s.key] = s

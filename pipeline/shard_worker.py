@@ -75,7 +75,8 @@ def check_model_id(an, loaded: str, expected: str | None) -> None:
         return
     from .models import WeightsError
 
-    where = (f"anonymizer.official.g2face {an.official.g2face}" if getattr(an, "weights", "shipped") == "official"
+    where = (f"the {an.method} anonymizer" if an.method != "g2face"
+             else f"anonymizer.official.g2face {an.official.g2face}" if getattr(an, "weights", "shipped") == "official"
              else f"anonymizer.checkpoint {an.checkpoint}" if an.checkpoint else "the shipped model")
     raise WeightsError(f"{where} changed after the run started: this worker loaded {loaded}, the run started with "
                        f"{expected}; put the original file back, or start a new run in a new output.dir")

@@ -31,6 +31,8 @@ class RawSample:
     fields: dict[str, object] = field(default_factory=dict)
     image_field: str | None = None
     read_error: str | None = None
+    shard_error: bool = False  # the read_error is the shard's (unreadable, or its tail lost), not this row's
+    duplicate_of: int | None = None  # index of the earlier sample of the shard with the same key
 
 
 def _pick_image_field(fields: dict, wanted: str | None) -> str | None:
@@ -49,6 +51,7 @@ def _flag_duplicate_keys(samples: Iterator[RawSample]) -> Iterator[RawSample]:
     for s in samples:
         if s.key is not None:
             if s.key in first:
+                s.duplicate_of = first[s.key]
                 # the key itself stays out of the message: errors reach the public manifest, keys may hold names
                 dup = (f"duplicate key: sample {first[s.key]} of this shard has the same key; keys must be unique "
                        "within a shard (rename or drop one of them)")
@@ -104,6 +107,7 @@ def _read_tar_samples(url: str, image_field: str | None) -> Iterator[RawSample]:
             index=index,
             key=None,
             read_error=f"shard unreadable after {members} members: {type(e).__name__}: {e}",
+            shard_error=True,
         )
         return
     if current is not None:
@@ -130,16 +134,17 @@ def read_parquet(
         with fs.open(p, "rb") as f:
             table = pq.read_table(f)
     except Exception as e:
-        return None, [RawSample(index=0, key=None, read_error=f"shard unreadable: {type(e).__name__}: {e}")]
+        return None, [RawSample(index=0, key=None, read_error=f"shard unreadable: {type(e).__name__}: {e}",
+                                shard_error=True)]
     if image_column not in table.column_names:
         err = (
             f"input.image_column {image_column!r} is not a column of this shard "
             f"(columns: {', '.join(table.column_names)})"
         )
-        return None, [RawSample(index=0, key=None, read_error=err)]
+        return None, [RawSample(index=0, key=None, read_error=err, shard_error=True)]
     if key_column and key_column not in table.column_names:
         err = f"input.key_column {key_column!r} is not a column of this shard (columns: {', '.join(table.column_names)})"
-        return None, [RawSample(index=0, key=None, read_error=err)]
+        return None, [RawSample(index=0, key=None, read_error=err, shard_error=True)]
     samples = []
     for i, row in enumerate(table.to_pylist()):
         key = (None if row[key_column] is None else str(row[key_column])) if key_column else f"{stem}/{i}"

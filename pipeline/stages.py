@@ -55,7 +55,7 @@ def seed_sample_key(published_key: str | None, original_key: str | None, index: 
     `prepare` does) the original key, else the row index. Never the original key of a pseudonymized sample:
     a face's seed fixes its dummy identity and its irreversible payload bits, and the job seed is public
     (run.json), so anyone could test a guessed original key against a published face."""
-    if published_key is not None:
+    if published_key:  # an empty key seeds from the row index, as before this rule
         return published_key
     return original_key or str(index)
 

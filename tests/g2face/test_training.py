@@ -109,6 +109,8 @@ def test_run_checkpoints_and_resumes_exactly(tmp_path, faces, priors):
 
     with pytest.raises(training.TrainingError, match="batch_size"):
         run(tmp_path / "other", faces, priors, resume_from=ckpt, settings={"batch_size": 3})
+    with pytest.raises(training.TrainingError, match="trained with run.seed 5, this run has 1; resume with run.seed 5"):
+        run(tmp_path / "other-seed", faces, priors, resume_from=ckpt, settings={"seed": 1})
 
 
 def test_a_resume_that_would_change_the_data_order_is_refused(faces):

@@ -164,6 +164,33 @@ def test_a_key_that_repeats_in_a_shard_is_recorded_once_published_and_once_an_er
     assert rows[2]["error"].startswith("duplicate key: sample 0 of this shard") and not rows[2]["published"]
     assert sorted(read_tar(out / "shards" / "dup-000000.tar")) == ["a", "b"]
     assert run["counts"]["status"] == {"error": 1, "no_face": 1, "ok": 1}
+    # the audit's reader matches the published "a" with the first sample of the key, and skips the repeat
+    from pipeline.audit import _read_samples
+
+    spec = parse_spec(json.loads((out / "run.json").read_text())["spec"])
+    inputs = _read_samples(spec, str(shard), output=False)
+    assert sorted(inputs) == ["a", "b"] and inputs["a"].index == 0
+    # recover's reader of an older run's output that published a repeated key keeps the first, never fails
+    from pipeline.recover import _read_published
+
+    old = write_tar(tmp_path / "old-000000.tar", [("a.png", b"first"), ("b.png", b"b"), ("a.png", b"second")])
+    published = _read_published(spec, str(old))
+    assert sorted(published) == ["a", "b"] and published["a"].fields["png"] == b"first"
+
+
+def test_the_audit_reader_skips_rows_with_a_null_key_and_keeps_the_rest(tmp_path):
+    import pyarrow as pa
+
+    from pipeline.audit import _read_samples
+
+    shard = tmp_path / "t-000000.parquet"
+    pq.write_table(pa.table({"image": [_portrait(), _portrait()], "id": pa.array(["x", None])}), shard)
+    spec = parse_spec(job_tree(tmp_path / "out", shard, input={"format": "parquet", "paths": str(shard),
+                                                                "image_column": "image", "key_column": "id"}))
+    assert list(_read_samples(spec, str(shard), output=False)) == ["x"]
+    shard.write_bytes(b"PAR1 not parquet")
+    with pytest.raises(OSError, match="shard unreadable"):
+        _read_samples(spec, str(shard), output=False)
 
 
 def test_an_unreadable_parquet_shard_leaves_no_output_of_an_earlier_attempt(tmp_path):

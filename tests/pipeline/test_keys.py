@@ -241,3 +241,18 @@ def test_a_key_file_others_can_read_is_refused_with_the_fix(tmp_path, mode):
             load(path)
         os.chmod(path, 0o400)
         load(path)  # read-only for its owner is fine
+
+
+def test_file_systems_without_private_modes_can_opt_out_explicitly(tmp_path, monkeypatch):
+    from pipeline.keys import ALLOW_SHARED_KEY_ENV
+
+    path = tmp_path / "master.json"
+    create_master_key(path)
+    os.chmod(path, 0o777)  # what CIFS or WSL's /mnt/c report whatever chmod does
+    with pytest.raises(KeyFileError, match=f"then set {ALLOW_SHARED_KEY_ENV}=1"):
+        load_master_key(path)
+    monkeypatch.setenv(ALLOW_SHARED_KEY_ENV, "1")
+    assert load_master_key(path)[1].startswith("mk-")
+    monkeypatch.setenv(ALLOW_SHARED_KEY_ENV, "yes")  # only "1" opts out
+    with pytest.raises(KeyFileError):
+        load_master_key(path)

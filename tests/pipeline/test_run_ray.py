@@ -128,3 +128,16 @@ def test_parquet_input_on_ray(tmp_path, ray_local, struct_images):
         if struct_images:
             assert r["image"]["path"] is None, "source paths (often names) are not published"
         _faces_changed_and_outside_untouched(decode(src), decode(data), m["faces"])
+
+
+def test_model_servers_check_the_model_they_load_against_the_drivers(tmp_path):
+    """The GPU pool's model servers load their own copy: one that differs from what run.json records stops."""
+    from pipeline.models import WeightsError
+    from pipeline.ray_adapter import _ModelServer
+
+    spec = parse_spec(job_tree(tmp_path / "out", DEMO_SHARDS[0]))
+    expected = _ModelServer("blur", spec).model.model_id
+    assert _ModelServer("blur", spec, expected).model.model_id == expected
+    with pytest.raises(WeightsError, match=f"changed after the run started: this worker loaded {expected}, the run "
+                                           "started with blur-v1:sigma=9"):
+        _ModelServer("blur", spec, "blur-v1:sigma=9@128")

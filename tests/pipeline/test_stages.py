@@ -109,3 +109,4 @@ def test_face_seeds_come_from_the_published_key_never_a_pseudonymized_original(t
     # keys kept as they are: seeds as before this rule (the published key is the original)
     assert seeds("Jane_Doe") == [face_seed(7, "Jane_Doe", 0)]
     assert seed_sample_key(None, "Jane_Doe", 3) == "Jane_Doe" and seed_sample_key(None, None, 3) == "3"
+    assert seed_sample_key("", "", 3) == "3"  # an empty key seeds from the row index, as it always did
