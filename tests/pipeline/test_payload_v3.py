@@ -137,8 +137,9 @@ def test_version_3_corrects_the_same_flips_and_reports_the_same_raw_ber():
     assert not res.ok and res.embedding is None
 
 
-def test_a_capacity_beyond_the_mask_is_refused_naming_the_fallback():
+def test_a_capacity_beyond_the_mask_is_refused_naming_what_to_do():
     assert PayloadLayout(MAX_MASK_BITS, 512).format_version == 3
-    with pytest.raises(PayloadError, match="exceeds the 65280 bits that format version 3's mask covers.*format version 2"):
+    with pytest.raises(PayloadError, match="exceeds the 65280 bits that format version 3's mask covers.*"
+                                           "anonymizer.payload: irreversible"):
         PayloadLayout(MAX_MASK_BITS + 8, 512)
     PayloadLayout(MAX_MASK_BITS + 8, 512, 2)
