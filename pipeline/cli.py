@@ -165,7 +165,7 @@ def evaluate_cmd(
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="G2Face artifact (default: the shipped one)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate the first N samples only."),
     baselines: str = typer.Option("blur,pixelate", "--baselines", help="Comma-separated baselines ('' for none)."),
-    work_dir: Optional[str] = typer.Option(None, "--work-dir", help="Keep the runs here (to audit them), not in a temp dir."),
+    work_dir: Optional[str] = typer.Option(None, "--work-dir", help="Keep the runs here (to audit them), not in a temp dir; an evaluation killed there resumes with the same options."),
     device: str = typer.Option("cpu", "--device", help="Torch device: cpu or cuda."),
     inception_weights: Optional[str] = typer.Option(
         None, "--inception-weights", help="Inception-v3 weights for FID (see `audit --help`); without it no FID."

@@ -250,13 +250,28 @@ def evaluate(
 
     scratch = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="g2face-evaluate-"))
     scratch.mkdir(parents=True, exist_ok=True)
-    if any((scratch / m).exists() for m in ("g2face", *BASELINES, "evaluation.key", "inputs")):
+    # A full evaluation takes hours on a CPU: one killed in a --work-dir resumes there (its runs skip the shards
+    # already done), but only with the settings it started with, which shape every shard it wrote.
+    settings = {"artifact_sha256": sha, "data": urls, "limit": limit, "draws": draws, "seed": seed, "device": device}
+    marker = scratch / "evaluation.json"
+    resumed = marker.exists()
+    if resumed:
+        started = json.loads(marker.read_text())
+        changed = sorted(k for k in settings if started.get(k) != settings[k])
+        if changed:
+            raise EvaluateError(f"--work-dir {scratch} holds an evaluation started with other {', '.join(changed)}; "
+                                "resume it with the same options, or give an empty or new folder")
+        echo(f"evaluate: resuming the evaluation in {scratch} (finished shards are kept)")
+    elif any((scratch / m).exists() for m in ("g2face", *BASELINES, "evaluation.key", "inputs")):
         raise EvaluateError(f"--work-dir {scratch} already holds an evaluation; give an empty or new folder")
+    else:
+        storage.atomic_write_bytes(str(marker), (json.dumps(settings, indent=2, sort_keys=True) + "\n").encode())
     try:
         shards, samples = slice_shards(urls, limit, scratch / "inputs")
         key = scratch / "evaluation.key"
-        write_evaluation_key(key, sha)
-        timings, runs = {}, {}
+        if not key.exists():
+            write_evaluation_key(key, sha)
+        timings, runs = {"resumed": resumed}, {}  # resumed: the run timings cover this invocation's shards only
         for method in ("g2face", *baselines):
             echo(f"evaluate: running {method} on {samples} sample(s)")
             t = time.perf_counter()
@@ -296,7 +311,7 @@ def evaluate(
         recovery = recovery_figures(model_run, key, scratch / "recovery", measurer, images_by["g2face"], device)
         timings["recovery_seconds"] = round(time.perf_counter() - t, 3)
         timings["total_seconds"] = round(time.perf_counter() - t0, 3)
-        timings["seconds_per_image"] = round(timings["total_seconds"] / samples, 3) if samples else None
+        timings["seconds_per_image"] = round(timings["total_seconds"] / samples, 3) if samples and not resumed else None
 
         doc = build_document(
             ckpt, sha, cfg, data, urls, samples, limit, pairs, runs, privacy, utility, routes, verif, payload,

@@ -19,7 +19,7 @@ from helpers import decode, read_tar, val_pairs_slice
 from pipeline import align
 from pipeline.audit import write_audit
 from pipeline.cli import app
-from pipeline.evaluate import BARS, evaluate
+from pipeline.evaluate import BARS, EvaluateError, evaluate
 from test_audit import _copies_shard, _independent_faces, _pairs_csv, _roc_tar
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]
@@ -220,6 +220,34 @@ def test_progress_names_each_method_and_shard_as_it_finishes(evaluated):
     assert all(line.startswith("evaluate: ") and line.endswith(" min)") for line in done)
     running = [i for i, line in enumerate(evaluated["lines"]) if line.startswith("evaluate: running ")]
     assert len(running) == 2 and running[0] < evaluated["lines"].index(done[0]) < running[1]
+
+
+def test_a_killed_evaluation_resumes_in_its_work_dir_with_the_same_options(evaluated, tmp_path, artifact):
+    """Hours on a CPU: an evaluation killed in --work-dir picks up there, keeping its finished shards, and gives
+    the numbers a whole run gives; other options than it started with are refused, naming them."""
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(evaluated["tmp"] / "work", work)
+    # killed during the baseline: one of its shards had not finished, and run.json was not written yet
+    (work / "blur" / "run.json").unlink()
+    (work / "blur" / "done" / "copies-000000.tar.json").unlink()
+    kept = (work / "g2face" / "shards" / f"{DEMO_SHARDS[0].name}").stat().st_mtime_ns
+    shards = [str(DEMO_SHARDS[0]), str(evaluated["tmp"] / "copies-000000.tar")]
+    lines: list[str] = []
+    doc = evaluate(shards, str(evaluated["pairs"]), None, checkpoint=str(artifact), baselines=("blur",),
+                   work_dir=str(work), torch_threads=1, echo=lines.append)
+    assert lines[0] == f"evaluate: resuming the evaluation in {work} (finished shards are kept)"
+    assert [line.split()[1:4] for line in lines if " done " in line] == [["blur", "done", "copies-000000.tar:"]]
+    assert (work / "g2face" / "shards" / f"{DEMO_SHARDS[0].name}").stat().st_mtime_ns == kept
+    first = evaluated["doc"]
+    assert doc["bars"] == first["bars"] and doc["privacy_rows"] == first["privacy_rows"]
+    assert doc["utility"]["rows"] == first["utility"]["rows"]
+    assert doc["timing"]["resumed"] is True and doc["timing"]["seconds_per_image"] is None
+    assert first["timing"]["resumed"] is False
+    with pytest.raises(EvaluateError, match=r"started with other draws, limit; resume it with the same options"):
+        evaluate(shards, str(evaluated["pairs"]), None, checkpoint=str(artifact), baselines=("blur",),
+                 work_dir=str(work), torch_threads=1, limit=3, draws=2, echo=lambda *_: None)
 
 
 def test_cli_errors_name_the_fix(tmp_path, artifact):
