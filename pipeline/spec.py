@@ -452,14 +452,24 @@ def fingerprint_fields(spec: JobSpec) -> dict:
     """What shapes the output bytes of a shard.
 
     Left out: where inputs and outputs live (adding shards later must not refuse a resume), the key file's
-    path (the key id is checked separately), the failure policy, and actor counts. Kept: the detection
-    batch size and device, because MTCNN's float results depend on batch composition and hardware, and the
-    metrics section, which shapes the manifests (a resumed run must not mix measured and unmeasured shards).
+    path (the key id is checked separately), weight files' paths (their hashes are checked), the failure
+    policy, and actor counts. Kept: the detection batch size and device, because MTCNN's float results
+    depend on batch composition and hardware, and the metrics section, which shapes the manifests (a
+    resumed run must not mix measured and unmeasured shards).
     """
     d = spec_to_dict(spec)
     if d["anonymizer"]["weights"] == "shipped":  # fingerprints of jobs written before these keys stay the same
         d["anonymizer"].pop("weights")
         d["anonymizer"].pop("official")
+    # Weight files are named by where they lie, but the run checks what they hold: the done markers carry the
+    # model id (the artifact's and priors' sha256) and metrics keep recognizer_sha256. So a moved or remounted
+    # file resumes, and a changed one is refused by the model id. Unset paths stay, keeping old fingerprints.
+    if d["anonymizer"].get("checkpoint") is not None:
+        d["anonymizer"].pop("checkpoint")
+    if d["anonymizer"].get("official") is not None:
+        d["anonymizer"].pop("official")
+    if d["metrics"].get("recognizer_checkpoint") is not None:
+        d["metrics"].pop("recognizer_checkpoint")
     if spec.anonymizer.method != "g2face":  # blur / pixelate jobs never draw
         d["anonymizer"].pop("draws")
     if not reinforcement_applies(spec.anonymizer):  # jobs whose bytes it does not touch keep their fingerprints

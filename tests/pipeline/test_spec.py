@@ -147,3 +147,26 @@ def test_pseudonymized_g2face_jobs_fingerprint_the_seed_rule(tmp_path):
 def test_a_master_key_uri_is_refused_naming_the_field(tmp_path):
     with pytest.raises(JobSpecError, match=r"keys.master 's3://bucket/m.key' is a URI.*local"):
         parse_spec(job_tree(tmp_path / "out", DEMO_SHARDS[0], keys={"master": "s3://bucket/m.key"}))
+
+
+def test_fingerprint_ignores_where_weight_files_lie_but_not_the_recognizer_hash(tmp_path):
+    """A moved or remounted weights file resumes: its content is checked by the model id in the done markers
+    (and recognizer_sha256), not by its path. Unset paths keep the fingerprints of older runs."""
+    from pipeline.spec import spec_fingerprint
+
+    def fp(**sections):
+        return spec_fingerprint(parse_spec(job_tree(tmp_path / "out", DEMO_SHARDS[0], **sections)))
+
+    assert fp(anonymizer={"method": "g2face", "checkpoint": "/a/lite.pt"}) == \
+        fp(anonymizer={"method": "g2face", "checkpoint": "/mnt/b/lite.pt"})
+    official = {"g2face": "/a/G2Face.pth", "arcface": "/a/arc.pth", "deep3d": "/a/epoch_20.pth"}
+    moved = {k: v.replace("/a/", "/b/") for k, v in official.items()}
+    assert fp(anonymizer={"method": "g2face", "weights": "official", "resolution": 256, "official": official}) == \
+        fp(anonymizer={"method": "g2face", "weights": "official", "resolution": 256, "official": moved})
+    sha = "ab" * 32
+    assert fp(metrics={"recognizer_checkpoint": "/a/r50.pth", "recognizer_sha256": sha}) == \
+        fp(metrics={"recognizer_checkpoint": "/b/r50.pth", "recognizer_sha256": sha})
+    assert fp(metrics={"recognizer_checkpoint": "/a/r50.pth", "recognizer_sha256": sha}) != \
+        fp(metrics={"recognizer_checkpoint": "/a/r50.pth", "recognizer_sha256": "cd" * 32})
+    # the shipped model's jobs keep the fingerprint they had (checkpoint unset stays in the hash)
+    assert fp(anonymizer={"method": "g2face"}) != fp(anonymizer={"method": "g2face", "checkpoint": "/a/lite.pt"})
