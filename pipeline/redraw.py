@@ -7,8 +7,9 @@ draws 0..3: 12.6% of first draws still match their original, 5.5% of faces match
 with the next seed of its sequence (``draw_seed``), up to ``draws`` draws. What the later draws buy is
 mostly detection (400 other val faces, all 16 draws judged: MTCNN finds none of the first 8 draws of 5.0% of
 faces, none of all 16 of 1.8%; no draw gets past the identity check for 6.5% and 5.8%). The first draw that
-passes every check is kept; when none does, the best one (see ``DrawJudgement.rank``), and the identity
-guard still judges what is kept. Every kept face is an output of the model: nothing here edits pixels.
+passes every check is kept; when none does, the best one (see ``DrawJudgement.rank``). The identity guard
+then judges what is kept, on the bare crop and by this checker's verdict on the kept draw (``redraw`` returns
+it): a kept draw judged not anonymized here gets the guard's fallback. Every kept face is an output of the model: nothing here edits pixels.
 
 Checks, on the aligned crops, the way ``pipeline.metrics_stage`` later measures the published faces: the draw
 is first blended into its original crop through the paste-back mask (``align.paste_mask``), as the published
@@ -187,19 +188,22 @@ def _best_iou(boxes: np.ndarray, reference: np.ndarray, min_iou: float) -> int |
 
 
 def redraw(anonymize, checker: DrawChecker, reference: DrawReference, x: torch.Tensor, y: torch.Tensor,
-           seeds: list[int], draws: int, **inputs) -> tuple[torch.Tensor, np.ndarray]:
+           seeds: list[int], draws: int, **inputs) -> tuple[torch.Tensor, np.ndarray, DrawJudgement]:
     """Draw again each face of ``y`` (the draw-0 outputs of ``x`` under ``seeds``) that fails a check against
     ``reference`` (``checker.reference`` of the same faces), up to ``draws`` draws in all.
     ``anonymize(x_subset, seeds_subset, **inputs_subset)`` makes draws; ``inputs`` are per-face tensors (payload
-    bits, identity) passed along row-aligned. Returns (kept outputs, index of the kept draw per face)."""
+    bits, identity) passed along row-aligned. Returns (kept outputs, index of the kept draw per face, the
+    checker's verdicts on the kept draws: the identity guard reads them, see ``AnonymizeStage``)."""
     assert x.shape == y.shape and len(seeds) == x.shape[0] == len(reference.boxes), (x.shape, y.shape, len(seeds))
     n = x.shape[0]
     kept = np.zeros(n, np.int64)
-    if draws <= 1 or n == 0:
-        return y, kept
+    if n == 0:
+        none = np.zeros(0, bool)
+        return y, kept, DrawJudgement(np.zeros(0), none, none, none)
     rows = np.arange(n)
     verdict = checker.judge(reference, y, rows)
     best = verdict.rank()
+    final = {k: getattr(verdict, k).copy() for k in ("distance", "anonymized", "detected", "confident")}
     pending = np.flatnonzero(~verdict.passed)
     y = y.clone()
     for k in range(1, draws):
@@ -218,5 +222,7 @@ def redraw(anonymize, checker: DrawChecker, reference: DrawReference, x: torch.T
             y[torch.as_tensor(take, device=y.device)] = chosen.to(y.device, y.dtype)
             best[take] = rank[better]
             kept[take] = k
+            for name, values in final.items():
+                values[take] = getattr(verdict, name)[better]
         pending = pending[~verdict.passed]
-    return y, kept
+    return y, kept, DrawJudgement(**final)

@@ -147,8 +147,9 @@ class AnonymizerSpec:
     identity_guard: Literal["fallback", "withhold", "off"] = Field(
         default="fallback",
         description="Method g2face: each output is compared with its original in dlib's identity space (aligned "
-        "crops); a face closer than identity_guard_distance still shows the same person and is not published as "
-        "it is: 'fallback' gives it the job's fallback method (fallback_reason identity_match; with fallback "
+        "crops; with draws > 1 also as the published image will show it, blended into its surroundings, by the "
+        "redraw check and its margin of 0.03); a face closer than identity_guard_distance still shows the same "
+        "person and is not published as it is: 'fallback' gives it the job's fallback method (fallback_reason identity_match; with fallback "
         "'withhold' the image is withheld), 'withhold' withholds the image, 'off' publishes it anyway (only for "
         "measuring the model itself, as `g2face-pipe evaluate` does).",
     )
@@ -163,7 +164,8 @@ class AnonymizerSpec:
         "it, still matches the original (dlib distance below identity_guard_distance + 0.03) or that MTCNN no "
         "longer finds (score 0.9, IoU metrics.match_iou with the original's detection) is drawn again with the "
         "next seed of its sequence, up to this many draws in all; the first draw passing both checks is kept, else the best "
-        "(anonymized first). Every published face stays a model output, and the identity guard still judges it. "
+        "(anonymized first). Every published face stays a model output, and the identity guard still judges it "
+        "(a kept draw that failed the identity check gets the guard's action). "
         "The manifest's `draw` says which draw was kept. 1 keeps every first draw. Each extra draw costs a "
         "generator pass, an identity embedding and an MTCNN pass for the faces that need it (1200 CelebA val "
         "images, 2 CPU cores, 16 against 8 draws: MTCNN re-detection 0.92 against 0.88, published faces still "
@@ -479,6 +481,10 @@ def fingerprint_fields(spec: JobSpec) -> dict:
         # Face seeds come from the published (pseudonymized) key since this field: a run started before
         # drew from the original keys and must not resume into shards drawn the new way.
         d["face_seeds"] = "published_key"
+    if spec.anonymizer.method == "g2face" and spec.anonymizer.identity_guard != "off" and spec.anonymizer.draws > 1:
+        # Since this field the guard also reads the redraw check's verdict on the published look: a run begun
+        # before, which let some still-matching faces through, must not resume into shards guarded the new way.
+        d["identity_guard_checks"] = "crop_and_published"
     d.pop("runtime", None)
     d.pop("resources", None)
     d["output"].pop("dir", None)

@@ -342,7 +342,9 @@ class AnonymizeStage(_Stage):
         payload_mode: for method g2face: 'reversible' or 'irreversible' (None for jobs of other methods).
         identity_guard: a ``pipeline.identity_guard.IdentityGuard`` checking every g2face output against its
             original (None: off); a face that still matches gets ``fallback`` (reason ``identity_match``) or,
-            with action 'withhold' or fallback 'withhold', its image is withheld.
+            with action 'withhold' or fallback 'withhold', its image is withheld. With redraws, a face also
+            still matches when the draw checker judged its kept draw, as it will be published, not anonymized
+            (``pipeline.redraw``): the bare crop alone missed faces that the published image still shows.
         fallback: the job's fallback method (a key of ``anonymizers``) or 'withhold'.
         draws: g2face draws per face at most; a draw that ``draw_checker`` rejects is drawn again
             (``pipeline.redraw``; 1: every face keeps its first draw).
@@ -368,7 +370,8 @@ class AnonymizeStage(_Stage):
         self.draws = draws
         self.draw_checker = draw_checker
 
-    def _g2face(self, model, x: torch.Tensor, chunk: list) -> torch.Tensor:
+    def _g2face(self, model, x: torch.Tensor, chunk: list) -> tuple[torch.Tensor, np.ndarray | None]:
+        """The chunk's outputs and, with redraws, which kept draws the checker judged not anonymized."""
         seeds = [f.seed for _, _, f in chunk]
         if self.payload_mode != "reversible":
             # seeded random bits (pipeline.g2face_method.irreversible_bits), drawn again with each draw's seed
@@ -387,15 +390,19 @@ class AnonymizeStage(_Stage):
         y = model.anonymize(x, seeds, payload_bits=payload_bits, identity=identity)
         return self._drawn(model, x, chunk, seeds, y, payload_bits=payload_bits, identity=identity)
 
-    def _drawn(self, model, x: torch.Tensor, chunk: list, seeds: list[int], y: torch.Tensor, **inputs) -> torch.Tensor:
-        """``y`` with each face that fails the draw checks drawn again (``pipeline.redraw``); records the draw."""
+    def _drawn(self, model, x: torch.Tensor, chunk: list, seeds: list[int], y: torch.Tensor,
+               **inputs) -> tuple[torch.Tensor, np.ndarray | None]:
+        """``y`` with each face that fails the draw checks drawn again (``pipeline.redraw``); records the draw.
+        Also returns which kept draws the checker judged still showing the person (None: not judged)."""
         kept = np.zeros(len(chunk), np.int64)
+        not_anonymized = None
         if self.draws > 1:
             checker = self.draw_checker
             try:
                 reference = checker.reference([(s.image.rgb, f.transform, f.box) for s, _, f in chunk])
-                y, kept = redraw(model.anonymize, checker, reference, x, y, seeds, self.draws, **inputs)
-                del reference
+                y, kept, verdict = redraw(model.anonymize, checker, reference, x, y, seeds, self.draws, **inputs)
+                not_anonymized = ~verdict.anonymized
+                del reference, verdict
             except Exception as e:
                 # Redrawing only improves on the first draws, which are real outputs: keep them (the identity
                 # guard still judges them) rather than lose the images.
@@ -403,12 +410,12 @@ class AnonymizeStage(_Stage):
                     raise
                 _log.warning("redraw failed, keeping the first draws of %d face(s): %s: %s", len(chunk),
                              type(e).__name__, e)
-                kept = np.zeros(len(chunk), np.int64)
+                kept, not_anonymized = np.zeros(len(chunk), np.int64), None
                 for sample in {id(s): s for s, _, _ in chunk}.values():
                     sample.warnings.append(f"redraw failed, first draws kept: {_brief(e)}")
         for (_, _, f), k in zip(chunk, kept):
             f.draw = int(k)
-        return y
+        return y, not_anonymized
 
     def setup(self) -> None:
         for a in self.anonymizers.values():
@@ -418,10 +425,13 @@ class AnonymizeStage(_Stage):
         if self.draws > 1:
             self.draw_checker.setup(self.device)
 
-    def _guard(self, x: torch.Tensor, y: torch.Tensor, chunk: list) -> torch.Tensor:
-        """Faces of this g2face chunk that still match their originals get the fallback (or withhold)."""
+    def _guard(self, x: torch.Tensor, y: torch.Tensor, chunk: list, not_anonymized: np.ndarray | None) -> torch.Tensor:
+        """Faces of this g2face chunk that still match their originals get the fallback (or withhold): on the
+        bare crops, or (``not_anonymized``, from the draw checker) as the published image will show them."""
         guard = self.identity_guard
         matches = guard.still_matches(x, y)
+        if not_anonymized is not None:
+            matches = matches | not_anonymized
         if not matches.any():
             return y
         idx = np.flatnonzero(matches)
@@ -456,14 +466,15 @@ class AnonymizeStage(_Stage):
                     crops = np.stack([f.crop for _, _, f in chunk])
                     x = torch.from_numpy(crops).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
                     with torch.inference_mode():
+                        not_anonymized = None
                         if method == "g2face":
-                            y = self._g2face(model, x, chunk)
+                            y, not_anonymized = self._g2face(model, x, chunk)
                         else:
                             y = model.anonymize(x, [f.seed for _, _, f in chunk])
                         if y.shape != x.shape:
                             raise RuntimeError(f"anonymizer returned shape {tuple(y.shape)} for input {tuple(x.shape)}")
                         if method == "g2face" and self.identity_guard is not None:
-                            y = self._guard(x, y, chunk)
+                            y = self._guard(x, y, chunk, not_anonymized)
                 except Exception as e:
                     if self.fail_fast:
                         raise

@@ -76,9 +76,13 @@ def test_kept_face_is_the_best_real_draw_when_none_passes(faces, model):
     reference = checker.reference(refs)
     with torch.inference_mode():
         draws = [model.anonymize(x, [draw_seed(s, k) for s in seeds]) for k in range(3)]
-        y, kept = redraw(model.anonymize, checker, reference, x, draws[0], seeds, 3)
-    ranks = np.stack([checker.judge(reference, d, np.arange(len(items))).rank() for d in draws])
+        y, kept, verdict = redraw(model.anonymize, checker, reference, x, draws[0], seeds, 3)
+    judged = [checker.judge(reference, d, np.arange(len(items))) for d in draws]
+    ranks = np.stack([j.rank() for j in judged])
     assert (kept == ranks.argmax(0)).all(), (kept, ranks)
+    # the verdicts returned are those of the kept draws (the identity guard reads them)
+    assert np.array_equal(verdict.distance, [judged[k].distance[i] for i, k in enumerate(kept)])
+    assert not verdict.anonymized.any()
     for i, k in enumerate(kept):
         assert torch.equal(y[i], draws[k][i])  # bit-identical to that draw: redraw never edits pixels
     # The draws differ: otherwise the test above would hold vacuously.
@@ -96,7 +100,7 @@ def test_reversible_inputs_follow_their_faces_into_each_draw(faces, model):
         identity = model.identity_embeddings(x)
         draws = [model.anonymize(x, [draw_seed(s, k) for s in seeds], payload_bits=bits, identity=identity)
                  for k in range(3)]
-        y, kept = redraw(model.anonymize, checker, checker.reference(refs), x, draws[0], seeds, 3,
+        y, kept, _ = redraw(model.anonymize, checker, checker.reference(refs), x, draws[0], seeds, 3,
                          payload_bits=bits, identity=identity)
         swapped = model.anonymize(x, [draw_seed(s, 1) for s in seeds], payload_bits=bits.roll(1, 0),
                                   identity=identity)
@@ -113,10 +117,11 @@ def test_faces_passing_their_first_draw_keep_it(faces, model):
     reference = checker.reference(refs)
     with torch.inference_mode():
         y0 = model.anonymize(x, seeds)
-        y, kept = redraw(model.anonymize, checker, reference, x, y0, seeds, 4)
+        y, kept, verdict = redraw(model.anonymize, checker, reference, x, y0, seeds, 4)
     passed = checker.judge(reference, y0, np.arange(len(items))).passed
     assert passed.any()
     assert (kept[passed] == 0).all() and torch.equal(y[passed], y0[passed])
+    assert verdict.anonymized[passed].all()
 
 
 def test_stage_records_the_kept_draw_reproduces_it_and_verifies_its_bits(faces, model):
@@ -184,3 +189,33 @@ def test_a_failing_redraw_keeps_the_first_draws_and_says_so(faces, model):
     assert any(s.warnings for s in out)
     with pytest.raises(AssertionError):
         run(True)
+
+
+def test_the_guard_falls_back_on_kept_draws_the_checker_judged_still_matching_as_published(faces, model):
+    """The guard's own check on the bare crop passes these draws; the checker, judging each as the published
+    image will show it (blended into its surroundings, at the metrics' resolution), does not: with redraws,
+    either verdict sends the face to the fallback. Withheld with fallback 'withhold'."""
+    from pipeline.identity_guard import IdentityGuard
+
+    samples, items = faces
+    guard = IdentityGuard(R, 0.6, "fallback")
+    guard.setup(torch.device("cpu"))
+
+    def run(margin, fallback="pixelate"):
+        copies = [Sample(s.raw, image=s.image, faces=[type(f)(**{**f.__dict__}) for f in s.faces]) for s in samples]
+        stage = AnonymizeStage({"g2face": model, "pixelate": PixelateAnonymizer(R, 8)}, 8, "cpu",
+                               payload_mode="irreversible", identity_guard=guard, fallback=fallback, draws=2,
+                               draw_checker=_checker(identity_margin=margin))
+        stage.setup()
+        return stage.process(copies)
+
+    def g2face_faces(out):
+        return [f for s in out for f in s.faces if f.seed in {g.seed for _, _, g in items}]
+
+    lenient = g2face_faces(run(-0.6))  # every draw passes the checker: the bare-crop guard alone decides
+    assert all(f.method == "g2face" for f in lenient), [f.fallback_reason for f in lenient]
+    strict = g2face_faces(run(1.5))  # no draw reaches distance 2.1: every kept draw judged still matching
+    assert [(f.method, f.fallback_reason, f.draw, f.payload_sent) for f in strict] == \
+        [("pixelate", "identity_match", None, None)] * len(strict)
+    withheld = run(1.5, fallback="withhold")
+    assert all(s.status == "withheld" for s in withheld if any(f.method == "g2face" for f in s.faces))

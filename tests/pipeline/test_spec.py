@@ -170,3 +170,18 @@ def test_fingerprint_ignores_where_weight_files_lie_but_not_the_recognizer_hash(
         fp(metrics={"recognizer_checkpoint": "/a/r50.pth", "recognizer_sha256": "cd" * 32})
     # the shipped model's jobs keep the fingerprint they had (checkpoint unset stays in the hash)
     assert fp(anonymizer={"method": "g2face"}) != fp(anonymizer={"method": "g2face", "checkpoint": "/a/lite.pt"})
+
+
+def test_g2face_jobs_whose_guard_reads_the_redraw_verdict_fingerprint_it(tmp_path):
+    """The guard sends more faces to the fallback since it reads the redraw check: a run begun before must
+    not resume into shards guarded the new way. Jobs whose guard did not change keep their fingerprints."""
+    from pipeline.spec import fingerprint_fields, spec_fingerprint
+
+    for anonymizer, moved in (({"method": "g2face"}, True), ({"method": "g2face", "identity_guard": "withhold"}, True),
+                              ({"method": "g2face", "identity_guard": "off"}, False),
+                              ({"method": "g2face", "draws": 1}, False), ({"method": "blur"}, False)):
+        spec = parse_spec(job_tree(tmp_path / "out", DEMO_SHARDS[0], anonymizer=anonymizer))
+        fields = fingerprint_fields(spec)
+        assert (fields.pop("identity_guard_checks", None) == "crop_and_published") is moved, anonymizer
+        old = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+        assert (spec_fingerprint(spec) != old) is moved, anonymizer
