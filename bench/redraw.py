@@ -9,8 +9,13 @@ the job's fallback faces, too small or scored too low for the model), bar 5's MT
 draw the faces kept, and seconds per image of the whole run, metrics stage included (as ``evaluate`` runs it;
 a job without metrics spends a larger share of its time on redraws).
 
+With ``--guard fallback`` (repeatable with ``--guard off``) the runs keep the identity guard on, as
+production jobs do: the figures are then those of what a job publishes (faces the guard sent to the fallback
+count as the fallback's faces), and each line says how many faces the guard replaced.
+
 Usage (CPU, 2 cores: about 0.55 s per image at 8 draws, 0.7 s at 16):
     python bench/redraw.py --data '../shared/data/val/*.tar' --skip 400 --limit 400 --draws 8 --draws 16
+    python bench/redraw.py --data '../shared/data/val/*.tar' --limit 400 --draws 16 --guard off --guard fallback
 """
 from __future__ import annotations
 
@@ -56,9 +61,11 @@ def slice_samples(urls: list[str], skip: int, limit: int, out: Path) -> int:
     return taken
 
 
-def run_draws(draws: int, shard: Path, scratch: Path, key: Path, checkpoint: Path, threads: int) -> dict:
-    name = f"draws{draws}"
+def run_draws(draws: int, shard: Path, scratch: Path, key: Path, checkpoint: Path, threads: int,
+              guard: str = "off") -> dict:
+    name = f"draws{draws}-guard-{guard}"
     tree = job_tree("g2face", [str(shard)], scratch / name, key, 128, checkpoint, "cpu", threads, 0, draws)
+    tree["anonymizer"]["identity_guard"] = guard
     t = time.perf_counter()
     run_job(parse_spec(tree, f"<bench {name}>"), echo=lambda *_: None)
     seconds = time.perf_counter() - t
@@ -67,7 +74,8 @@ def run_draws(draws: int, shard: Path, scratch: Path, key: Path, checkpoint: Pat
     kept = collections.Counter(f.get("draw") for f in faces if f["method"] == "g2face")
     privacy = privacy_row(name, run, None)  # bar 1's port figure, as evaluate computes it
     model = {m["method"]: m for m in privacy["by_method"]}.get("g2face", {})
-    return {"draws": draws, "images": len(run.public), "faces": len(faces), "g2face_faces": model.get("faces", 0),
+    guarded = sum(f.get("fallback_reason") == "identity_match" for f in faces)
+    return {"draws": draws, "identity_guard": guard, "faces_guarded": guarded, "images": len(run.public), "faces": len(faces), "g2face_faces": model.get("faces", 0),
             "port_share_still_matching": privacy["share_still_matching"],
             "port_share_still_matching_g2face_only": model.get("share_still_matching"),
             "mean_identity_distance": (privacy["identity_distance"] or {}).get("mean"),
@@ -82,6 +90,8 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=400, help="then take N samples")
     ap.add_argument("--draws", type=int, action="append", default=[],
                     help="anonymizer.draws (repeatable; default 8 and 16)")
+    ap.add_argument("--guard", action="append", default=[], choices=["off", "fallback"],
+                    help="anonymizer.identity_guard (repeatable; default off, as evaluate measures the model)")
     ap.add_argument("--checkpoint", default=str(ROOT / "g2face" / "weights" / "g2face-lite-128.pt"))
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", help="write the figures as JSON here")
@@ -97,8 +107,9 @@ def main(argv=None) -> int:
         key = scratch / "evaluation.key"
         write_evaluation_key(key, sha)
         for d in args.draws or [8, 16]:
-            results.append(run_draws(d, shard, scratch, key, Path(args.checkpoint), args.threads))
-            print(json.dumps(results[-1]), flush=True)
+            for guard in args.guard or ["off"]:
+                results.append(run_draws(d, shard, scratch, key, Path(args.checkpoint), args.threads, guard))
+                print(json.dumps(results[-1]), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"samples": n, "skip": args.skip, "runs": results}, indent=2) + "\n")
     return 0
