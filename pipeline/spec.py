@@ -447,10 +447,20 @@ def reinforcement_applies(an: AnonymizerSpec) -> bool:
 
 def spec_fingerprint(spec: JobSpec) -> str:
     """Hash of what shapes the output bytes of a shard (fingerprint_fields)."""
-    return hashlib.sha256(json.dumps(fingerprint_fields(spec), sort_keys=True).encode()).hexdigest()[:16]
+    return _hash(fingerprint_fields(spec))
 
 
-def fingerprint_fields(spec: JobSpec) -> dict:
+def accepted_fingerprints(spec: JobSpec) -> set[str]:
+    """Fingerprints of done shards a run of ``spec`` resumes: its own, and the one the same job had while
+    weight files' paths were still hashed (their content is checked by the model id either way)."""
+    return {spec_fingerprint(spec), _hash(fingerprint_fields(spec, weight_paths=True))}
+
+
+def _hash(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fingerprint_fields(spec: JobSpec, weight_paths: bool = False) -> dict:
     """What shapes the output bytes of a shard.
 
     Left out: where inputs and outputs live (adding shards later must not refuse a resume), the key file's
@@ -466,12 +476,10 @@ def fingerprint_fields(spec: JobSpec) -> dict:
     # Weight files are named by where they lie, but the run checks what they hold: the done markers carry the
     # model id (the artifact's and priors' sha256) and metrics keep recognizer_sha256. So a moved or remounted
     # file resumes, and a changed one is refused by the model id. Unset paths stay, keeping old fingerprints.
-    if d["anonymizer"].get("checkpoint") is not None:
-        d["anonymizer"].pop("checkpoint")
-    if d["anonymizer"].get("official") is not None:
-        d["anonymizer"].pop("official")
-    if d["metrics"].get("recognizer_checkpoint") is not None:
-        d["metrics"].pop("recognizer_checkpoint")
+    # (weight_paths: the fields as they were before, for accepted_fingerprints.)
+    for section, key in (("anonymizer", "checkpoint"), ("anonymizer", "official"), ("metrics", "recognizer_checkpoint")):
+        if d[section].get(key) is not None and not weight_paths:
+            d[section].pop(key)
     if spec.anonymizer.method != "g2face":  # blur / pixelate jobs never draw
         d["anonymizer"].pop("draws")
     if not reinforcement_applies(spec.anonymizer):  # jobs whose bytes it does not touch keep their fingerprints

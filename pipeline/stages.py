@@ -332,6 +332,15 @@ class AlignStage(_Stage):
         return batch
 
 
+# What the identity guard found, by the fallback reason it records.
+_GUARD_FINDINGS = {
+    "identity_match": "the G2Face output still matches the original identity (dlib distance below {} on the "
+                      "aligned crop, or within the redraw check's margin of it as published)",
+    "identity_unchecked": "the redraw check failed, so nothing confirmed that the G2Face output as published no "
+                          "longer matches the original identity",
+}
+
+
 class AnonymizeStage(_Stage):
     """Run each method on all of its faces across the batch, ``batch_size`` faces at a time.
 
@@ -371,7 +380,7 @@ class AnonymizeStage(_Stage):
         self.draw_checker = draw_checker
 
     def _g2face(self, model, x: torch.Tensor, chunk: list) -> tuple[torch.Tensor, np.ndarray | None]:
-        """The chunk's outputs and, with redraws, which kept draws the checker judged not anonymized."""
+        """The chunk's outputs and, with redraws, the published-look verdicts for the guard (``_drawn``)."""
         seeds = [f.seed for _, _, f in chunk]
         if self.payload_mode != "reversible":
             # seeded random bits (pipeline.g2face_method.irreversible_bits), drawn again with each draw's seed
@@ -393,29 +402,32 @@ class AnonymizeStage(_Stage):
     def _drawn(self, model, x: torch.Tensor, chunk: list, seeds: list[int], y: torch.Tensor,
                **inputs) -> tuple[torch.Tensor, np.ndarray | None]:
         """``y`` with each face that fails the draw checks drawn again (``pipeline.redraw``); records the draw.
-        Also returns which kept draws the checker judged still showing the person (None: not judged)."""
+        Also returns, per face, what the published-look identity check says for the guard (None without
+        redraws): 'identity_match' (the kept draw still shows the person), 'identity_unchecked' (the redraw
+        failed, so nothing judged it) or '' (anonymized)."""
         kept = np.zeros(len(chunk), np.int64)
-        not_anonymized = None
+        published = None
         if self.draws > 1:
             checker = self.draw_checker
             try:
                 reference = checker.reference([(s.image.rgb, f.transform, f.box) for s, _, f in chunk])
                 y, kept, verdict = redraw(model.anonymize, checker, reference, x, y, seeds, self.draws, **inputs)
-                not_anonymized = ~verdict.anonymized
+                published = np.where(verdict.anonymized, "", "identity_match")
                 del reference, verdict
             except Exception as e:
-                # Redrawing only improves on the first draws, which are real outputs: keep them (the identity
-                # guard still judges them) rather than lose the images.
+                # Redrawing only improves on the first draws, which are real outputs: keep them rather than
+                # lose the images. Nothing judged how they look as published, so the guard gives them its
+                # fallback unless it is off.
                 if self.fail_fast:
                     raise
                 _log.warning("redraw failed, keeping the first draws of %d face(s): %s: %s", len(chunk),
                              type(e).__name__, e)
-                kept, not_anonymized = np.zeros(len(chunk), np.int64), None
+                kept, published = np.zeros(len(chunk), np.int64), np.full(len(chunk), "identity_unchecked")
                 for sample in {id(s): s for s, _, _ in chunk}.values():
                     sample.warnings.append(f"redraw failed, first draws kept: {_brief(e)}")
         for (_, _, f), k in zip(chunk, kept):
             f.draw = int(k)
-        return y, not_anonymized
+        return y, published
 
     def setup(self) -> None:
         for a in self.anonymizers.values():
@@ -425,16 +437,16 @@ class AnonymizeStage(_Stage):
         if self.draws > 1:
             self.draw_checker.setup(self.device)
 
-    def _guard(self, x: torch.Tensor, y: torch.Tensor, chunk: list, not_anonymized: np.ndarray | None) -> torch.Tensor:
+    def _guard(self, x: torch.Tensor, y: torch.Tensor, chunk: list, published: np.ndarray | None) -> torch.Tensor:
         """Faces of this g2face chunk that still match their originals get the fallback (or withhold): on the
-        bare crops, or (``not_anonymized``, from the draw checker) as the published image will show them."""
+        bare crops, or as the published image will show them (``published``, from ``_drawn``)."""
         guard = self.identity_guard
-        matches = guard.still_matches(x, y)
-        if not_anonymized is not None:
-            matches = matches | not_anonymized
-        if not matches.any():
+        reasons = np.where(guard.still_matches(x, y), "identity_match", "").astype(object)
+        if published is not None:
+            reasons = np.where(reasons != "", reasons, published)
+        idx = np.flatnonzero(reasons != "")
+        if idx.size == 0:
             return y
-        idx = np.flatnonzero(matches)
         if guard.action == "withhold" or self.fallback == "withhold":
             why = ("anonymizer.identity_guard is 'withhold'" if guard.action == "withhold"
                    else "anonymizer.fallback is 'withhold'")
@@ -442,14 +454,13 @@ class AnonymizeStage(_Stage):
                 s, i, f = chunk[j]
                 f.payload_sent = None
                 if s.live:
-                    s.fail("withheld", f"face {i}: the G2Face output still matches the original identity (dlib "
-                                       f"distance below {guard.max_distance}) and {why}")
+                    s.fail("withheld", f"face {i}: {_GUARD_FINDINGS[str(reasons[j])].format(guard.max_distance)} and {why}")
             return y
         y = y.clone()
         y[idx] = self.anonymizers[self.fallback].anonymize(x[idx], [chunk[j][2].seed for j in idx])
         for j in idx:
             f = chunk[j][2]
-            f.method, f.fallback_reason, f.payload_sent, f.draw = self.fallback, "identity_match", None, None
+            f.method, f.fallback_reason, f.payload_sent, f.draw = self.fallback, str(reasons[j]), None, None
         return y
 
     def process(self, batch: list[Sample]) -> list[Sample]:
@@ -466,15 +477,15 @@ class AnonymizeStage(_Stage):
                     crops = np.stack([f.crop for _, _, f in chunk])
                     x = torch.from_numpy(crops).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
                     with torch.inference_mode():
-                        not_anonymized = None
+                        published = None
                         if method == "g2face":
-                            y, not_anonymized = self._g2face(model, x, chunk)
+                            y, published = self._g2face(model, x, chunk)
                         else:
                             y = model.anonymize(x, [f.seed for _, _, f in chunk])
                         if y.shape != x.shape:
                             raise RuntimeError(f"anonymizer returned shape {tuple(y.shape)} for input {tuple(x.shape)}")
                         if method == "g2face" and self.identity_guard is not None:
-                            y = self._guard(x, y, chunk, not_anonymized)
+                            y = self._guard(x, y, chunk, published)
                 except Exception as e:
                     if self.fail_fast:
                         raise

@@ -95,6 +95,29 @@ def test_shards_of_another_model_or_payload_format_are_refused_on_resume(tmp_pat
         run_job(parse_spec(tree), echo=lambda *_: None)
 
 
+def test_a_done_shard_is_resumed_from_its_fingerprint_of_before_weight_paths_left_it(tmp_path):
+    """Done markers written while weight files' paths were hashed into the fingerprint still count as done
+    (the model id checks the weights); any other fingerprint is refused."""
+    from pipeline.runner import plan_shards
+    from pipeline.spec import JobSpecError, fingerprint_fields, spec_fingerprint
+    from pipeline.spec import _hash as fingerprint_hash
+
+    out = tmp_path / "out"
+    spec = parse_spec(job_tree(out, DEMO_SHARDS[:1], metrics={"recognizer_checkpoint": "/w/r50.pth",
+                                                              "recognizer_sha256": "ab" * 32}))
+    old = fingerprint_hash(fingerprint_fields(spec, weight_paths=True))
+    assert old != spec_fingerprint(spec)
+    marker = {"shard": DEMO_SHARDS[0].name, "fingerprint": old, "key_id": None, "model_id": "blur-v1:x",
+              "payload_format": None}
+    (out / "done").mkdir(parents=True)
+    (out / "done" / f"{DEMO_SHARDS[0].name}.json").write_text(json.dumps(marker))
+    assert [p.done for p in plan_shards(spec, spec_fingerprint(spec), None, "blur-v1:x")] == [True]
+    marker["fingerprint"] = "0123456789abcdef"
+    (out / "done" / f"{DEMO_SHARDS[0].name}.json").write_text(json.dumps(marker))
+    with pytest.raises(JobSpecError, match="different job configuration"):
+        plan_shards(spec, spec_fingerprint(spec), None, "blur-v1:x")
+
+
 def _demo_as_parquet(path, struct_images: bool):
     src = read_tar(DEMO_SHARDS[0])
     keys = list(src)

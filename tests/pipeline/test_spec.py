@@ -168,8 +168,26 @@ def test_fingerprint_ignores_where_weight_files_lie_but_not_the_recognizer_hash(
         fp(metrics={"recognizer_checkpoint": "/b/r50.pth", "recognizer_sha256": sha})
     assert fp(metrics={"recognizer_checkpoint": "/a/r50.pth", "recognizer_sha256": sha}) != \
         fp(metrics={"recognizer_checkpoint": "/a/r50.pth", "recognizer_sha256": "cd" * 32})
-    # the shipped model's jobs keep the fingerprint they had (checkpoint unset stays in the hash)
-    assert fp(anonymizer={"method": "g2face"}) != fp(anonymizer={"method": "g2face", "checkpoint": "/a/lite.pt"})
+
+
+def test_runs_begun_while_weight_paths_were_hashed_still_resume(tmp_path):
+    """Fingerprints computed by 8e57449 (before weight paths left them) for the trees `evaluate` writes: the
+    g2face one named its checkpoint, so its old fingerprint is still accepted; the blur one named none and
+    keeps its fingerprint."""
+    from pathlib import Path
+
+    from pipeline.evaluate import job_tree as evaluate_tree
+    from pipeline.spec import accepted_fingerprints, spec_fingerprint
+
+    def spec(method, checkpoint):
+        return parse_spec(evaluate_tree(method, ["/data/a.tar"], Path("/out"), Path("/k.key"), 128, checkpoint, "cpu",
+                                        0, 0, 16))
+
+    g2face = spec("g2face", Path("/models/lite.pt"))
+    assert "7e36e6907e4c6f7f" in accepted_fingerprints(g2face) and spec_fingerprint(g2face) != "7e36e6907e4c6f7f"
+    assert accepted_fingerprints(spec("g2face", Path("/elsewhere/lite.pt"))) != accepted_fingerprints(g2face)
+    assert accepted_fingerprints(spec("blur", None)) == {spec_fingerprint(spec("blur", None)), "ba97d44d3477a365"} \
+        == {"ba97d44d3477a365"}
 
 
 def test_g2face_jobs_whose_guard_reads_the_redraw_verdict_fingerprint_it(tmp_path):
