@@ -17,6 +17,8 @@ import hashlib
 import hmac
 import json
 import os
+import posixpath
+import re
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
@@ -43,9 +45,15 @@ def key_id(master: bytes) -> str:
 def create_master_key(path: str | Path, note: str = "") -> str:
     """Create a new master key file with mode 0600; refuses to overwrite. Returns the key id."""
     path = Path(path)
+    if path.is_dir():
+        raise KeyFileError(f"{path} is a folder; give the path of the key file to create, e.g. {path / 'master.key'}")
     if path.exists():
         raise KeyFileError(f"{path} already exists; refusing to overwrite a key (choose another --out)")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise KeyFileError(f"cannot create the folder of {path} ({e.strerror or type(e).__name__}); choose another "
+                           "path") from None
     key = os.urandom(KEY_BYTES)
     doc = {
         "kind": MASTER_KIND,
@@ -65,7 +73,13 @@ def _now() -> str:
 
 def _write_key_file(path: Path, doc: dict) -> None:
     # O_EXCL: never overwrite; 0600 is applied at creation, so the key is never readable by others
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise KeyFileError(f"{path} already exists; refusing to overwrite a key (choose another --out)") from None
+    except OSError as e:
+        raise KeyFileError(f"cannot write the key file {path} ({e.strerror or type(e).__name__}); choose another "
+                           "path") from None
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=2)
         f.write("\n")
@@ -96,6 +110,8 @@ def _check_private(path: Path) -> None:
 def load_master_key(path: str | Path) -> tuple[bytes, str]:
     """Read a master key file; returns (key bytes, key id). Errors never echo key material."""
     path = Path(path)
+    if path.is_dir():
+        raise KeyFileError(f"master key file {path} is a folder; give the path of the key file in it")
     if not path.is_file():
         raise KeyFileError(
             f"master key file {path} does not exist; create one with `g2face-pipe keys init --out {path}`"
@@ -227,7 +243,11 @@ def export_shard_key(master_path: str | Path, dataset_id: str, shard: str, out_p
     out_path = Path(out_path)
     if out_path.exists():
         raise KeyFileError(f"{out_path} already exists; refusing to overwrite a key (choose another --out)")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise KeyFileError(f"cannot create the folder of {out_path} ({e.strerror or type(e).__name__}); choose "
+                           "another --out") from None
     doc = {
         "kind": SHARD_KIND,
         "version": 1,
@@ -298,6 +318,12 @@ def keys_export_command(master: str | Path, shard: str, dataset: str, out: str |
 
     Raises KeyFileError (message ready for the user) on any problem; never prints key material.
     """
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", dataset):
+        raise KeyFileError(f"--dataset {dataset!r} is not a dataset.id (letters, digits, '.', '_', '-'); give the "
+                           "dataset.id of the job that wrote the shard (its run.json says it)")
+    named = posixpath.basename(shard.rstrip("/"))
+    if named != shard:  # a path: the key is bound to the shard's name, which recover reads from the file name
+        shard = named
     skid = export_shard_key(master, dataset, shard, out)
     return (
         f"exported shard key {skid} for dataset {dataset!r} shard {shard!r} to {out} (mode 0600); "

@@ -74,6 +74,8 @@ def _now() -> str:
 def _run_files(shard: str) -> tuple[str, str, str, str]:
     """(run dir, public manifest, private manifest, run.json) of a shard at RUN/shards/NAME."""
     name = storage.shard_name(shard)
+    if not storage.exists(shard):
+        raise RecoveryError(f"--shard {shard} does not exist; give the path of an output shard, RUN/shards/NAME")
     run_dir = str(Path(shard).resolve().parent.parent) if "://" not in shard else shard.rsplit("/", 2)[0]
     paths = (storage.join(run_dir, "manifests", name + ".parquet"), storage.join(run_dir, "private", name + ".parquet"),
              storage.join(run_dir, "run.json"))

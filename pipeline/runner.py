@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
+import re
 import sys
 import time
 from collections import Counter
@@ -81,8 +83,69 @@ def resolve_keys(spec: JobSpec) -> KeyMaterial:
     return KeyMaterial(pkey, kid, str(demo) if demo else None)
 
 
+# Suffixes that are certainly not shards of the job's input.format (the readers accept any other name).
+_NOT_SHARDS = {
+    "webdataset": (".parquet", ".jpg", ".jpeg", ".png", ".webp", ".json", ".csv"),
+    "parquet": (".tar", ".tar.gz", ".tgz", ".tar.xz", ".jpg", ".jpeg", ".png", ".webp", ".json", ".csv"),
+}
+
+
+def check_shard_urls(spec: JobSpec, urls: list[str]) -> None:
+    """Inputs that a run would only turn into unreadable-shard errors, and outputs that would land on the
+    inputs, are job errors: found before anything is read or written."""
+    wrong = [u for u in urls if u.lower().endswith(_NOT_SHARDS[spec.input.format])]
+    if wrong:
+        raise JobSpecError(f"input.paths: {wrong[0]} is not a {spec.input.format} shard, but input.format is "
+                           f"{spec.input.format!r}; set input.format to the shards' format, or narrow input.paths "
+                           f"to the shards (WebDataset: .tar; Parquet: .parquet)")
+    out = _normalized(spec.output.dir).rstrip("/") + "/"
+    inside = [u for u in urls if _normalized(u).startswith(out)]
+    if inside:
+        raise JobSpecError(f"output.dir {spec.output.dir} holds the input shard {inside[0]}: outputs would be read "
+                           "as inputs on the next run, or overwrite them; give an output.dir outside the inputs' folders")
+    layout = OutputLayout(spec.output.dir)
+    patterns = [spec.input.paths] if isinstance(spec.input.paths, str) else list(spec.input.paths)
+    for pattern in (p for p in patterns if any(c in p for c in "*?[")):
+        regex = _glob_regex(_normalized(pattern))
+        for u in urls:
+            name = storage.shard_name(u)
+            for written in (layout.shard(name), layout.manifest(name), layout.private(name)):
+                if regex.match(_normalized(written)):
+                    raise JobSpecError(f"input.paths {pattern!r} also matches {written}, an output of this job: the "
+                                       "next run would read its own outputs as inputs; give an output.dir outside "
+                                       "what input.paths matches, or a narrower glob")
+
+
+def _normalized(url: str) -> str:
+    return url if "://" in url else os.path.realpath(os.path.expanduser(url))
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    """The paths a glob matches, as fsspec expands it (``**`` crosses folders, ``*`` and ``?`` do not)."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] in "*?":
+            out.append("[^/]*" if pattern[i] == "*" else "[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 2:]:
+            j = pattern.index("]", i + 2)
+            out.append("[" + pattern[i + 1:j].replace("!", "^", 1 if pattern[i + 1] == "!" else 0) + "]")
+            i = j + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
 def plan_shards(spec: JobSpec, fingerprint: str, key_id: str | None, model_id: str) -> list[ShardPlan]:
     urls = storage.list_shards(spec.input.paths)
+    check_shard_urls(spec, urls)
     layout = OutputLayout(spec.output.dir)
     seen: dict[str, str] = {}
     plans = []
@@ -98,7 +161,14 @@ def plan_shards(spec: JobSpec, fingerprint: str, key_id: str | None, model_id: s
         done_url = layout.done(name)
         done = False
         if storage.exists(done_url):
-            marker = json.loads(storage.read_bytes(done_url))
+            try:
+                marker = json.loads(storage.read_bytes(done_url))
+                if not isinstance(marker, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as e:
+                raise JobSpecError(f"output.dir {spec.output.dir}: the done marker {done_url} of shard {name} is "
+                                   f"damaged ({type(e).__name__}); delete it (and that shard's outputs) to redo the "
+                                   "shard") from None
             if marker.get("fingerprint") not in accepted or marker.get("key_id") != key_id:
                 raise JobSpecError(
                     f"output.dir {spec.output.dir} already holds shard {name} from a different job configuration "
@@ -217,21 +287,28 @@ def run_job(spec: JobSpec, dry_run: bool = False, echo: Callable[[str], None] = 
     # the official model (about 0.7 GB with its priors) is loaded once and handed to the local shard worker
     local_models = {an.method: anonymizer} if official else None
     del anonymizer
-    if not dry_run:
-        check_key_configured(spec)  # fail fast, in order: a missing key, ...
-        if spec.keys.master:
-            load_master_key(spec.keys.master)
-        storage.list_shards(spec.input.paths)  # ... unreadable input ...
-        storage.check_writable(spec.output.dir)  # ... or unwritable output, before anything is created
+    check_key_configured(spec)  # fail fast, in order: a missing key, ...
+    if spec.keys.master:
+        load_master_key(spec.keys.master)
+    check_shard_urls(spec, storage.list_shards(spec.input.paths))  # ... unreadable or misplaced input ...
+    if dry_run:  # ... or unwritable output (a dry run writes nothing), before anything is created
+        storage.check_writable_without_writing(spec.output.dir)
+    else:
+        storage.check_writable(spec.output.dir)
     keys = resolve_keys(spec) if not dry_run else KeyMaterial(None, None)
     fingerprint = spec_fingerprint(spec)
     if dry_run:
-        key_id = None
+        key_id, key_line = None, "# key: none (this job hides no payload and keeps the sample keys)"
         if spec.keys.master:
             key_id = load_master_key(spec.keys.master)[1]
+            key_line = f"# key: keys.master {spec.keys.master} ({key_id})"
         elif spec.keys.create_demo_key and demo_key_path(spec.output.dir).exists():
             key_id = load_master_key(demo_key_path(spec.output.dir))[1]
-        echo(dry_run_text(spec, plan_shards(spec, fingerprint, key_id, model_id)))
+            key_line = f"# key: DEMO key {demo_key_path(spec.output.dir)} ({key_id}); never use it for real data"
+        elif spec.keys.create_demo_key:
+            key_line = (f"# key: a DEMO key would be created at {demo_key_path(spec.output.dir)} "
+                        "(keys.create_demo_key); never use it for real data")
+        echo(dry_run_text(spec, plan_shards(spec, fingerprint, key_id, model_id)) + "\n" + key_line)
         return {}
     if keys.demo_key_path:
         echo(f"using DEMO master key {keys.demo_key_path} (keys.create_demo_key); never use it for real data")

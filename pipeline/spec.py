@@ -9,16 +9,22 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
 SPEC_VERSION = 1
 _STRICT = ConfigDict(extra="forbid")
+
+
+def _expand_home(path: str | None) -> str | None:
+    """``~`` in a local file path, as a shell would expand it (fsspec does so for input and output paths)."""
+    return os.path.expanduser(path) if isinstance(path, str) and "://" not in path else path
 
 
 class JobSpecError(ValueError):
@@ -98,6 +104,8 @@ class OfficialWeightsSpec:
         default=None,
         description="Path of BFM_model_front.mat. Optional: only the training losses use it; checked when given.",
     )
+
+    _home = field_validator("g2face", "arcface", "deep3d", "bfm")(classmethod(lambda cls, v: _expand_home(v)))
 
 
 @dataclass(config=_STRICT, frozen=True)
@@ -183,6 +191,8 @@ class AnonymizerSpec:
         default=6, ge=1, le=8,
         description="The most payload reinforcement may move any pixel of an anonymized crop, in grey levels.",
     )
+
+    _home = field_validator("checkpoint")(classmethod(lambda cls, v: _expand_home(v)))
 
     @model_validator(mode="after")
     def _official_weights(self) -> "AnonymizerSpec":
@@ -277,6 +287,8 @@ class KeysSpec:
         description="Demo only: create a clearly named demo master key next to the run when keys.master is unset.",
     )
 
+    _home = field_validator("master")(classmethod(lambda cls, v: _expand_home(v)))
+
     @model_validator(mode="after")
     def _local_key_file(self) -> "KeysSpec":
         if self.master and "://" in self.master:
@@ -331,6 +343,8 @@ class MetricsSpec:
         pattern=r"^[0-9a-f]{64}$",
         description="sha256 of recognizer_checkpoint (required with it: other weights stop the run).",
     )
+
+    _home = field_validator("recognizer_checkpoint")(classmethod(lambda cls, v: _expand_home(v)))
 
     @model_validator(mode="after")
     def _hash_with_checkpoint(self) -> "MetricsSpec":
@@ -406,7 +420,12 @@ def set_override(tree: dict, dotted: str, raw_value: str) -> None:
         if not isinstance(child, dict):
             raise JobSpecError(f"--set {dotted}: '{k}' is a value, not a section")
         node = child
-    node[keys[-1]] = yaml.safe_load(raw_value)
+    try:
+        node[keys[-1]] = yaml.safe_load(raw_value)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise JobSpecError(f"--set {dotted}={raw_value}: the value is not valid YAML ({problem}); quote it, e.g. "
+                           f"--set '{dotted}=\"{raw_value}\"'") from None
 
 
 def parse_spec(tree: Any, source: str = "<dict>") -> JobSpec:
@@ -421,6 +440,8 @@ def parse_spec(tree: Any, source: str = "<dict>") -> JobSpec:
 def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
     """Read a YAML job file, apply ``key=value`` overrides, validate."""
     path = Path(path)
+    if path.is_dir():
+        raise JobSpecError(f"job file {path} is a folder; pass the path of a YAML job spec in it (see jobs/)")
     if not path.is_file():
         raise JobSpecError(f"job file {path} does not exist; pass the path of a YAML job spec (see jobs/)")
     try:
@@ -432,6 +453,9 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
             raise JobSpecError(f"--set {item!r}: expected key=value, e.g. --set output.dir=/tmp/out")
         key, value = item.split("=", 1)
         set_override(tree, key.strip(), value)
+    if isinstance(tree, dict) and {"data", "model", "run"} <= set(tree) and "input" not in tree:
+        raise JobSpecError(f"job file {path} is a training job (sections data, model, run): run it with "
+                           f"`g2face-pipe train {path}`; `run` takes anonymization jobs (see jobs/demo.yaml)")
     return parse_spec(tree, str(path))
 
 

@@ -32,6 +32,8 @@ def join(root: str, *parts: str) -> str:
 def list_shards(paths: str | list[str]) -> list[str]:
     """Expand globs / lists / URIs into a sorted, de-duplicated list of shard URLs."""
     items = [paths] if isinstance(paths, str) else list(paths)
+    if not items:
+        raise FileNotFoundError("input.paths is empty; give the shards' paths or a glob, e.g. data/part-*.tar")
     out: list[str] = []
     for item in items:
         fs, p = url_to_fs(item)
@@ -43,6 +45,9 @@ def list_shards(paths: str | list[str]) -> list[str]:
         if not matches:
             raise FileNotFoundError(f"input.paths: {item!r} matches no file; check the path or glob")
         for m in matches:
+            if (is_local(fs) or len(matches) == 1) and fs.isdir(m):
+                raise FileNotFoundError(f"input.paths: {m!r} is a folder, not a shard; give a glob of its shards, "
+                                        f"e.g. {item.rstrip('/')}/*.tar (or *.parquet)")
             url = m if is_local(fs) else f"{protocol}://{m}" if "://" not in m else m
             if url not in out:
                 out.append(url)
@@ -115,6 +120,22 @@ def atomic_write_file(url: str, write_fn, mode: int = 0o644) -> None:
         fs.makedirs(posixpath.dirname(p), exist_ok=True)
         with fs.open(p, "wb") as f:
             write_fn(f)
+
+
+def check_writable_without_writing(url: str) -> None:
+    """What ``check_writable`` finds, for a dry run, which writes nothing: on local disks, the output root (or
+    its nearest existing parent) must be a writable folder. Remote roots are checked when the run starts."""
+    fs, p = url_to_fs(url)
+    if not is_local(fs):
+        return
+    path = os.path.abspath(p)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise PermissionError(f"output.dir {url!r} cannot be created: {path} is a file; pick another output.dir")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(f"output.dir {url!r} is not writable ({path} is not writable by this user); pick "
+                              "another output.dir")
 
 
 def check_writable(url: str) -> None:

@@ -180,8 +180,16 @@ def test_wrong_key_length_is_rejected_without_echoing_the_key(tmp_path):
 
 
 def test_a_directory_is_not_a_key_file(tmp_path):
-    with pytest.raises(KeyFileError, match="does not exist"):
+    with pytest.raises(KeyFileError, match="is a folder; give the path of the key file in it"):
         load_master_key(tmp_path)
+    with pytest.raises(KeyFileError, match=r"is a folder; give the path of the key file to create, e\.g\. .*master\.key"):
+        create_master_key(tmp_path)
+
+
+def test_a_key_that_cannot_be_written_is_a_key_error_naming_the_path(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(KeyFileError, match=r"cannot create the folder of .*file/sub/m\.key \(.*\); choose another"):
+        create_master_key(tmp_path / "file" / "sub" / "m.key")
 
 
 # --- key ids and pseudonyms ----------------------------------------------------------------------------

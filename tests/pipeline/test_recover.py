@@ -247,3 +247,8 @@ def test_a_run_of_the_shipped_model_recovers_without_naming_it(tmp_path):
     assert verified, "the shipped model's payloads should verify after PNG output"
     res = recover_shard(str(out / "shards" / SHARD.name), str(tmp_path / "master.key"), str(tmp_path / "rec"))
     assert {(f["key"], f["face_index"]) for f in res["faces"] if f["status"] == "recovered"} == verified
+
+
+def test_a_shard_path_that_does_not_exist_is_named_as_such(tmp_path):
+    with pytest.raises(RecoveryError, match=r"--shard .*nope\.tar does not exist; give the path of an output shard"):
+        recover_shard(str(tmp_path / "nope.tar"), str(tmp_path / "k.key"), str(tmp_path / "rec"))

@@ -127,6 +127,18 @@ def test_export_needs_a_master_key(tmp_path, master_path):
     assert not (tmp_path / "out.json").exists() and not (tmp_path / "out2.json").exists()
 
 
+def test_export_takes_the_shard_name_from_a_path_and_checks_the_dataset_id(master_path, tmp_path):
+    """The key is bound to the shard's name (recover reads it from the file name): a path given for --shard
+    exports the key of its name, never a key that opens nothing."""
+    line = keys_export_command(master_path, f"runs/x/shards/{SHARD}", DS, tmp_path / "a.key")
+    assert f"shard {SHARD!r}" in line
+    doc = json.loads((tmp_path / "a.key").read_text())
+    master, _ = load_master_key(master_path)
+    assert doc["shard"] == SHARD and base64.b64decode(doc["key"]) == derive_shard_key(master, DS, SHARD)
+    with pytest.raises(KeyFileError, match=r"--dataset 'a b/\.\./' is not a dataset\.id"):
+        keys_export_command(master_path, SHARD, "a b/../", tmp_path / "c.key")
+
+
 def test_keys_export_command_reports_the_key_id_never_the_key(master_path, tmp_path, capsys):
     out = tmp_path / "s.json"
     line = keys_export_command(master_path, SHARD, DS, out)

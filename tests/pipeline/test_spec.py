@@ -203,3 +203,66 @@ def test_g2face_jobs_whose_guard_reads_the_redraw_verdict_fingerprint_it(tmp_pat
         assert (fields.pop("identity_guard_checks", None) == "crop_and_published") is moved, anonymizer
         old = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
         assert (spec_fingerprint(spec) != old) is moved, anonymizer
+
+
+def test_set_values_that_are_not_yaml_name_the_override_and_how_to_quote():
+    with pytest.raises(JobSpecError, match=r"--set input\.paths=\*\.tar: the value is not valid YAML .*quote it, "
+                                           r"e\.g\. --set 'input\.paths=\"\*\.tar\"'"):
+        load_spec(ROOT / "jobs" / "demo.yaml", ["input.paths=*.tar"])
+    assert load_spec(ROOT / "jobs" / "demo.yaml", ['dataset.id="x1"']).dataset.id == "x1"
+
+
+def test_a_folder_or_a_training_job_given_to_run_says_what_to_give(tmp_path):
+    with pytest.raises(JobSpecError, match="is a folder; pass the path of a YAML job spec"):
+        load_spec(ROOT / "jobs")
+    with pytest.raises(JobSpecError, match=r"is a training job .*`g2face-pipe train .*train-lite\.yaml`"):
+        load_spec(ROOT / "jobs" / "train-lite.yaml")
+
+
+def test_home_in_key_and_weight_paths_is_expanded_as_a_shell_would(tmp_path):
+    import os
+
+    spec = parse_spec(job_tree(tmp_path / "out", DEMO_SHARDS[0], keys={"master": "~/k/m.key"},
+                               anonymizer={"method": "g2face", "checkpoint": "~/w/lite.pt"},
+                               metrics={"recognizer_checkpoint": "~/w/r50.pth", "recognizer_sha256": "ab" * 32}))
+    home = os.path.expanduser("~")
+    assert spec.keys.master == f"{home}/k/m.key" and spec.anonymizer.checkpoint == f"{home}/w/lite.pt"
+    assert spec.metrics.recognizer_checkpoint == f"{home}/w/r50.pth"
+
+
+def test_a_dry_run_refuses_what_the_run_would_refuse_and_writes_nothing(tmp_path):
+    """Empty or folder inputs, shards of another format, outputs that land where the inputs are matched, an
+    output.dir that is a file, a missing key, a damaged done marker: named before anything is read or written."""
+    import shutil
+
+    from pipeline.runner import run_job
+
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(DEMO_SHARDS[0], src / DEMO_SHARDS[0].name)
+    (tmp_path / "a-file").write_text("x")
+
+    def dry(paths=str(src / "*.tar"), out=tmp_path / "out", **sections):
+        return run_job(parse_spec(job_tree(out, paths, **sections)), dry_run=True, echo=lambda *_: None)
+
+    cases = [
+        (dict(paths=[]), FileNotFoundError, "input.paths is empty"),
+        (dict(paths=str(src)), FileNotFoundError, "is a folder, not a shard; give a glob of its shards"),
+        (dict(input={"format": "parquet", "paths": str(src / "*.tar"), "image_column": "jpg"}), JobSpecError,
+         "is not a parquet shard, but input.format is 'parquet'"),
+        (dict(paths=str(src / "**" / "*.tar"), out=src / "anon"), JobSpecError,
+         r"also matches .*anon/shards/nasa-000000\.tar, an output of this job"),
+        (dict(out=src), JobSpecError, "holds the input shard"),
+        (dict(out=tmp_path / "a-file" / "out"), PermissionError, "a-file is a file"),
+        (dict(anonymizer={"method": "g2face"}), JobSpecError, "needs keys.master"),
+    ]
+    for kwargs, error, match in cases:
+        with pytest.raises(error, match=match):
+            dry(**kwargs)
+    dry(paths=str(src / "*.tar"), out=src / "anon")  # a glob that does not reach the outputs is fine
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "in"] and not (src / "anon").exists()
+    (tmp_path / "out" / "done").mkdir(parents=True)
+    (tmp_path / "out" / "done" / f"{DEMO_SHARDS[0].name}.json").write_text("{")
+    with pytest.raises(JobSpecError, match=r"done marker .*nasa-000000\.tar\.json of shard nasa-000000\.tar is "
+                                           r"damaged \(JSONDecodeError\); delete it"):
+        dry()
