@@ -51,6 +51,8 @@ def reversible_payload(spec: JobSpec) -> bool:
 
 
 def check_key_configured(spec: JobSpec) -> None:
+    if spec.keys.create_demo_key and not spec.keys.master and "://" in spec.output.dir:  # as resolve_keys finds
+        raise JobSpecError("keys.create_demo_key works with a local output.dir only; set keys.master instead")
     if reversible_payload(spec) and not spec.keys.master and not spec.keys.create_demo_key:
         raise JobSpecError(
             "anonymizer.method 'g2face' hides a reversible payload (anonymizer.payload: reversible, the default), "
@@ -98,19 +100,26 @@ def check_shard_urls(spec: JobSpec, urls: list[str]) -> None:
         raise JobSpecError(f"input.paths: {wrong[0]} is not a {spec.input.format} shard, but input.format is "
                            f"{spec.input.format!r}; set input.format to the shards' format, or narrow input.paths "
                            f"to the shards (WebDataset: .tar; Parquet: .parquet)")
-    out = _normalized(spec.output.dir).rstrip("/") + "/"
-    inside = [u for u in urls if _normalized(u).startswith(out)]
-    if inside:
-        raise JobSpecError(f"output.dir {spec.output.dir} holds the input shard {inside[0]}: outputs would be read "
-                           "as inputs on the next run, or overwrite them; give an output.dir outside the inputs' folders")
+    from fsspec.utils import glob_translate
+
     layout = OutputLayout(spec.output.dir)
+    written_dirs = [_normalized(storage.join(spec.output.dir, d)).rstrip("/") + "/"
+                    for d in ("shards", "manifests", "private", "done")]
+    inside = [u for u in urls if any(_normalized(u).startswith(d) for d in written_dirs)]
+    if inside:
+        raise JobSpecError(f"input shard {inside[0]} lies where this job writes its outputs (output.dir "
+                           f"{spec.output.dir}); give an output.dir whose shards/, manifests/, private/ and done/ "
+                           "hold no inputs")
     patterns = [spec.input.paths] if isinstance(spec.input.paths, str) else list(spec.input.paths)
     for pattern in (p for p in patterns if any(c in p for c in "*?[")):
-        regex = _glob_regex(_normalized(pattern))
+        try:  # fsspec's own reading of the glob, as list_shards expanded it
+            regex = re.compile(glob_translate(_normalized(pattern).split("://", 1)[-1]))
+        except (re.error, ValueError):
+            continue
         for u in urls:
             name = storage.shard_name(u)
             for written in (layout.shard(name), layout.manifest(name), layout.private(name)):
-                if regex.match(_normalized(written)):
+                if ("://" in pattern) == ("://" in written) and regex.match(_normalized(written).split("://", 1)[-1]):
                     raise JobSpecError(f"input.paths {pattern!r} also matches {written}, an output of this job: the "
                                        "next run would read its own outputs as inputs; give an output.dir outside "
                                        "what input.paths matches, or a narrower glob")
@@ -118,29 +127,6 @@ def check_shard_urls(spec: JobSpec, urls: list[str]) -> None:
 
 def _normalized(url: str) -> str:
     return url if "://" in url else os.path.realpath(os.path.expanduser(url))
-
-
-def _glob_regex(pattern: str) -> re.Pattern:
-    """The paths a glob matches, as fsspec expands it (``**`` crosses folders, ``*`` and ``?`` do not)."""
-    out, i = [], 0
-    while i < len(pattern):
-        if pattern.startswith("**/", i):
-            out.append("(?:.*/)?")
-            i += 3
-        elif pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif pattern[i] in "*?":
-            out.append("[^/]*" if pattern[i] == "*" else "[^/]")
-            i += 1
-        elif pattern[i] == "[" and "]" in pattern[i + 2:]:
-            j = pattern.index("]", i + 2)
-            out.append("[" + pattern[i + 1:j].replace("!", "^", 1 if pattern[i + 1] == "!" else 0) + "]")
-            i = j + 1
-        else:
-            out.append(re.escape(pattern[i]))
-            i += 1
-    return re.compile("".join(out) + r"\Z")
 
 
 def plan_shards(spec: JobSpec, fingerprint: str, key_id: str | None, model_id: str) -> list[ShardPlan]:

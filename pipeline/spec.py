@@ -425,7 +425,7 @@ def set_override(tree: dict, dotted: str, raw_value: str) -> None:
     except yaml.YAMLError as err:
         problem = getattr(err, "problem", None) or type(err).__name__
         raise JobSpecError(f"--set {dotted}={raw_value}: the value is not valid YAML ({problem}); quote it, e.g. "
-                           f"--set '{dotted}=\"{raw_value}\"'") from None
+                           f"--set '{dotted}={json.dumps(raw_value)}'") from None
 
 
 def parse_spec(tree: Any, source: str = "<dict>") -> JobSpec:
@@ -453,8 +453,8 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
             raise JobSpecError(f"--set {item!r}: expected key=value, e.g. --set output.dir=/tmp/out")
         key, value = item.split("=", 1)
         set_override(tree, key.strip(), value)
-    if isinstance(tree, dict) and {"data", "model", "run"} <= set(tree) and "input" not in tree:
-        raise JobSpecError(f"job file {path} is a training job (sections data, model, run): run it with "
+    if isinstance(tree, dict) and {"data", "run"} <= set(tree) and "input" not in tree:
+        raise JobSpecError(f"job file {path} is a training job (sections data and run): run it with "
                            f"`g2face-pipe train {path}`; `run` takes anonymization jobs (see jobs/demo.yaml)")
     return parse_spec(tree, str(path))
 

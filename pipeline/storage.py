@@ -45,7 +45,7 @@ def list_shards(paths: str | list[str]) -> list[str]:
         if not matches:
             raise FileNotFoundError(f"input.paths: {item!r} matches no file; check the path or glob")
         for m in matches:
-            if (is_local(fs) or len(matches) == 1) and fs.isdir(m):
+            if is_local(fs) and fs.isdir(m):  # (remote: one more request per file; their readers say it)
                 raise FileNotFoundError(f"input.paths: {m!r} is a folder, not a shard; give a glob of its shards, "
                                         f"e.g. {item.rstrip('/')}/*.tar (or *.parquet)")
             url = m if is_local(fs) else f"{protocol}://{m}" if "://" not in m else m

@@ -252,14 +252,24 @@ def test_a_dry_run_refuses_what_the_run_would_refuse_and_writes_nothing(tmp_path
          "is not a parquet shard, but input.format is 'parquet'"),
         (dict(paths=str(src / "**" / "*.tar"), out=src / "anon"), JobSpecError,
          r"also matches .*anon/shards/nasa-000000\.tar, an output of this job"),
-        (dict(out=src), JobSpecError, "holds the input shard"),
+        (dict(paths=[str(src / "[!]a]*.tar")], out=src / "anon"), None, None),  # fsspec's glob syntax, not a crash
+        (dict(out="memory://out", keys={"create_demo_key": True}), JobSpecError, "works with a local output.dir only"),
         (dict(out=tmp_path / "a-file" / "out"), PermissionError, "a-file is a file"),
         (dict(anonymizer={"method": "g2face"}), JobSpecError, "needs keys.master"),
     ]
     for kwargs, error, match in cases:
+        if error is None:
+            dry(**kwargs)
+            continue
         with pytest.raises(error, match=match):
             dry(**kwargs)
+    (src / "anon" / "shards").mkdir(parents=True)
+    shutil.copy(DEMO_SHARDS[0], src / "anon" / "shards" / "x.tar")
+    with pytest.raises(JobSpecError, match=r"input shard .*anon/shards/x\.tar lies where this job writes its outputs"):
+        dry(paths=str(src / "anon" / "shards" / "x.tar"), out=src / "anon")
+    shutil.rmtree(src / "anon")
     dry(paths=str(src / "*.tar"), out=src / "anon")  # a glob that does not reach the outputs is fine
+    dry(paths=str(src / "*.tar"), out=src)  # so are outputs next to the inputs, in their own folders
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "in"] and not (src / "anon").exists()
     (tmp_path / "out" / "done").mkdir(parents=True)
     (tmp_path / "out" / "done" / f"{DEMO_SHARDS[0].name}.json").write_text("{")
