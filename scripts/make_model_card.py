@@ -160,7 +160,8 @@ def card_text(artifact: Path, sha256: str, meta: dict, ev: dict, stats: list[dic
         + (f" Not measured: {', '.join(unknown)}." if unknown else ""),
         "",
         "With the pipeline's identity guard (`anonymizer.identity_guard`, on by default) a face this model "
-        "leaves recognisable (dlib distance to its original below 0.6) is not published as anonymized: it gets the "
+        "leaves recognisable (dlib distance to its original below 0.6 on the aligned crop, or within the redraw "
+        "check's margin of it as the published image shows the face) is not published as anonymized: it gets the "
         "job's fallback method or its image is withheld, and the manifest says so (`fallback_reason: "
         "identity_match`). The bars below are measured with the guard off, with the pipeline's redraws "
         f"(`anonymizer.draws`: {_redraw(ev)}; every published face is one of the model's draws, see "
