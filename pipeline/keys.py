@@ -318,12 +318,12 @@ def keys_export_command(master: str | Path, shard: str, dataset: str, out: str |
 
     Raises KeyFileError (message ready for the user) on any problem; never prints key material.
     """
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", dataset):
+    from .spec import DATASET_ID_PATTERN
+
+    if not re.fullmatch(DATASET_ID_PATTERN, dataset):
         raise KeyFileError(f"--dataset {dataset!r} is not a dataset.id (letters, digits, '.', '_', '-'); give the "
                            "dataset.id of the job that wrote the shard (its run.json says it)")
-    named = posixpath.basename(shard.rstrip("/"))
-    if named != shard:  # a path: the key is bound to the shard's name, which recover reads from the file name
-        shard = named
+    shard = posixpath.basename(shard.rstrip("/"))  # the key is bound to the name, which recover reads from the file
     skid = export_shard_key(master, dataset, shard, out)
     return (
         f"exported shard key {skid} for dataset {dataset!r} shard {shard!r} to {out} (mode 0600); "

@@ -9,7 +9,8 @@ mostly detection (400 other val faces, all 16 draws judged: MTCNN finds none of 
 faces, none of all 16 of 1.8%; no draw gets past the identity check for 6.5% and 5.8%). The first draw that
 passes every check is kept; when none does, the best one (see ``DrawJudgement.rank``). The identity guard
 then judges what is kept, on the bare crop and by this checker's verdict on the kept draw (``redraw`` returns
-it): a kept draw judged not anonymized here gets the guard's fallback. Every kept face is an output of the model: nothing here edits pixels.
+it): a kept draw judged not anonymized here gets the guard's fallback. Every kept face is an output of the
+model: nothing here edits pixels.
 
 Checks, on the aligned crops, the way ``pipeline.metrics_stage`` later measures the published faces: the draw
 is first blended into its original crop through the paste-back mask (``align.paste_mask``), as the published

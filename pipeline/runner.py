@@ -129,9 +129,12 @@ def _normalized(url: str) -> str:
     return url if "://" in url else os.path.realpath(os.path.expanduser(url))
 
 
-def plan_shards(spec: JobSpec, fingerprint: str, key_id: str | None, model_id: str) -> list[ShardPlan]:
-    urls = storage.list_shards(spec.input.paths)
-    check_shard_urls(spec, urls)
+def plan_shards(spec: JobSpec, fingerprint: str, key_id: str | None, model_id: str,
+                urls: list[str] | None = None) -> list[ShardPlan]:
+    """The shards of ``urls`` (listed and checked here when None) and which are done."""
+    if urls is None:
+        urls = storage.list_shards(spec.input.paths)
+        check_shard_urls(spec, urls)
     layout = OutputLayout(spec.output.dir)
     seen: dict[str, str] = {}
     plans = []
@@ -276,7 +279,8 @@ def run_job(spec: JobSpec, dry_run: bool = False, echo: Callable[[str], None] = 
     check_key_configured(spec)  # fail fast, in order: a missing key, ...
     if spec.keys.master:
         load_master_key(spec.keys.master)
-    check_shard_urls(spec, storage.list_shards(spec.input.paths))  # ... unreadable or misplaced input ...
+    urls = storage.list_shards(spec.input.paths)  # ... unreadable or misplaced input ...
+    check_shard_urls(spec, urls)
     if dry_run:  # ... or unwritable output (a dry run writes nothing), before anything is created
         storage.check_writable_without_writing(spec.output.dir)
     else:
@@ -294,11 +298,11 @@ def run_job(spec: JobSpec, dry_run: bool = False, echo: Callable[[str], None] = 
         elif spec.keys.create_demo_key:
             key_line = (f"# key: a DEMO key would be created at {demo_key_path(spec.output.dir)} "
                         "(keys.create_demo_key); never use it for real data")
-        echo(dry_run_text(spec, plan_shards(spec, fingerprint, key_id, model_id)) + "\n" + key_line)
+        echo(dry_run_text(spec, plan_shards(spec, fingerprint, key_id, model_id, urls)) + "\n" + key_line)
         return {}
     if keys.demo_key_path:
         echo(f"using DEMO master key {keys.demo_key_path} (keys.create_demo_key); never use it for real data")
-    plans = plan_shards(spec, fingerprint, keys.key_id, model_id)
+    plans = plan_shards(spec, fingerprint, keys.key_id, model_id, urls)
     remove_stale_temp_files(spec.output.dir)
     model_hashes = {} if spec.input.aligned else verify_mtcnn_weights()
     # Models that only measure (never change an output byte) are listed apart from those that shape the output.

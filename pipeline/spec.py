@@ -19,6 +19,7 @@ from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_vali
 from pydantic.dataclasses import dataclass
 
 SPEC_VERSION = 1
+DATASET_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _STRICT = ConfigDict(extra="forbid")
 
 
@@ -34,7 +35,7 @@ class JobSpecError(ValueError):
 @dataclass(config=_STRICT, frozen=True)
 class DatasetSpec:
     id: str = Field(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        pattern=DATASET_ID_PATTERN,
         description="Stable identifier of the corpus; bound into payloads, keys and manifests.",
     )
 
@@ -157,8 +158,8 @@ class AnonymizerSpec:
         description="Method g2face: each output is compared with its original in dlib's identity space (aligned "
         "crops; with draws > 1 also as the published image will show it, blended into its surroundings, by the "
         "redraw check and its margin of 0.03); a face closer than identity_guard_distance still shows the same "
-        "person and is not published as it is: 'fallback' gives it the job's fallback method (fallback_reason identity_match; with fallback "
-        "'withhold' the image is withheld), 'withhold' withholds the image, 'off' publishes it anyway (only for "
+        "person and is not published as it is: 'fallback' gives it the job's fallback method (fallback_reason "
+        "identity_match; with fallback 'withhold' the image is withheld), 'withhold' withholds the image, 'off' publishes it anyway (only for "
         "measuring the model itself, as `g2face-pipe evaluate` does).",
     )
     identity_guard_distance: float = Field(

@@ -454,7 +454,8 @@ class AnonymizeStage(_Stage):
                 s, i, f = chunk[j]
                 f.payload_sent = None
                 if s.live:
-                    s.fail("withheld", f"face {i}: {_GUARD_FINDINGS[str(reasons[j])].format(guard.max_distance)} and {why}")
+                    finding = _GUARD_FINDINGS[str(reasons[j])].format(guard.max_distance)
+                    s.fail("withheld", f"face {i}: {finding} and {why}")
             return y
         y = y.clone()
         y[idx] = self.anonymizers[self.fallback].anonymize(x[idx], [chunk[j][2].seed for j in idx])
