@@ -14,9 +14,15 @@ With ``--guard fallback`` (repeatable with ``--guard off``) the runs keep the id
 production jobs do: the figures are then those of what a job publishes (faces the guard sent to the fallback
 count as the fallback's faces), and each line says how many faces the guard replaced.
 
+With ``--push 0 --push 0.5`` the runs differ only in ``anonymizer.identity_push``: faces that pass within
+the plain draws are the same in both, so the difference is what the push does to the faces no plain draw
+anonymized. ``--keys-from FILE`` restricts the slice to those samples (for example the keys an evaluation
+found still matching), where the push is all that changes.
+
 Usage (CPU, 2 cores: about 0.55 s per image at 8 draws, 0.7 s at 16):
     python bench/redraw.py --data '../shared/data/val/*.tar' --skip 400 --limit 400 --draws 8 --draws 16
     python bench/redraw.py --data '../shared/data/val/*.tar' --limit 400 --draws 16 --guard off --guard fallback
+    python bench/redraw.py --data '../shared/data/val/*.tar' --limit 1000 --draws 16 --push 0 --push 0.5
 """
 from __future__ import annotations
 
@@ -40,8 +46,9 @@ from pipeline.runner import run_job  # noqa: E402
 from pipeline.spec import parse_spec  # noqa: E402
 
 
-def slice_samples(urls: list[str], skip: int, limit: int, out: Path) -> int:
-    """Samples skip .. skip + limit of the shards, in order, as one WebDataset shard at ``out``; returns how many."""
+def slice_samples(urls: list[str], skip: int, limit: int, out: Path, keys: set[str] | None = None) -> int:
+    """Samples skip .. skip + limit of the shards (of those whose key is in ``keys``, when given), in order, as
+    one WebDataset shard at ``out``; returns how many."""
     seen, taken = 0, 0
     with tarfile.open(out, "w") as dst:
         for url in urls:
@@ -52,6 +59,8 @@ def slice_samples(urls: list[str], skip: int, limit: int, out: Path) -> int:
                     if not m.isfile():
                         continue
                     key = m.name.rsplit("/", 1)[-1].split(".")[0]
+                    if keys is not None and key not in keys:
+                        continue
                     if key != last:
                         last, seen = key, seen + 1
                         if seen > skip + limit:
@@ -63,10 +72,12 @@ def slice_samples(urls: list[str], skip: int, limit: int, out: Path) -> int:
 
 
 def run_draws(draws: int, shard: Path, scratch: Path, key: Path, checkpoint: Path, threads: int,
-              guard: str = "off") -> dict:
-    name = f"draws{draws}-guard-{guard}"
+              guard: str = "off", push: float | None = None) -> dict:
+    name = f"draws{draws}-guard-{guard}" + ("" if push is None else f"-push-{push:g}")
     tree = job_tree("g2face", [str(shard)], scratch / name, key, 128, checkpoint, "cpu", threads, 0, draws)
     tree["anonymizer"]["identity_guard"] = guard
+    if push is not None:
+        tree["anonymizer"]["identity_push"] = push
     t = time.perf_counter()
     run_job(parse_spec(tree, f"<bench {name}>"), echo=lambda *_: None)
     seconds = time.perf_counter() - t
@@ -76,12 +87,20 @@ def run_draws(draws: int, shard: Path, scratch: Path, key: Path, checkpoint: Pat
     privacy = privacy_row(name, run, None)  # bar 1's port figure, as evaluate computes it
     model = {m["method"]: m for m in privacy["by_method"]}.get("g2face", {})
     guarded = sum(f.get("fallback_reason") in ("identity_match", "identity_unchecked") for f in faces)
-    return {"draws": draws, "identity_guard": guard, "faces_guarded": guarded,
+    pushed = sum((f.get("identity_push") or 0) > 0 for f in faces)
+    g2 = [f for f in faces if f["method"] == "g2face"]
+    bers = [f["payload_ber"] for f in g2 if f.get("payload_ber") is not None]
+    an = run.doc["spec"]["anonymizer"]
+    return {"draws": draws, "identity_guard": guard, "identity_push": an.get("identity_push"),
+            "identity_push_after": an.get("identity_push_after"), "faces_pushed": pushed, "faces_guarded": guarded,
             "images": len(run.public), "faces": len(faces), "g2face_faces": model.get("faces", 0),
             "port_share_still_matching": privacy["share_still_matching"],
             "port_share_still_matching_g2face_only": model.get("share_still_matching"),
             "mean_identity_distance": (privacy["identity_distance"] or {}).get("mean"),
             "mtcnn_detection_rate": utility_row(name, run)["mtcnn_detection_rate"],
+            # the payload of a pushed draw must read back as well as a plain one's (bar 4)
+            "payload_verified_share": sum(bool(f.get("payload_ok")) for f in g2) / max(len(g2), 1),
+            "payload_ber_mean": sum(bers) / len(bers) if bers else None,
             "faces_by_kept_draw": {str(k): v for k, v in sorted(kept.items())},
             "seconds": round(seconds, 1), "seconds_per_image": round(seconds / max(len(run.public), 1), 3)}
 
@@ -94,6 +113,10 @@ def main(argv=None) -> int:
                     help="anonymizer.draws (repeatable; default 8 and 16)")
     ap.add_argument("--guard", action="append", default=[], choices=["off", "fallback"],
                     help="anonymizer.identity_guard (repeatable; default off, as evaluate measures the model)")
+    ap.add_argument("--push", type=float, action="append", default=[],
+                    help="anonymizer.identity_push (repeatable; default: the job default)")
+    ap.add_argument("--keys-from", help="take only the samples whose keys are listed in this file (one per line), "
+                    "e.g. the faces an evaluation found still matching; --skip and --limit then apply to those")
     ap.add_argument("--checkpoint", default=str(ROOT / "g2face" / "weights" / "g2face-lite-128.pt"))
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", help="write the figures as JSON here")
@@ -105,13 +128,15 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-redraw-") as tmp:
         scratch = Path(tmp)
         shard = scratch / "slice.tar"
-        n = slice_samples(storage.list_shards(args.data), args.skip, args.limit, shard)
+        keys = set(Path(args.keys_from).read_text().split()) if args.keys_from else None
+        n = slice_samples(storage.list_shards(args.data), args.skip, args.limit, shard, keys)
         key = scratch / "evaluation.key"
         write_evaluation_key(key, sha)
         for d in args.draws or [8, 16]:
             for guard in args.guard or ["off"]:
-                results.append(run_draws(d, shard, scratch, key, Path(args.checkpoint), args.threads, guard))
-                print(json.dumps(results[-1]), flush=True)
+                for push in args.push or [None]:
+                    results.append(run_draws(d, shard, scratch, key, Path(args.checkpoint), args.threads, guard, push))
+                    print(json.dumps(results[-1]), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"samples": n, "skip": args.skip, "runs": results}, indent=2) + "\n")
     return 0

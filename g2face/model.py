@@ -47,6 +47,19 @@ def face_generator(seed: int, stream: int) -> torch.Generator:
     return g
 
 
+def push_from_original(w_dummy: Tensor, w_original: Tensor, strength: Tensor) -> Tensor:
+    """Style codes (B, n_latent, style_dim) moved past the dummy's, away from the original identity's:
+    ``w_dummy + strength * (w_dummy - w_original)`` per face (``strength`` (B,), 0 leaves a code as it is).
+
+    Not in the paper: an inference-time option for faces whose plain draws all still show the person
+    (``pipeline.redraw``). It changes only which point of the mapper's own style space the generator
+    renders, never pixels, so what comes out is still a face the generator draws."""
+    assert w_dummy.shape == w_original.shape and strength.shape == w_dummy.shape[:1], (
+        w_dummy.shape, w_original.shape, strength.shape)
+    s = strength.to(w_dummy.dtype)[:, None, None]
+    return w_dummy + s * (w_dummy - w_original)
+
+
 def _check_seeds(seeds: Sequence[int] | Tensor, batch: int) -> list[int]:
     values = seeds.tolist() if isinstance(seeds, Tensor) else list(seeds)
     if len(values) != batch:
@@ -193,7 +206,8 @@ class G2Face(nn.Module):
             return cands[torch.arange(len(seeds), device=cands.device), pick]
 
     def anonymize(self, faces: Tensor, identity: Tensor | None, geometry: Tensor, payload_bits: Tensor,
-                  seeds: Sequence[int], *, max_identity_cosine: float = 0.0, dummy_attempts: int = 16) -> Tensor:
+                  seeds: Sequence[int], *, max_identity_cosine: float = 0.0, dummy_attempts: int = 16,
+                  identity_push: Tensor | Sequence[float] | None = None) -> Tensor:
         """Anonymised faces (B, 3, R, R) in [0, 1].
 
         Args:
@@ -203,6 +217,8 @@ class G2Face(nn.Module):
             geometry: the faces' geometry coefficients (B, geometry_dim), kept in the output.
             payload_bits: (B, payload_bits) of 0/1 hidden in each output (e.g. encrypted identity + ECC).
             seeds: one integer per face; same seed and inputs give bit-identical output.
+            identity_push: per-face strength (B,) of ``push_from_original`` (needs ``identity``); None or 0
+                renders the dummy's own style code, as the paper does.
         """
         with self._evaluating():
             x = self._faces_in(faces)
@@ -212,7 +228,17 @@ class G2Face(nn.Module):
             bits = self._bits_in(payload_bits, b)
             dummy = self.dummy_identities(seeds, identity, max_cosine=max_identity_cosine, attempts=dummy_attempts)
             noise = self.noise_from_seeds(seeds, STREAM_ANONYMIZE, x.device, x.dtype)
-            out = self.generate(x, self.styles(dummy, geometry), bits, noise)
+            w = self.styles(dummy, geometry)
+            if identity_push is not None:
+                push = torch.as_tensor(identity_push, dtype=torch.float32).flatten().to(x.device)
+                if push.shape != (b,) or bool((push < 0).any()):
+                    raise ValueError(f"identity_push must be {b} strengths >= 0, got shape {tuple(push.shape)}")
+                if bool((push > 0).any()):
+                    if identity is None:
+                        raise ValueError("identity_push needs the original faces' identity embeddings")
+                    w = push_from_original(w, self.styles(self._vectors_in("identity", identity, b,
+                                                                           self.config.identity_dim), geometry), push)
+            out = self.generate(x, w, bits, noise)
             return self._faces_out(out, faces.dtype)
 
     def extract(self, faces: Tensor) -> Tensor:

@@ -188,6 +188,9 @@ def render_html(doc: dict, figures: dict[str, bytes], grid: bytes | None) -> str
     if cov.get("redrawn_faces"):
         sec.append(f"<p>G2Face faces that kept a later draw (redraw, <code>anonymizer.draws</code>): "
                    f"{cov['redrawn_faces']}</p>")
+    if cov.get("pushed_faces"):
+        sec.append(f"<p>Of those, kept a draw pushed away from the original (<code>anonymizer.identity_push</code>): "
+                   f"{cov['pushed_faces']}</p>")
     if cov.get("samples_with_warnings"):
         sec.append(f"<p class='warn'>Samples published with a step skipped (manifest column <code>warnings</code>): "
                    f"{cov['samples_with_warnings']}</p>")

@@ -344,11 +344,17 @@ def _verification_section(verif: dict | None) -> dict:
 def _draws(run) -> dict:
     """The redraw setting of the model's run and which draw each published g2face face kept (pipeline.redraw)."""
     kept: dict[str, int] = {}
+    pushed = 0
     for r in run.public:
         for f in r.get("faces") or []:
             if r.get("published") and f.get("method") == "g2face" and f.get("draw") is not None:
                 kept[str(f["draw"])] = kept.get(str(f["draw"]), 0) + 1
-    return {"draws": run.doc.get("spec", {}).get("anonymizer", {}).get("draws", 1),
+                pushed += (f.get("identity_push") or 0) > 0
+    an = run.doc.get("spec", {}).get("anonymizer", {})
+    return {"draws": an.get("draws", 1),
+            # runs from before the identity push have no such fields and pushed nothing
+            "identity_push": an.get("identity_push", 0.0), "identity_push_after": an.get("identity_push_after"),
+            "faces_pushed": pushed,
             "faces_by_kept_draw": dict(sorted(kept.items(), key=lambda kv: int(kv[0])))}
 
 

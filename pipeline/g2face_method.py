@@ -63,6 +63,8 @@ def quality_record(artifact_sha256: str) -> dict:
         # the pipeline settings the figures rest on; a job with other settings gets other figures
         "evaluated_with": {
             "draws": redraw.get("draws", 1),
+            "identity_push": redraw.get("identity_push", 0.0),
+            "identity_push_after": redraw.get("identity_push_after"),
             "payload_reinforce_steps": reinforcement.get("steps", 0),
             "payload_reinforce_max_change": reinforcement.get("max_change_grey_levels"),
         },
@@ -162,9 +164,10 @@ class G2FaceAnonymizer:
         return self.identity_embeddings(faces), self.geometry(faces)
 
     def anonymize(self, faces: torch.Tensor, seeds: list[int], payload_bits: torch.Tensor | None = None,
-                  identity: torch.Tensor | None = None) -> torch.Tensor:
+                  identity: torch.Tensor | None = None, identity_push=None) -> torch.Tensor:
         """Anonymized crops in [0, 1]. payload_bits: (B, payload_bits) 0/1 to hide (None: seeded random bits);
-        identity: the crops' embeddings when the caller already has them (saves a second pass)."""
+        identity: the crops' embeddings when the caller already has them (saves a second pass); identity_push:
+        per-face strengths (B,) of ``g2face.model.push_from_original`` (None: none, the paper's draw)."""
         assert faces.ndim == 4 and faces.shape[1:] == (3, self.resolution, self.resolution), faces.shape
         assert len(seeds) == faces.shape[0]
         if identity is None:
@@ -172,7 +175,8 @@ class G2FaceAnonymizer:
         geometry = self.geometry(faces)
         if payload_bits is None:
             payload_bits = irreversible_bits(list(seeds), self.payload_bits)
-        return self.model.anonymize(faces, identity, geometry, payload_bits.to(faces.device).float(), list(seeds))
+        return self.model.anonymize(faces, identity, geometry, payload_bits.to(faces.device).float(), list(seeds),
+                                    identity_push=identity_push)
 
     def extract(self, faces: torch.Tensor) -> torch.Tensor:
         """Payload bit logits (B, payload_bits) read from (re-aligned) crops in [0, 1]."""

@@ -13,8 +13,8 @@ import pyarrow as pa
 from schemas import face_methods, load_json, sample_statuses
 
 # 2: per-face metrics struct and per-sample metrics_error; 3: per-face payload verification; 4: per-face draw and
-# per-sample warnings
-MANIFEST_VERSION = 4
+# per-sample warnings; 5: per-face identity_push
+MANIFEST_VERSION = 5
 STATUSES = sample_statuses()
 FACE_METHODS = face_methods()
 _STATUS = load_json("status.json")
@@ -51,6 +51,9 @@ FACE_TYPE = pa.struct(
         ("payload_ber", pa.float32()),
         # g2face only: which draw of the face's seed sequence is published (0: the first; pipeline/redraw.py)
         ("draw", pa.int32()),
+        # g2face only: how far that draw's style code was pushed away from the original's (0: the paper's plain
+        # draw; pipeline/redraw.py push_strength). Reproducing a published face needs the draw and this.
+        ("identity_push", pa.float32()),
     ]
 )
 

@@ -173,8 +173,9 @@ class OfficialG2FaceAnonymizer:
         return self.identity_embeddings(faces), self.geometry(faces)
 
     def anonymize(self, faces: torch.Tensor, seeds: list[int], payload_bits: torch.Tensor | None = None,
-                  identity: torch.Tensor | None = None) -> torch.Tensor:
-        """Anonymized crops in [0, 1]; payload_bits (B, 16384) 0/1 to hide (None: seeded random bits)."""
+                  identity: torch.Tensor | None = None, identity_push=None) -> torch.Tensor:
+        """Anonymized crops in [0, 1]; payload_bits (B, 16384) 0/1 to hide (None: seeded random bits);
+        identity_push: see ``G2Face.anonymize``."""
         assert faces.ndim == 4 and faces.shape[1:] == (3, self.resolution, self.resolution), faces.shape
         assert len(seeds) == faces.shape[0]
         if identity is None:
@@ -182,7 +183,7 @@ class OfficialG2FaceAnonymizer:
         if payload_bits is None:
             payload_bits = irreversible_bits(list(seeds), self.payload_bits)
         return self.model.anonymize(faces, identity, self.geometry(faces), payload_bits.to(faces.device).float(),
-                                    list(seeds))
+                                    list(seeds), identity_push=identity_push)
 
     def extract(self, faces: torch.Tensor) -> torch.Tensor:
         """Payload bit logits (B, 16384) read from (re-aligned) crops in [0, 1]."""

@@ -180,6 +180,22 @@ class AnonymizerSpec:
         "images, 2 CPU cores, 16 against 8 draws: MTCNN re-detection 0.92 against 0.88, published faces still "
         "matching 5.9% against 6.6%, about 25% more time per image with the metrics stage on; bench/redraw.py).",
     )
+    identity_push: float = Field(
+        default=0.5, ge=0, le=2,
+        description="Method g2face with draws > identity_push_after: a face none of whose first identity_push_after "
+        "draws got past the identity check is drawn from then on with its style code pushed away from the "
+        "original's (w_dummy + s * (w_dummy - w_original), s rising from this value to nearly twice it over the "
+        "remaining draws); faces that only failed the detection check keep plain draws. It moves which face the "
+        "generator draws, never pixels; not in the paper. The manifest's `identity_push` gives each kept draw's "
+        "s. 0 turns it off (every draw as the paper draws it). Measured with bench/redraw.py --push (faces no "
+        "earlier draw anonymized: most of them no longer match, at some cost in MTCNN re-detection; see the "
+        "model card).",
+    )
+    identity_push_after: int = Field(
+        default=8, ge=1, le=16,
+        description="Method g2face: draws made as the paper draws them before identity_push starts (faces that "
+        "pass within them are published exactly as without the push).",
+    )
     payload_reinforce_steps: int = Field(
         default=12, ge=0, le=20,
         description="Method g2face with the shipped priors, reversible payload: up to this many projected-gradient "
@@ -470,6 +486,11 @@ def reinforcement_applies(an: AnonymizerSpec) -> bool:
             and an.payload_reinforce_steps > 0)
 
 
+def push_applies(an: AnonymizerSpec) -> bool:
+    """Whether some draw of this anonymizer can be pushed (g2face, identity_push > 0, draws beyond the plain ones)."""
+    return an.method == "g2face" and an.identity_push > 0 and an.draws > an.identity_push_after
+
+
 def spec_fingerprint(spec: JobSpec) -> str:
     """Hash of what shapes the output bytes of a shard (fingerprint_fields)."""
     return _hash(fingerprint_fields(spec))
@@ -507,6 +528,9 @@ def fingerprint_fields(spec: JobSpec, weight_paths: bool = False) -> dict:
             d[section].pop(key)
     if spec.anonymizer.method != "g2face":  # blur / pixelate jobs never draw
         d["anonymizer"].pop("draws")
+    if not push_applies(spec.anonymizer):  # jobs that never push keep the fingerprints of before the field
+        d["anonymizer"].pop("identity_push")
+        d["anonymizer"].pop("identity_push_after")
     if not reinforcement_applies(spec.anonymizer):  # jobs whose bytes it does not touch keep their fingerprints
         d["anonymizer"].pop("payload_reinforce_steps")
         d["anonymizer"].pop("payload_reinforce_max_change")

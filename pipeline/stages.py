@@ -79,6 +79,7 @@ class Face:
     payload_status: str | None = None
     payload_ber: float | None = None
     draw: int | None = None  # g2face: which draw of the face's seed sequence is published (pipeline.redraw)
+    identity_push: float | None = None  # g2face: that draw's push away from the original (0: the paper's draw)
     payload_sent: np.ndarray | None = None  # the hidden bits (ciphertext + ECC, or random), memory only, until verified
 
 
@@ -358,6 +359,8 @@ class AnonymizeStage(_Stage):
         draws: g2face draws per face at most; a draw that ``draw_checker`` rejects is drawn again
             (``pipeline.redraw``; 1: every face keeps its first draw).
         draw_checker: a ``pipeline.redraw.DrawChecker`` (needed when ``draws`` > 1).
+        identity_push, identity_push_after: from draw ``identity_push_after`` on, faces that no draw anonymized
+            yet are drawn pushed away from the original (``pipeline.redraw.push_strength``; 0: never).
 
     Reversible g2face: the shard worker sets ``payload`` (a ``pipeline.verify.ShardPayload``) before each
     shard; each face's identity embedding is encoded into its payload bits here and never kept.
@@ -365,7 +368,7 @@ class AnonymizeStage(_Stage):
 
     def __init__(self, anonymizers: dict, batch_size: int, device: str, fail_fast: bool = False,
                  payload_mode: str | None = None, identity_guard=None, fallback: str = "pixelate",
-                 draws: int = 1, draw_checker=None):
+                 draws: int = 1, draw_checker=None, identity_push: float = 0.0, identity_push_after: int = 8):
         super().__init__(fail_fast)
         if draws > 1 and draw_checker is None:
             raise ValueError("draws > 1 needs a draw_checker (pipeline.redraw.DrawChecker)")
@@ -378,6 +381,8 @@ class AnonymizeStage(_Stage):
         self.fallback = fallback
         self.draws = draws
         self.draw_checker = draw_checker
+        self.identity_push = float(identity_push)
+        self.identity_push_after = int(identity_push_after)
 
     def _g2face(self, model, x: torch.Tensor, chunk: list) -> tuple[torch.Tensor, np.ndarray | None]:
         """The chunk's outputs and, with redraws, the published-look verdicts for the guard (``_drawn``)."""
@@ -401,17 +406,19 @@ class AnonymizeStage(_Stage):
 
     def _drawn(self, model, x: torch.Tensor, chunk: list, seeds: list[int], y: torch.Tensor,
                **inputs) -> tuple[torch.Tensor, np.ndarray | None]:
-        """``y`` with each face that fails the draw checks drawn again (``pipeline.redraw``); records the draw.
+        """``y`` with each face that fails the draw checks drawn again (``pipeline.redraw``); records the draw
+        and its push.
         Also returns, per face, what the published-look identity check says for the guard (None without
         redraws): 'identity_match' (the kept draw still shows the person), 'identity_unchecked' (the redraw
         failed, so nothing judged it) or '' (anonymized)."""
-        kept = np.zeros(len(chunk), np.int64)
+        kept, pushed = np.zeros(len(chunk), np.int64), np.zeros(len(chunk))
         published = None
         if self.draws > 1:
             checker = self.draw_checker
             try:
                 reference = checker.reference([(s.image.rgb, f.transform, f.box) for s, _, f in chunk])
-                y, kept, verdict = redraw(model.anonymize, checker, reference, x, y, seeds, self.draws, **inputs)
+                y, kept, verdict, pushed = redraw(model.anonymize, checker, reference, x, y, seeds, self.draws,
+                                                  self.identity_push, self.identity_push_after, **inputs)
                 published = np.where(verdict.anonymized, "", "identity_match")
                 del reference, verdict
             except Exception as e:
@@ -422,11 +429,12 @@ class AnonymizeStage(_Stage):
                     raise
                 _log.warning("redraw failed, keeping the first draws of %d face(s): %s: %s", len(chunk),
                              type(e).__name__, e)
-                kept, published = np.zeros(len(chunk), np.int64), np.full(len(chunk), "identity_unchecked")
+                kept, pushed = np.zeros(len(chunk), np.int64), np.zeros(len(chunk))
+                published = np.full(len(chunk), "identity_unchecked")
                 for sample in {id(s): s for s, _, _ in chunk}.values():
                     sample.warnings.append(f"redraw failed, first draws kept: {_brief(e)}")
-        for (_, _, f), k in zip(chunk, kept):
-            f.draw = int(k)
+        for (_, _, f), k, p in zip(chunk, kept, pushed):
+            f.draw, f.identity_push = int(k), float(p)
         return y, published
 
     def setup(self) -> None:
@@ -461,7 +469,8 @@ class AnonymizeStage(_Stage):
         y[idx] = self.anonymizers[self.fallback].anonymize(x[idx], [chunk[j][2].seed for j in idx])
         for j in idx:
             f = chunk[j][2]
-            f.method, f.fallback_reason, f.payload_sent, f.draw = self.fallback, str(reasons[j]), None, None
+            f.method, f.fallback_reason, f.payload_sent, f.draw, f.identity_push = (
+                self.fallback, str(reasons[j]), None, None, None)
         return y
 
     def process(self, batch: list[Sample]) -> list[Sample]:

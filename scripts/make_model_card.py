@@ -119,7 +119,14 @@ def _redraw(ev: dict) -> str:
         return "off (every face's first draw)"
     kept = r.get("faces_by_kept_draw") or {}
     later = sum(n for k, n in kept.items() if k != "0")
-    return f"up to {draws} draws" + (f" ({later} of {sum(kept.values())} faces kept a later draw)" if kept else "")
+    text = f"up to {draws} draws" + (f" ({later} of {sum(kept.values())} faces kept a later draw)" if kept else "")
+    push, after = r.get("identity_push") or 0.0, r.get("identity_push_after")
+    if push > 0 and after is not None and draws > after:
+        text += (f"; identity push {_fmt(push)} from draw {after} for faces no earlier draw anonymized "
+                 f"(`anonymizer.identity_push`; {r.get('faces_pushed', 0)} faces kept a pushed draw)")
+    else:
+        text += "; identity push off"
+    return text
 
 
 def _port_by_method(ev: dict) -> list[str]:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from g2face.config import LITE_128, PAPER_256, PRESETS, G2FaceConfig, preset
 from g2face.encoder import payload_planes
-from g2face.model import G2Face
+from g2face.model import G2Face, push_from_original
 from g2face.stylegan2 import Discriminator
 
 
@@ -135,6 +135,28 @@ def test_dummy_identities_keep_away_from_the_original(lite):
     assert (best <= cos).all() and (best < 0.5).all()
     same = lite.dummy_identities(seeds, -free, max_cosine=0.0)  # already far: first candidate is kept
     assert torch.equal(same, free)
+
+
+def test_identity_push_moves_only_the_pushed_faces_style_code_away_from_the_original(lite):
+    faces, ident, geo, bits = _inputs(LITE_128, 3)
+    plain = lite.anonymize(faces, ident, geo, bits, [5, 6, 7])
+    # strength 0 is the paper's draw, bit for bit, whatever the batch mates get
+    assert torch.equal(lite.anonymize(faces, ident, geo, bits, [5, 6, 7], identity_push=[0.0, 0.0, 0.0]), plain)
+    pushed = lite.anonymize(faces, ident, geo, bits, [5, 6, 7], identity_push=[0.0, 1.0, 0.0])
+    assert torch.equal(pushed[0], plain[0]) and torch.equal(pushed[2], plain[2])
+    assert (pushed[1] - plain[1]).abs().mean() > 1e-3
+    # the math: past the dummy's code, along dummy - original, by the strength
+    w_d, w_o = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    out = push_from_original(w_d, w_o, torch.tensor([0.0, 0.5]))
+    assert torch.equal(out[0], w_d[0])
+    torch.testing.assert_close(out[1], 1.5 * w_d[1] - 0.5 * w_o[1])
+    assert (out[1] - w_o[1]).norm() > (w_d[1] - w_o[1]).norm()
+    with pytest.raises(ValueError, match="identity embeddings"):
+        lite.anonymize(faces, None, geo, bits, [5, 6, 7], identity_push=[0.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="3 strengths"):
+        lite.anonymize(faces, ident, geo, bits, [5, 6, 7], identity_push=[1.0, 1.0])
+    with pytest.raises(ValueError, match="3 strengths"):
+        lite.anonymize(faces, ident, geo, bits, [5, 6, 7], identity_push=[1.0, -1.0, 0.0])
 
 
 def test_float64_and_bf16_autocast_agree_with_fp32(lite):

@@ -317,6 +317,7 @@ def test_model_card_states_exactly_the_evaluated_numbers(evaluated, artifact, tm
     assert "Recipe: weights.dissimilar_margin=0.8" in text
     assert "payload reinforcement 12 steps, at most 6 grey levels" in text  # the pipeline setting bar 4 rests on
     assert "redraws up to 16 draws" in text  # and the redraws that bars 1 and 5 rest on
+    assert "identity push 0.5 from draw 8" in text
     g2 = next(r for r in json.loads(eval_json.read_text())["privacy_rows"] if r["method"] == "g2face")
     split = {m["method"]: m for m in g2["by_method"]}
     assert sum(m["faces"] for m in split.values()) == g2["faces"] and "g2face" in split

@@ -143,7 +143,10 @@ def test_quality_record_of_the_shipped_model_is_its_evaluation():
     assert record["bars_not_yet_met"] == sorted(k for k, b in bars.items() if b["pass"] is False)
     assert set(record["bars_met"]) | set(record["bars_not_yet_met"]) | set(record["bars_not_measured"]) == set(bars)
     reinforcement = ev["payload"]["reinforcement"]
-    assert record["evaluated_with"] == {"draws": ev["model"]["redraw"]["draws"],  # the settings behind the figures
+    redraw = ev["model"]["redraw"]
+    assert record["evaluated_with"] == {"draws": redraw["draws"],  # the settings behind the figures
+                                        "identity_push": redraw.get("identity_push", 0.0),
+                                        "identity_push_after": redraw.get("identity_push_after"),
                                         "payload_reinforce_steps": reinforcement["steps"],
                                         "payload_reinforce_max_change": reinforcement["max_change_grey_levels"]}
     card = (shipped_evaluation_path().parents[2] / record["card"]).read_text()
@@ -154,17 +157,20 @@ def test_quality_record_names_the_settings_its_evaluation_ran_at(tmp_path, monke
     import pipeline.g2face_method as method
 
     bars = {"1_anonymization_port": {"pass": False}, "6_pixel_change": {"pass": True}}
-    ev = {"model": {"artifact_sha256": "ab" * 32, "redraw": {"draws": 5}}, "bars": bars,
+    ev = {"model": {"artifact_sha256": "ab" * 32,
+                    "redraw": {"draws": 5, "identity_push": 0.5, "identity_push_after": 3}}, "bars": bars,
           "payload": {"reinforcement": {"steps": 3, "max_change_grey_levels": 2}}, "data": {"samples": 10}}
     path = tmp_path / "m.eval.json"
     path.write_text(json.dumps(ev))
     monkeypatch.setattr(method, "shipped_evaluation_path", lambda: path)
     record = quality_record("ab" * 32)
-    assert record["evaluated_with"] == {"draws": 5, "payload_reinforce_steps": 3, "payload_reinforce_max_change": 2}
+    assert record["evaluated_with"] == {"draws": 5, "identity_push": 0.5, "identity_push_after": 3,
+                                        "payload_reinforce_steps": 3, "payload_reinforce_max_change": 2}
     assert (record["bars_met"], record["bars_not_yet_met"]) == (["6_pixel_change"], ["1_anonymization_port"])
     for k in ("redraw", "reinforcement"):  # an evaluation from before redraws and reinforcement: both off
         (ev["model"] if k == "redraw" else ev["payload"]).pop(k)
     path.write_text(json.dumps(ev))
-    assert quality_record("ab" * 32)["evaluated_with"] == {"draws": 1, "payload_reinforce_steps": 0,
+    assert quality_record("ab" * 32)["evaluated_with"] == {"draws": 1, "identity_push": 0.0, "identity_push_after": None,
+                                                           "payload_reinforce_steps": 0,
                                                            "payload_reinforce_max_change": None}
     assert quality_record("cd" * 32)["evaluated"] is False  # another model: not evaluated

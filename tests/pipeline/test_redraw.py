@@ -8,7 +8,7 @@ import torch
 from conftest import DEMO_SHARDS, job_tree
 from pipeline.anonymizers import PixelateAnonymizer
 from pipeline.g2face_method import G2FaceAnonymizer
-from pipeline.redraw import DrawChecker, draw_seed, redraw
+from pipeline.redraw import DrawChecker, draw_seed, push_strength, redraw
 from pipeline.shardio import read_webdataset
 from pipeline.spec import JobSpecError, parse_spec, spec_fingerprint
 from pipeline.stages import AlignStage, AnonymizeStage, DecodeStage, DetectStage, PasteEncodeStage, Sample
@@ -76,7 +76,8 @@ def test_kept_face_is_the_best_real_draw_when_none_passes(faces, model):
     reference = checker.reference(refs)
     with torch.inference_mode():
         draws = [model.anonymize(x, [draw_seed(s, k) for s in seeds]) for k in range(3)]
-        y, kept, verdict = redraw(model.anonymize, checker, reference, x, draws[0], seeds, 3)
+        y, kept, verdict, pushed = redraw(model.anonymize, checker, reference, x, draws[0], seeds, 3)
+    assert not pushed.any()  # push off by default: every draw is the paper's
     judged = [checker.judge(reference, d, np.arange(len(items))) for d in draws]
     ranks = np.stack([j.rank() for j in judged])
     assert (kept == ranks.argmax(0)).all(), (kept, ranks)
@@ -101,8 +102,8 @@ def test_reversible_inputs_follow_their_faces_into_each_draw(faces, model):
         identity = model.identity_embeddings(x)
         draws = [model.anonymize(x, [draw_seed(s, k) for s in seeds], payload_bits=bits, identity=identity)
                  for k in range(3)]
-        y, kept, _ = redraw(model.anonymize, checker, checker.reference(refs), x, draws[0], seeds, 3,
-                         payload_bits=bits, identity=identity)
+        y, kept, _, _ = redraw(model.anonymize, checker, checker.reference(refs), x, draws[0], seeds, 3,
+                            payload_bits=bits, identity=identity)
         swapped = model.anonymize(x, [draw_seed(s, 1) for s in seeds], payload_bits=bits.roll(1, 0),
                                   identity=identity)
     assert (kept > 0).any()
@@ -118,30 +119,92 @@ def test_faces_passing_their_first_draw_keep_it(faces, model):
     reference = checker.reference(refs)
     with torch.inference_mode():
         y0 = model.anonymize(x, seeds)
-        y, kept, verdict = redraw(model.anonymize, checker, reference, x, y0, seeds, 4)
+        y, kept, verdict, _ = redraw(model.anonymize, checker, reference, x, y0, seeds, 4, push=0.5, push_after=1)
     passed = checker.judge(reference, y0, np.arange(len(items))).passed
     assert passed.any()
     assert (kept[passed] == 0).all() and torch.equal(y[passed], y0[passed])
     assert verdict.anonymized[passed].all()
 
 
+def test_push_strength_starts_after_the_plain_draws_and_rises():
+    assert [push_strength(k, 16, 0.5, 8) for k in (0, 7)] == [0.0, 0.0]
+    assert push_strength(8, 16, 0.5, 8) == 0.5 and push_strength(12, 16, 0.5, 8) == 0.75
+    assert 0.9 < push_strength(15, 16, 0.5, 8) < 1.0
+    assert push_strength(15, 16, 0.0, 8) == 0.0 and push_strength(3, 4, 0.5, 1) == 0.5 * (1 + 2 / 3)
+
+
+def _recording(model):
+    calls = []
+
+    def anonymize(x, seeds, **kw):
+        push = kw.get("identity_push")
+        calls.append(None if push is None else push.tolist())
+        return model.anonymize(x, seeds, **kw)
+    return anonymize, calls
+
+
+def test_faces_no_draw_anonymized_are_pushed_and_the_kept_push_reproduces_them(faces, model):
+    _, items = faces
+    x, seeds, refs = _inputs(items)
+    n = len(items)
+    checker = _checker(identity_margin=1.5)  # no draw is ever anonymized: every face is pushed from draw 1
+    reference = checker.reference(refs)
+    anonymize, calls = _recording(model)
+    with torch.inference_mode():
+        y0 = model.anonymize(x, seeds)
+        y, kept, verdict, pushed = redraw(anonymize, checker, reference, x, y0, seeds, 3, push=0.5, push_after=1)
+        strengths = {k: push_strength(k, 3, 0.5, 1) for k in (1, 2)}
+        plain = {k: model.anonymize(x, [draw_seed(s, k) for s in seeds]) for k in (1, 2)}
+        pushed_draws = {k: model.anonymize(x, [draw_seed(s, k) for s in seeds], identity_push=[strengths[k]] * n)
+                        for k in (1, 2)}
+    assert calls == [[0.5] * n, [0.75] * n]
+    assert (kept > 0).any()
+    for i, k in enumerate(kept):
+        assert pushed[i] == (strengths[k] if k else 0.0)
+        assert torch.equal(y[i], (pushed_draws[k] if k else y0)[i])  # the recorded (draw, push) is what was kept
+    # the push changes the draws (what it buys on faces the plain draws leave matching: bench/redraw.py --push)
+    assert all((pushed_draws[k] - plain[k]).abs().mean() > 0.01 for k in (1, 2))
+
+
+def test_faces_that_only_failed_detection_are_never_pushed(faces, model):
+    _, items = faces
+    x, seeds, refs = _inputs(items)
+    checker = _checker(identity_margin=-0.6, detection_score=1.01)  # every draw anonymized, none confident
+    anonymize, calls = _recording(model)
+    with torch.inference_mode():
+        y0 = model.anonymize(x, seeds)
+        _, kept, verdict, pushed = redraw(anonymize, checker, checker.reference(refs), x, y0, seeds, 3,
+                                          push=0.5, push_after=1)
+    assert calls == [None, None] and not pushed.any() and verdict.anonymized.all()
+
+
 def test_stage_records_the_kept_draw_reproduces_it_and_verifies_its_bits(faces, model):
     samples, _ = faces
 
-    def run(draws):
+    def run(draws, push=0.0):
         copies = [Sample(s.raw, image=s.image, faces=[type(f)(**{**f.__dict__}) for f in s.faces]) for s in samples]
         stages = [AnonymizeStage({"g2face": model, "pixelate": PixelateAnonymizer(R, 8)}, 8, "cpu",
                                  payload_mode="irreversible", draws=draws,
-                                 draw_checker=_checker(identity_margin=0.3) if draws > 1 else None),
+                                 draw_checker=_checker(identity_margin=0.3) if draws > 1 else None,
+                                 identity_push=push, identity_push_after=1),
                   PasteEncodeStage("png", 95, "pass"), VerifyStage(model, R, "irreversible", 10**8, 8, "cpu")]
         for st in stages:
             st.setup()
             copies = st.process(copies)
         return [f for s in copies for f in s.faces if f.method == "g2face"]
 
-    first, redrawn = run(1), run(3)
+    first, redrawn, pushed = run(1), run(3), run(3, push=0.5)
     originals = [f for s in samples for f in s.faces if f.method == "g2face"]
     assert [f.draw for f in first] == [0] * len(first)
+    assert [f.identity_push for f in first + redrawn] == [0.0] * (len(first) + len(redrawn))
+    assert any(f.identity_push for f in pushed)  # margin 0.3: some face no draw anonymized gets pushed draws
+    for o, p in zip(originals, pushed):
+        assert p.identity_push == (push_strength(p.draw, 3, 0.5, 1) if p.identity_push else 0.0)
+        x = torch.from_numpy(o.crop).permute(2, 0, 1)[None].float() / 255.0
+        with torch.inference_mode():
+            y = model.anonymize(x, [draw_seed(o.seed, p.draw)], identity_push=[p.identity_push])
+        again = y[0].mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        assert np.abs(again.astype(int) - p.crop).max() <= 1  # the recorded (draw, push) reproduces the face
     assert {f.draw for f in redrawn} <= {0, 1, 2} and any(f.draw for f in redrawn)  # margin 0.3 forces redraws
     # verification reads each face's bits against the seed of the draw it kept (random bits: 0.5 if not)
     assert max(f.payload_ber for f in first + redrawn) < 0.1, [f.payload_ber for f in first + redrawn]
@@ -165,6 +228,21 @@ def test_draws_are_validated_and_shape_only_g2face_fingerprints(tmp_path):
     assert spec_fingerprint(blur[0]) == spec_fingerprint(blur[1])
     g2 = [parse_spec(job_tree(tmp_path, DEMO_SHARDS[0], anonymizer={"method": "g2face", "draws": d})) for d in (1, 8)]
     assert spec_fingerprint(g2[0]) != spec_fingerprint(g2[1])
+
+
+def test_the_push_shapes_fingerprints_only_where_a_draw_can_be_pushed(tmp_path):
+    def fp(**an):
+        return spec_fingerprint(parse_spec(job_tree(tmp_path, DEMO_SHARDS[0], anonymizer={"method": "g2face", **an})))
+
+    pushing = fp(draws=16)
+    assert pushing != fp(draws=16, identity_push=0) and pushing != fp(draws=16, identity_push=1.0)
+    assert pushing != fp(draws=16, identity_push_after=4)
+    # no draw is ever pushed: the fingerprint of before the fields, whatever they say
+    assert fp(draws=16, identity_push=0) == fp(draws=16, identity_push=0, identity_push_after=3)
+    assert fp(draws=8) == fp(draws=8, identity_push=1.5)
+    for bad in ({"identity_push": -0.1}, {"identity_push": 3}, {"identity_push_after": 0}):
+        with pytest.raises(JobSpecError, match="anonymizer.identity_push"):
+            parse_spec(job_tree(tmp_path, DEMO_SHARDS[0], anonymizer=bad))
 
 
 def test_a_failing_redraw_keeps_the_first_draws_and_says_so(faces, model):
