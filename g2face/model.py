@@ -231,8 +231,9 @@ class G2Face(nn.Module):
             w = self.styles(dummy, geometry)
             if identity_push is not None:
                 push = torch.as_tensor(identity_push, dtype=torch.float32).flatten().to(x.device)
-                if push.shape != (b,) or bool((push < 0).any()):
-                    raise ValueError(f"identity_push must be {b} strengths >= 0, got shape {tuple(push.shape)}")
+                if push.shape != (b,) or not bool(torch.isfinite(push).all()) or bool((push < 0).any()):
+                    raise ValueError(f"identity_push must be {b} finite strengths >= 0 (one per face), got "
+                                     f"{push.tolist() if push.numel() <= 8 else tuple(push.shape)}")
                 if bool((push > 0).any()):
                     if identity is None:
                         raise ValueError("identity_push needs the original faces' identity embeddings")

@@ -351,9 +351,10 @@ def _draws(run) -> dict:
                 kept[str(f["draw"])] = kept.get(str(f["draw"]), 0) + 1
                 pushed += (f.get("identity_push") or 0) > 0
     an = run.doc.get("spec", {}).get("anonymizer", {})
-    return {"draws": an.get("draws", 1),
-            # runs from before the identity push have no such fields and pushed nothing
-            "identity_push": an.get("identity_push", 0.0), "identity_push_after": an.get("identity_push_after"),
+    draws, after = an.get("draws", 1), an.get("identity_push_after")
+    # runs from before the identity push have no such fields and pushed nothing; nor do runs with too few draws
+    push = an.get("identity_push", 0.0) if after is not None and draws > after else 0.0
+    return {"draws": draws, "identity_push": push, "identity_push_after": after,
             "faces_pushed": pushed,
             "faces_by_kept_draw": dict(sorted(kept.items(), key=lambda kv: int(kv[0])))}
 

@@ -144,14 +144,17 @@ class _ModelServer:
             return self.model.identity_embeddings(self._faces(crops)).float().cpu().numpy()
 
     def anonymize(self, crops: np.ndarray, seeds: list[int], payload_bits: np.ndarray | None = None,
-                  identity: np.ndarray | None = None) -> np.ndarray:
+                  identity: np.ndarray | None = None, identity_push: np.ndarray | None = None) -> np.ndarray:
         x = self._faces(crops)
+        # g2face redraws only: per-face push strengths (pipeline.redraw); absent for the paper's plain draws
+        push = {} if identity_push is None else {"identity_push": torch.from_numpy(np.array(identity_push))}
         with torch.inference_mode():
             if payload_bits is None:
-                y = self.model.anonymize(x, seeds)
+                y = self.model.anonymize(x, seeds, **push)
             else:  # g2face: the caller's (encrypted) payload bits, and the embeddings it already has
                 ident = None if identity is None else torch.from_numpy(np.array(identity)).to(self.device)
-                y = self.model.anonymize(x, seeds, payload_bits=torch.from_numpy(np.array(payload_bits)), identity=ident)
+                y = self.model.anonymize(x, seeds, payload_bits=torch.from_numpy(np.array(payload_bits)), identity=ident,
+                                         **push)
         return y.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
     def payload_margin_gradient(self, crops: np.ndarray, bits: np.ndarray, margin: float):
@@ -198,12 +201,13 @@ class RemoteAnonymizer:
         return torch.from_numpy(np.array(out)).to(faces.device)
 
     def anonymize(self, faces: torch.Tensor, seeds: list[int], payload_bits: torch.Tensor | None = None,
-                  identity: torch.Tensor | None = None) -> torch.Tensor:
+                  identity: torch.Tensor | None = None, identity_push: torch.Tensor | None = None) -> torch.Tensor:
         import ray
 
         bits = None if payload_bits is None else payload_bits.to(torch.uint8).cpu().numpy()
         ident = None if identity is None else identity.float().cpu().numpy()
-        out = ray.get(self._next().anonymize.remote(self._crops(faces), list(seeds), bits, ident))
+        push = None if identity_push is None else torch.as_tensor(identity_push).float().cpu().numpy()
+        out = ray.get(self._next().anonymize.remote(self._crops(faces), list(seeds), bits, ident, push))
         return torch.from_numpy(np.array(out)).to(faces.device).permute(0, 3, 1, 2).float().div_(255.0)
 
     def payload_margin_gradient(self, crops: np.ndarray, bits: np.ndarray, margin: float):

@@ -182,10 +182,11 @@ class AnonymizerSpec:
     )
     identity_push: float = Field(
         default=0.5, ge=0, le=2,
-        description="Method g2face with draws > identity_push_after: a face none of whose first identity_push_after "
-        "draws got past the identity check is drawn from then on with its style code pushed away from the "
-        "original's (w_dummy + s * (w_dummy - w_original), s rising from this value to nearly twice it over the "
-        "remaining draws); faces that only failed the detection check keep plain draws. It moves which face the "
+        description="Method g2face with draws > identity_push_after: from draw identity_push_after on, a face that "
+        "no draw so far got past the identity check is drawn with its style code pushed away from the "
+        "original's (w_dummy + s * (w_dummy - w_original), s rising linearly from this value towards twice it "
+        "over the remaining draws: 0.5 to 0.94 at the defaults); faces that passed the identity check and failed "
+        "only the detection check get plain draws. It moves which face the "
         "generator draws, never pixels; not in the paper. The manifest's `identity_push` gives each kept draw's "
         "s. 0 turns it off (every draw as the paper draws it). Measured with bench/redraw.py --push (faces no "
         "earlier draw anonymized: most of them no longer match, at some cost in MTCNN re-detection; see the "

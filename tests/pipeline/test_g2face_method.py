@@ -72,10 +72,17 @@ def test_irreversible_payload_is_seeded_noise():
     assert abs(a.mean().item() - 0.5) < 0.02
 
 
-def test_reversible_g2face_in_the_model_pool_writes_what_a_local_model_writes(ray_local, tmp_path, artifact):
+# an identity check no draw passes (distance 1.5 + margin): every face is drawn pushed from draw 1
+PUSHING = {"draws": 3, "identity_push": 0.5, "identity_push_after": 1, "identity_guard_distance": 1.5,
+           "identity_guard": "off"}
+
+
+@pytest.mark.parametrize("settings", [{}, PUSHING], ids=["default", "pushed-draws"])
+def test_reversible_g2face_in_the_model_pool_writes_what_a_local_model_writes(ray_local, tmp_path, artifact, settings):
     """The GPU model pool path (a Ray actor holding the model, here on the CPU): the shard worker sends crops,
-    gets embeddings back, encrypts them itself (the key never reaches the pool) and sends the payload bits;
-    the published bytes and manifests equal those of the in-process model."""
+    gets embeddings back, encrypts them itself (the key never reaches the pool) and sends the payload bits
+    (and, for pushed redraws, the push strengths); the published bytes and manifests equal those of the
+    in-process model."""
     import ray
 
     from pipeline.keys import create_master_key
@@ -87,7 +94,8 @@ def test_reversible_g2face_in_the_model_pool_writes_what_a_local_model_writes(ra
     create_master_key(key_path)
 
     def run(out, remote: bool) -> dict:
-        spec = parse_spec(job_tree(out, DEMO_SHARDS[0], anonymizer={"method": "g2face", "checkpoint": str(artifact)},
+        spec = parse_spec(job_tree(out, DEMO_SHARDS[0],
+                                   anonymizer={"method": "g2face", "checkpoint": str(artifact), **settings},
                                    keys={"master": str(key_path)}, output={"image_format": "png"},
                                    metrics={"enabled": False}))
         pool = {}
@@ -113,6 +121,9 @@ def test_reversible_g2face_in_the_model_pool_writes_what_a_local_model_writes(ra
     faces = [f for r in pool for f in r["faces"]]
     assert faces and all(f["payload_mode"] in ("reversible", "irreversible") for f in faces)
     assert all(f["payload_ber"] is not None for f in faces)  # verified against the bits actually hidden
+    assert all(not r["warnings"] for r in pool)  # no redraw failed (it would fall back to first draws)
+    if settings:
+        assert any(f["identity_push"] for f in faces), [(f["draw"], f["identity_push"]) for f in faces]
 
 
 def test_without_a_checkpoint_the_shipped_model_runs_and_is_pinned(tmp_path, artifact, monkeypatch):
