@@ -122,10 +122,10 @@ def _redraw(ev: dict) -> str:
     text = f"up to {draws} draws" + (f" ({later} of {sum(kept.values())} faces kept a later draw)" if kept else "")
     push, after = r.get("identity_push") or 0.0, r.get("identity_push_after")
     if push > 0 and after is not None and draws > after:
-        text += (f"; identity push {_fmt(push)} from draw {after} for faces no earlier draw anonymized "
-                 f"(`anonymizer.identity_push`; {r.get('faces_pushed', 0)} faces kept a pushed draw)")
+        text += (f" and identity push {_fmt(push)} from draw {after} for faces no earlier draw anonymized "
+                 f"(`anonymizer.identity_push`: {r.get('faces_pushed', 0)} faces kept a pushed draw)")
     else:
-        text += "; identity push off"
+        text += " and no identity push"
     return text
 
 
