@@ -48,7 +48,7 @@ from pydantic.dataclasses import dataclass
 
 from . import align, storage
 from .shardio import read_parquet, read_webdataset, write_webdataset
-from .spec import DatasetSpec, DetectionSpec, InputSpec, JobSpecError, _format_errors, set_override
+from .spec import DatasetSpec, DetectionSpec, InputSpec, JobSpecError, _format_errors, apply_overrides
 from .stages import AlignStage, DecodeStage, DetectStage, Sample
 
 PREPARE_FORMAT = 1  # bump when the shard contents change: done markers of another format are refused
@@ -106,13 +106,13 @@ class PrepareSpec:
 _ADAPTER = TypeAdapter(PrepareSpec)
 
 
-def parse_prepare_spec(tree, source: str = "<dict>") -> PrepareSpec:
+def parse_prepare_spec(tree, source: str = "<dict>", overrides: list[tuple[str, str]] = ()) -> PrepareSpec:
     if not isinstance(tree, dict):
         raise JobSpecError(f"invalid prepare job {source}: the top level must be a mapping of sections")
     try:
         return _ADAPTER.validate_python(tree)
     except ValidationError as err:
-        text = _format_errors(err, source).replace("invalid job spec", "invalid prepare job", 1)
+        text = _format_errors(err, source, _ADAPTER, overrides).replace("invalid job spec", "invalid prepare job", 1)
         raise JobSpecError(text.replace("schemas/job.schema.json", "PrepareSpec in pipeline/prepare.py")) from None
 
 
@@ -125,12 +125,10 @@ def load_prepare_spec(path: str | Path, overrides: list[str] = ()) -> PrepareSpe
         tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise JobSpecError(f"prepare job {path} is not valid YAML: {err}") from None
-    for item in overrides:
-        if "=" not in item:
-            raise JobSpecError(f"--set {item!r}: expected key=value, e.g. --set output.dir=/tmp/prepared")
-        key, value = item.split("=", 1)
-        set_override(tree, key.strip(), value)
-    return parse_prepare_spec(tree, str(path))
+    if not isinstance(tree, dict):
+        raise JobSpecError(f"invalid prepare job {path}: the top level must be a mapping of sections")
+    applied = apply_overrides(tree, list(overrides), "output.dir=/tmp/prepared")
+    return parse_prepare_spec(tree, str(path), applied)
 
 
 def prepare_fingerprint(spec: PrepareSpec) -> str:

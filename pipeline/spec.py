@@ -413,7 +413,61 @@ _FIX_HINTS = {
 }
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def _schema_node(schema: dict, node: dict) -> dict:
+    """``node`` with ``$ref`` and Optional/union wrappers resolved to the mapping it describes, if any."""
+    defs = schema.get("$defs", {})
+    for _ in range(16):  # refs to refs, unions of refs: a few levels at most
+        if "$ref" in node:
+            node = defs.get(node["$ref"].rsplit("/", 1)[-1], {})
+            continue
+        branches = node.get("anyOf") or node.get("oneOf") or node.get("allOf")
+        if not branches:
+            return node
+        mappings = [b for b in branches if "$ref" in b or "properties" in b]
+        if not mappings:
+            return node
+        node = mappings[0]
+    return node
+
+
+def known_keys(schema: dict, parent: list[str]) -> list[str]:
+    """The keys ``schema`` allows in the mapping at the dotted path ``parent`` ([] where that is not a mapping
+    it describes)."""
+    node = _schema_node(schema, schema)
+    for part in parent:
+        props = node.get("properties", {})
+        if part not in props:
+            return []
+        node = _schema_node(schema, props[part])
+    return sorted(node.get("properties", {}))
+
+
+def _did_you_mean(key: str, known: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean '{close[0]}'? "
+    if 0 < len(known) <= 12:
+        return f"this section takes {', '.join(known)}; "
+    return ""
+
+
+def _from_override(loc: list[str], overrides: list[tuple[str, str]]) -> str:
+    """' (from --set KEY=VALUE)' when an override wrote the key at ``loc`` or the section holding it."""
+    for key, value in reversed(overrides):  # the last --set of a key is the one that counts
+        parts = key.split(".")
+        if loc[: len(parts)] == parts or parts[: len(loc)] == loc:
+            return f" (from --set {key}={value})"
+    return ""
+
+
+def _format_errors(err: ValidationError, source: str, adapter: TypeAdapter | None = None,
+                   overrides: list[tuple[str, str]] = ()) -> str:
+    """One line per error: the dotted key as the user wrote it, what is wrong, how to fix it; an unknown key
+    gets the closest known key of its section, and a key an override wrote names that ``--set``."""
+    overrides = list(overrides)
+    schema = (adapter or _ADAPTER).json_schema()
     lines = [f"invalid job spec {source}:"]
     for e in err.errors():
         # pydantic puts validators and union branches in the location path; keep the keys the user wrote
@@ -423,7 +477,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
         hint = _FIX_HINTS.get(e["type"], "")
         if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             msg = "unknown key"
-        lines.append(f"  {loc}: {msg}" + (f" ({hint})" if hint else ""))
+            hint = _did_you_mean(parts[-1], known_keys(schema, parts[:-1])) + hint if parts else hint
+        lines.append(f"  {loc}: {msg}" + (f" ({hint})" if hint else "") + _from_override(parts, overrides))
     return "\n".join(lines)
 
 
@@ -446,13 +501,27 @@ def set_override(tree: dict, dotted: str, raw_value: str) -> None:
                            f"--set '{dotted}={json.dumps(raw_value)}'") from None
 
 
-def parse_spec(tree: Any, source: str = "<dict>") -> JobSpec:
+def parse_spec(tree: Any, source: str = "<dict>", overrides: list[tuple[str, str]] = ()) -> JobSpec:
+    """Validate a job tree; ``overrides`` are the (key, value) pairs of ``--set`` already applied to it, named in
+    errors about the keys they wrote."""
     if not isinstance(tree, dict):
         raise JobSpecError(f"invalid job spec {source}: the top level must be a mapping of sections")
     try:
         return _ADAPTER.validate_python(tree)
     except ValidationError as err:
-        raise JobSpecError(_format_errors(err, source)) from None
+        raise JobSpecError(_format_errors(err, source, overrides=overrides)) from None
+
+
+def apply_overrides(tree: dict, items: list[str], example: str) -> list[tuple[str, str]]:
+    """Apply ``--set key=value`` items to ``tree`` in order; returns them as (key, value) pairs."""
+    applied = []
+    for item in items:
+        if "=" not in item:
+            raise JobSpecError(f"--set {item!r}: expected key=value, e.g. --set {example}")
+        key, value = item.split("=", 1)
+        set_override(tree, key.strip(), value)
+        applied.append((key.strip(), value))
+    return applied
 
 
 def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
@@ -466,15 +535,13 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
         tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise JobSpecError(f"job file {path} is not valid YAML: {err}") from None
-    for item in overrides:
-        if "=" not in item:
-            raise JobSpecError(f"--set {item!r}: expected key=value, e.g. --set output.dir=/tmp/out")
-        key, value = item.split("=", 1)
-        set_override(tree, key.strip(), value)
-    if isinstance(tree, dict) and {"data", "run"} <= set(tree) and "input" not in tree:
+    if not isinstance(tree, dict):
+        raise JobSpecError(f"invalid job spec {path}: the top level must be a mapping of sections")
+    applied = apply_overrides(tree, list(overrides), "output.dir=/tmp/out")
+    if {"data", "run"} <= set(tree) and "input" not in tree:
         raise JobSpecError(f"job file {path} is a training job (sections data and run): run it with "
                            f"`g2face-pipe train {path}`; `run` takes anonymization jobs (see jobs/demo.yaml)")
-    return parse_spec(tree, str(path))
+    return parse_spec(tree, str(path), applied)
 
 
 def spec_to_dict(spec: JobSpec) -> dict:

@@ -25,7 +25,7 @@ import yaml
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
-from .spec import JobSpecError, _format_errors, set_override
+from .spec import JobSpecError, _format_errors, apply_overrides
 
 _STRICT = ConfigDict(extra="forbid")
 RAY_RUN_NAME = "g2face-train"
@@ -130,7 +130,7 @@ def _check_semantics(spec: TrainSpec, source: str) -> None:
         raise JobSpecError(f"invalid train job {source}:\n" + "\n".join(f"  {e}" for e in errors))
 
 
-def parse_train_spec(tree, source: str = "<dict>") -> TrainSpec:
+def parse_train_spec(tree, source: str = "<dict>", overrides: list[tuple[str, str]] = ()) -> TrainSpec:
     if not isinstance(tree, dict):
         raise JobSpecError(f"invalid train job {source}: the top level must be a mapping of sections")
     if isinstance(tree.get("data"), dict) and isinstance(tree["data"].get("paths"), str):
@@ -138,7 +138,7 @@ def parse_train_spec(tree, source: str = "<dict>") -> TrainSpec:
     try:
         spec = _ADAPTER.validate_python(tree)
     except ValidationError as err:
-        text = _format_errors(err, source).replace("invalid job spec", "invalid train job", 1)
+        text = _format_errors(err, source, _ADAPTER, overrides).replace("invalid job spec", "invalid train job", 1)
         raise JobSpecError(text.replace("schemas/job.schema.json", "TrainSpec in pipeline/train.py")) from None
     _check_semantics(spec, source)
     return spec
@@ -153,12 +153,10 @@ def load_train_spec(path: str | Path, overrides: list[str] = ()) -> TrainSpec:
         tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise JobSpecError(f"train job {path} is not valid YAML: {err}") from None
-    for item in overrides:
-        if "=" not in item:
-            raise JobSpecError(f"--set {item!r}: expected key=value, e.g. --set run.steps=1000")
-        key, value = item.split("=", 1)
-        set_override(tree, key.strip(), value)
-    return parse_train_spec(tree, str(path))
+    if not isinstance(tree, dict):
+        raise JobSpecError(f"invalid train job {path}: the top level must be a mapping of sections")
+    applied = apply_overrides(tree, list(overrides), "run.steps=1000")
+    return parse_train_spec(tree, str(path), applied)
 
 
 def shard_paths(spec: TrainSpec) -> list[str]:

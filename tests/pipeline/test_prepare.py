@@ -197,7 +197,7 @@ def test_guards_and_spec_errors(tmp_path):
         prepare(job(run_out / "train", DEMO_SHARDS), echo=lambda s: None)
     bad = job(tmp_path, DEMO_SHARDS)
     bad["prepare"]["max_fit_nmе"] = 0.1  # Cyrillic 'е': a typo'd key
-    with pytest.raises(JobSpecError, match=r"prepare\.max_fit_nm.*unknown key .*PrepareSpec in pipeline/prepare\.py"):
+    with pytest.raises(JobSpecError, match=r"prepare\.max_fit_nm.*unknown key \(did you mean 'max_fit_nme'\? .*PrepareSpec in pipeline/prepare\.py"):
         prepare(bad, echo=lambda s: None)
     with pytest.raises(JobSpecError, match="resolution"):
         prepare(job(tmp_path, DEMO_SHARDS, resolution=100), echo=lambda s: None)

@@ -34,6 +34,31 @@ def test_unknown_key_is_named_with_its_path(tmp_path):
         parse_spec(tree)
 
 
+def test_a_misspelt_key_gets_the_closest_key_of_its_own_section(tmp_path):
+    tree = job_tree(tmp_path, DEMO_SHARDS)
+    tree["anonymizer"]["draw"] = 4  # 'draws' in anonymizer; 'draw' appears in no other section either
+    tree["metrics"] = {"resolutoin": 256}
+    tree["outptu"] = {}
+    with pytest.raises(JobSpecError) as err:
+        parse_spec(tree)
+    text = str(err.value)
+    assert "anonymizer.draw: unknown key (did you mean 'draws'?" in text
+    assert "metrics.resolutoin: unknown key (did you mean 'resolution'?" in text
+    assert "outptu: unknown key (did you mean 'output'?" in text
+    tree = job_tree(tmp_path, DEMO_SHARDS)
+    tree["anonymizer"]["zzzz"] = 1  # nothing close: no guess
+    with pytest.raises(JobSpecError) as err:
+        parse_spec(tree)
+    assert "did you mean" not in str(err.value)
+
+
+def test_known_keys_follow_the_schema_through_optional_sections():
+    schema = spec_mod.json_schema()
+    assert "draws" in spec_mod.known_keys(schema, ["anonymizer"])
+    assert "g2face" in spec_mod.known_keys(schema, ["anonymizer", "official"])  # an Optional section
+    assert spec_mod.known_keys(schema, ["seed"]) == [] and spec_mod.known_keys(schema, ["nope"]) == []
+
+
 def test_bad_values_name_the_field_and_the_allowed_values(tmp_path):
     tree = job_tree(tmp_path, DEMO_SHARDS, anonymizer={"method": "swap"}, resources={"detect": {"actors": 0}})
     with pytest.raises(JobSpecError) as err:
@@ -57,8 +82,12 @@ def test_set_overrides_parse_yaml_values(tmp_path):
     job.write_text(yaml.safe_dump(job_tree(tmp_path / "out", DEMO_SHARDS)))
     s = load_spec(job, ["seed=7", "detection.stage_thresholds=[0.5, 0.6, 0.7]", "output.image_format=png"])
     assert s.seed == 7 and s.detection.stage_thresholds == (0.5, 0.6, 0.7) and s.output.image_format == "png"
-    with pytest.raises(JobSpecError, match="anonymizer.nope: unknown key"):
+    with pytest.raises(JobSpecError, match=r"anonymizer.nope: unknown key .*\(from --set anonymizer.nope=1\)"):
         load_spec(job, ["anonymizer.nope=1"])
+    with pytest.raises(JobSpecError) as err:  # the error names the --set that wrote the key, not the file alone
+        load_spec(job, ["output.image_format=png", "anonymizer.draws=99"])
+    assert "anonymizer.draws: Input should be less than or equal to 16 (from --set anonymizer.draws=99)" in str(err.value)
+    assert "image_format=png" not in str(err.value)
     with pytest.raises(JobSpecError, match="expected key=value"):
         load_spec(job, ["seed"])
 

@@ -98,6 +98,8 @@ def test_spec_errors_name_the_field(tmp_path, shards):
         parse_train_spec({**job(shards, tmp_path, 2), "run": {"batch_size": 2}})
     with pytest.raises(JobSpecError, match=r"scaling\.gpus: unknown key"):
         parse_train_spec({**job(shards, tmp_path, 2), "scaling": {"gpus": 1}})
+    with pytest.raises(JobSpecError, match=r"run\.step: unknown key \(did you mean 'steps'\?.*TrainSpec"):
+        parse_train_spec({**job(shards, tmp_path, 2), "run": {"batch_size": 2, "steps": 2, "step": 2}})
     with pytest.raises(JobSpecError, match=r"train\.weights.*'r2'"):
         parse_train_spec({**job(shards, tmp_path, 2), "train": {"weights": {"r2": 1}}})
     with pytest.raises(JobSpecError, match="resolution"):
