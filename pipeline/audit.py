@@ -654,6 +654,7 @@ def build_audit(
             "fingerprint": run.doc.get("fingerprint"),
             "key_id": run.doc.get("key_id"),
             "shards": len(run.doc.get("inputs", [])),
+            "devices": run.doc.get("devices", ["not recorded"]),
             "metrics_enabled": any(f.get("metrics") for r in run.public for f in r["faces"]),
             "baselines": [{"label": lbl, "run_dir": str(r.dir), "method": r.method} for lbl, r in others],
         },

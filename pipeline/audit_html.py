@@ -389,6 +389,7 @@ def render_html(doc: dict, figures: dict[str, bytes], grid: bytes | None) -> str
                 ["spec fingerprint", str(run["fingerprint"])],
                 ["key id", str(run["key_id"])],
                 ["shards", run["shards"]],
+                ["devices", ", ".join(run.get("devices") or [])],
                 ["metrics in manifests", run["metrics_enabled"]],
                 ["originals re-read", inp["reachable"]],
                 ["inputs changed since the run", inp["changed_since_run"]],

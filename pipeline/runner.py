@@ -341,11 +341,16 @@ def run_job(spec: JobSpec, dry_run: bool = False, echo: Callable[[str], None] = 
     exec_seconds = time.perf_counter() - t_exec
 
     layout = OutputLayout(spec.output.dir)
-    shard_counts = []
+    shard_counts, devices = [], set()
     for p in plans:
         marker = json.loads(storage.read_bytes(layout.done(p.name)))
         shard_counts.append(marker["counts"])
+        devices.add(marker.get("device", "not recorded"))  # markers written before devices were recorded
     totals = _sum_counts(shard_counts)
+    if len(devices) > 1:
+        echo(f"warning: this run's shards were processed on different devices ({', '.join(sorted(devices))}); "
+             "MTCNN's results differ slightly between devices, so a shard's faces may not match what another device "
+             "would have found (each done/<shard>.json names its device)")
     run_doc = {
         "run_format": 1,
         "spec": spec_to_dict(spec),
@@ -358,6 +363,7 @@ def run_job(spec: JobSpec, dry_run: bool = False, echo: Callable[[str], None] = 
         "metric_model_hashes": metric_hashes,
         "versions": package_versions(),
         "inputs": [{"shard": p.name, "url": p.url} for p in plans],
+        "devices": sorted(devices),
         "counts": totals,
     }
     storage.atomic_write_bytes(

@@ -57,6 +57,14 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def device_label(device: str) -> str:
+    """What a done marker records of the device a shard ran on: 'cpu', or 'cuda: <GPU name>'. MTCNN's float
+    results, and so which faces are found and how they are aligned, differ slightly between devices."""
+    if str(device).startswith("cuda"):
+        return f"cuda: {torch.cuda.get_device_name(torch.device(device))}"
+    return str(device)
+
+
 def output_signature(spec: JobSpec, model_id: str) -> dict:
     """What shaped a shard's bytes beyond the spec's fingerprint: the anonymizer model (its artifact hash:
     the shipped default can change between versions) and the payload format it wrote. Done markers record
@@ -125,6 +133,7 @@ class ShardWorker:
             torch.set_num_threads(self.torch_threads)
         spec = self.spec
         device = resolve_device(self.device or spec.runtime.device)
+        self.device_label = device_label(device)
         fail_fast = spec.policy.on_error == "fail"
         an = spec.anonymizer
         methods = {an.method} | ({an.fallback} if an.fallback != "withhold" else set())
@@ -319,6 +328,8 @@ class ShardWorker:
                                   storage.PRIVATE_MODE)
         counts = shard_counts(public_rows)
         done = {"shard": name, "fingerprint": self.fingerprint, "key_id": self.key_id, "counts": counts,
+                # detection, alignment, paste-back and metrics ran here; the anonymizer too unless a pool ran it
+                "device": self.device_label, "anonymizer_pool": bool(self.remote_anonymizers),
                 **output_signature(self.spec, self.model_id)}
         storage.atomic_write_bytes(self.layout.done(name), (json.dumps(done, indent=2, sort_keys=True) + "\n").encode())
         return {"shard": name, "counts": counts, "seconds": time.perf_counter() - t0, "pid": os.getpid()}

@@ -56,3 +56,24 @@ def test_kill_midway_then_resume_equals_uninterrupted(tmp_path):
     assert f"{N_SHARDS - finished} to run, {finished} already done" in res.stdout
     assert _files(out) == reference
     assert not list(out.rglob("*.tmp")), "temp files of the killed run must be cleaned up"
+
+
+def test_done_markers_name_the_device_and_a_run_on_mixed_devices_says_so(tmp_path):
+    import json
+
+    from pipeline.runner import run_job
+    from pipeline.spec import parse_spec
+
+    out = tmp_path / "out"
+    spec = parse_spec(job_tree(out, DEMO_SHARDS, runtime={"executor": "local", "progress": False, "device": "cpu"}))
+    run_job(spec, echo=lambda *_: None)
+    markers = sorted((out / "done").glob("*.json"))
+    assert [json.loads(m.read_text())["device"] for m in markers] == ["cpu", "cpu"]
+    assert json.loads((out / "run.json").read_text())["devices"] == ["cpu"]
+    # one shard as if an earlier attempt had run it on a GPU: the resumed run keeps it and says so
+    doc = json.loads(markers[0].read_text())
+    markers[0].write_text(json.dumps({**doc, "device": "cuda: NVIDIA H100 80GB HBM3"}))
+    lines = []
+    run_job(spec, echo=lines.append)
+    assert any("processed on different devices (cpu, cuda: NVIDIA H100 80GB HBM3)" in str(x) for x in lines), lines
+    assert json.loads((out / "run.json").read_text())["devices"] == ["cpu", "cuda: NVIDIA H100 80GB HBM3"]
