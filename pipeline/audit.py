@@ -531,6 +531,24 @@ def fid_section(
     }
 
 
+def keyless_section(run: Run, measurer: FaceMeasurer, reachable: bool, device: str) -> dict:
+    """The key-less re-synthesis attack (``pipeline.resynthesis``) on this run's g2face faces: how often someone
+    with the published data and the model, but no key, restores the person."""
+    if run.method != "g2face":
+        return {"computed": False, "reason": f"a {run.method} run has no recover pass to run without the key"}
+    if not reachable:
+        return {"computed": False, "reason": "the originals are unreachable, so nothing can be compared with them"}
+    from .evaluate_faces import published_images
+    from .evaluate_recovery import keyless_figures
+
+    images, skipped = published_images(run)
+    attempted = sum(1 for r in run.public if r["published"] for f in r["faces"] if f.get("method") == "g2face")
+    if not attempted:
+        return {"computed": False, "reason": "no face of this run was published as a g2face face"}
+    figures = keyless_figures(run, measurer, images, attempted, device)
+    return {"computed": figures["share_matching_original"] is not None, "images_not_compared": skipped, **figures}
+
+
 def build_audit(
     run_dir: str,
     pairs: str | None = None,
@@ -678,6 +696,7 @@ def build_audit(
             "reidentification": reid,
             "verification": verif,
             "payload": payload_section(run, pair_list, device),
+            "keyless_resynthesis": keyless_section(run, measurer, reachable, device),
         },
         "utility": {"rows": util_rows, "fid": fid, "resolution": run.spec.metrics.resolution},
         "recovery": rec,

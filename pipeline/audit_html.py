@@ -62,6 +62,20 @@ def p_value_text(p: float) -> str:
     return "p < 1e-300" if p < 1e-300 else f"p = {p:.3g}"
 
 
+def _keyless_html(k: dict) -> str:
+    e = html.escape
+    head = "<h3>Recovery without the key (re-synthesis attack)</h3>"
+    if not k["computed"]:
+        return head + f"<p>Not computed: {e(k['reason'])}.</p>"
+    share = k["share_matching_original"]
+    dist = (k.get("identity_distance") or {}).get("mean")
+    return head + (
+        f"<p class='{'warn' if share > 0.05 else 'ok'}'>Someone with the published data and the model, but no key, "
+        f"restores a face matching its original (dlib distance below {_fmt(k['threshold'], 2)}) for "
+        f"{_fmt(share * 100, 1)}% of the {k['faces']} g2face faces (mean distance {_fmt(dist, 3)}).</p>"
+        f"<p class='note'>{e(k['method'])}</p>")
+
+
 def _payload_html(pay: dict) -> str:
     e = html.escape
     r = pay["randomness"]
@@ -275,6 +289,7 @@ def render_html(doc: dict, figures: dict[str, bytes], grid: bytes | None) -> str
     else:
         sec.append(f"<p>Not computed: {e(v['reason'])}.</p>")
     sec.append(_payload_html(priv["payload"]))
+    sec.append(_keyless_html(priv["keyless_resynthesis"]))
     parts.append(f"<section id='privacy'>{''.join(sec)}</section>")
 
     sec = ["<h2>Utility (Table III layout)</h2>"]

@@ -140,6 +140,28 @@ def _port_by_method(ev: dict) -> list[str]:
                 "small or scored too low for the model): " + "; ".join(parts) + "."]
 
 
+def _keyless(ev: dict) -> list[str]:
+    """The key-less re-synthesis attack next to the key holder's recovery (not a bar of issue 6, but what it
+    says about the key belongs beside bars 1 and 3)."""
+    rec = ev.get("recovery") or {}
+    k = rec.get("without_key") or {}
+    if k.get("share_matching_original") is None:
+        return []
+    ratio = (k["share_matching_original"] / rec["share_matching_original"]
+             if rec.get("share_matching_original") else None)
+    lines = ["", "**Recovery without the key** (`pipeline/resynthesis.py`; not a bar): someone who holds only the "
+             "published data and this model, runs its recover pass on a published face with an identity of their "
+             "own choosing (the published face's own embedding) and the public seed, restores a face matching "
+             f"the original for {_fmt(k['share_matching_original'])} of the model's faces (mean distance "
+             f"{_fmt((k.get('identity_distance') or {}).get('mean'))}), against {_fmt(rec.get('share_matching_original'))} "
+             "with the right key."]
+    if ratio is not None and ratio > 0.5:
+        lines[-1] += (" The key adds little: this model restores the person from the anonymized face itself, so "
+                      "bar 1's figures, measured on the published faces, overstate the privacy the published data "
+                      "gives against anyone who has the model. Training must make recovery depend on the key.")
+    return lines
+
+
 def card_text(artifact: Path, sha256: str, meta: dict, ev: dict, stats: list[dict], hardware: str | None,
               grid_name: str, grid_figures: dict, minutes: float | None = None, recipe: str | None = None,
               previous: dict | None = None, training: list[str] | None = None) -> str:
@@ -200,6 +222,7 @@ def card_text(artifact: Path, sha256: str, meta: dict, ev: dict, stats: list[dic
                   "(`anonymizer.payload_reinforce_steps`, `payload_reinforce_max_change`); redraws "
                   f"{_redraw(ev)} (`anonymizer.draws`)."]
     lines += _port_by_method(ev)
+    lines += _keyless(ev)
     if previous is not None:
         prev_bars = previous.get("bars", {})
         prev_sha = previous.get("model", {}).get("artifact_sha256")

@@ -288,6 +288,8 @@ def test_audit_json_and_manifests_follow_the_schemas(audited):
     schema = json.loads((ROOT / "schemas" / "audit.schema.json").read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     jsonschema.validate(audited["doc"], schema, cls=jsonschema.Draft202012Validator)
+    keyless = audited["doc"]["privacy"]["keyless_resynthesis"]  # a blur run: nothing to re-synthesise
+    assert keyless == {"computed": False, "reason": "a blur run has no recover pass to run without the key"}
     broken = json.loads(json.dumps(audited["doc"]))
     broken["privacy"]["rows"][0]["share_still_matching"] = 1.5
     with pytest.raises(jsonschema.ValidationError):

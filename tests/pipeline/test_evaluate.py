@@ -183,6 +183,10 @@ def test_evaluate_and_audit_report_the_same_numbers(evaluated):
         assert e["method"] == a["method"]
         for k in ("faces", "still_matching", "share_still_matching", "identity_distance", "rank1", "histogram"):
             assert e[k] == a[k], k
+    keyless, ak = doc["recovery"]["without_key"], audit["privacy"]["keyless_resynthesis"]
+    assert ak["computed"] and ak["attacked"] == keyless["attacked"] > 0
+    assert ak["share_matching_original"] == keyless["share_matching_original"]
+    assert ak["identity_distance"] == keyless["identity_distance"]
     for e, a in zip(doc["utility"]["rows"], audit["utility"]["rows"]):
         assert {k: v for k, v in e.items() if k != "label"} == {k: v for k, v in a.items() if k != "label"}
 
@@ -203,6 +207,10 @@ def test_document_bars_and_privacy(evaluated):
                                  "<": b["value"] < threshold}[op]
     # The untrained model's payloads do not open: the payload and recovery bars say so rather than pass.
     assert bars["4_payload_decode_jpeg90"]["pass"] is not True and bars["3_recovery_match"]["pass"] is not True
+    # ... while the key-less attack needs no payload: it re-synthesises every g2face face from public material
+    keyless = doc["recovery"]["without_key"]
+    assert keyless["faces"] == doc["recovery"]["faces"] > 0 and keyless["attacked"] == keyless["faces"]
+    assert 0 <= keyless["share_matching_original"] <= 1 and keyless["identity_distance"]["mean"] > 0
     assert doc["model"]["artifact_sha256"] and doc["data"]["samples"] == 12 and doc["timing"]["seconds_per_image"] > 0
     text = (evaluated["tmp"] / "eval.json").read_text()
     for key in read_tar(DEMO_SHARDS[0]):
@@ -325,6 +333,8 @@ def test_model_card_states_exactly_the_evaluated_numbers(evaluated, artifact, tm
     kept = json.loads(eval_json.read_text())["model"]["redraw"]["faces_by_kept_draw"]
     assert set(kept) <= {str(k) for k in range(16)} and sum(kept.values()) > 0
     assert hashlib.sha256(artifact.read_bytes()).hexdigest() in text
+    keyless = json.loads(eval_json.read_text())["recovery"]["without_key"]["share_matching_original"]
+    assert f"restores a face matching the original for {card_mod._fmt(keyless)} of the model's faces" in text
     doc = json.loads(eval_json.read_text())
     rows = dict(re.findall(r"^\| (\d_[a-z0-9_]+) \| ([^|]+) \|", text, re.M))
     bars = {k: b for k, b in doc["bars"].items() if isinstance(b, dict)}

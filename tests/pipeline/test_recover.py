@@ -252,3 +252,62 @@ def test_a_run_of_the_shipped_model_recovers_without_naming_it(tmp_path):
 def test_a_shard_path_that_does_not_exist_is_named_as_such(tmp_path):
     with pytest.raises(RecoveryError, match=r"--shard .*nope\.tar does not exist; give the path of an output shard"):
         recover_shard(str(tmp_path / "nope.tar"), str(tmp_path / "k.key"), str(tmp_path / "rec"))
+
+
+def test_the_keyless_attack_has_everything_of_the_key_holder_but_the_identity(reversible_run, tmp_path, monkeypatch):
+    """pipeline.resynthesis must attack as a key holder recovers, from public material alone: the same crops
+    (transforms from the public landmarks) and the same seeds (run.json's seed, the key as published). Only the
+    identity differs, so its figures measure what the key adds."""
+    import io
+
+    from PIL import Image
+
+    from pipeline import resynthesis
+    from pipeline.g2face_method import G2FaceAnonymizer
+    from pipeline.stages import face_seed
+
+    root, out, rows = reversible_run
+    run = json.loads((out / "run.json").read_text())
+    seen = []
+    recover_faces = G2FaceAnonymizer.recover
+
+    def recording(self, anonymized, identity, seeds):
+        seen.append((anonymized.clone(), list(seeds)))
+        return recover_faces(self, anonymized, identity, seeds)
+
+    monkeypatch.setattr(G2FaceAnonymizer, "recover", recording)
+    res = recover_shard(str(out / "shards" / SHARD.name), str(root / "master.key"), str(tmp_path / "rec"))
+    key_holder = {(f["key"], f["face_index"]): f for f in res["faces"] if f["status"] == "recovered"}
+    targets = {(t.key, t.face_index): t for r in rows
+               for t in resynthesis.attack_targets(r, run["spec"]["seed"], 128)}
+    assert set(key_holder) <= set(targets) and key_holder
+    for k, f in key_holder.items():
+        assert np.allclose(targets[k].transform, np.asarray(f["transform"]).reshape(2, 3), atol=1e-6), k
+        assert targets[k].seed == face_seed(run["spec"]["seed"], k[0], k[1])
+    assert [s for _, seeds in seen for s in seeds] == [targets[k].seed for k in key_holder]
+
+    model = G2FaceAnonymizer(run["spec"]["anonymizer"]["checkpoint"], 128)
+    model.setup(torch.device("cpu"))
+    seen.clear()
+    published = {r["key"]: r for r in rows}
+    sample = next(iter(key_holder))[0]
+    rgb = np.asarray(Image.open(io.BytesIO(res["images"][sample])).convert("RGB"))  # the key holder's, for its size
+    theirs = [t for k, t in targets.items() if k[0] == sample]
+    pub = _published_rgb(out, sample)
+    attacked = resynthesis.attacked_images(model, [(pub, theirs)], 128)[0]
+    assert attacked.shape == pub.shape == rgb.shape
+    crops, seeds = seen[0]
+    assert seeds == [t.seed for t in theirs]
+    assert torch.allclose(crops, torch.stack([torch.from_numpy(resynthesis.align.warp_to_crop(pub, t.transform, 128))
+                                              for t in theirs]).permute(0, 3, 1, 2).float() / 255)
+    changed = np.abs(attacked.astype(int) - pub.astype(int)).max(axis=2) > 0
+    assert changed.any() and not changed.all()  # faces replaced, the rest of the image as published
+    assert len(published[sample]["faces"]) >= len(theirs)
+
+
+def _published_rgb(out, key: str) -> np.ndarray:
+    from pipeline.imaging import decode_image
+    from pipeline.shardio import read_webdataset
+
+    raw = next(s for s in read_webdataset(str(out / "shards" / SHARD.name), None) if s.key == key)
+    return decode_image(raw.fields[raw.image_field], 10**8).rgb
