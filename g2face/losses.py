@@ -62,6 +62,11 @@ class LossWeights:
             generator given the face itself and its *own* identity, G(x, w(id(x), geo(x)), bits), must keep the
             person (1 - cos of the identities) and the pixels (the reconstruction terms), so that it anonymizes
             through its identity input rather than by degrading every face it is given.
+        wrong_key: weight of a wrong-key recovery term (not in the paper; 0 = off, the official recipe): the
+            recovery pass run with the anonymized face's own identity in place of the original's (what someone
+            without the key feeds it, ``pipeline.resynthesis``) must not show the original, hinge
+            max(0, cos(original identity, identity of that face) - dissimilar_margin). Without it a model can
+            learn to recover from the anonymized face alone, and then the key adds nothing.
         detectability: weight of MTCNN's -log p(face) on the anonymised face (not in the paper; 0 = off):
             RNet and ONet score the crop at the box MTCNN draws on aligned faces (``g2face.mtcnn``), so the
             generator keeps producing faces the pipeline's detector finds again (utility bar 5). Needs
@@ -89,6 +94,7 @@ class LossWeights:
     dissimilar_margin: float = 0.0
     identity_recover: float = 1.0
     own_identity: float = 0.0
+    wrong_key: float = 0.0
     detectability: float = 0.0
     diversity: float = 1.0
     geometry_coefficients: float = 1.0

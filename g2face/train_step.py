@@ -8,7 +8,8 @@ An iteration (official order, ``../shared/reference/g2face_facts.md`` section 2.
    One optimiser step.
 2. **Recovery pass**: x_r = G(x_a.detach(), mapper(id(x), geometry(x_a).detach()), P') with fresh
    placeholder bits P'; losses: identity recovery, geometry, L1 + perceptual vs x, adversarial, hiding on
-   x_r with P'. A second step of the same optimiser.
+   x_r with P' (optionally, not in the paper: the same pass with a wrong key must not restore the person,
+   ``LossWeights.wrong_key``). A second step of the same optimiser.
 3. **Discriminator step**: softplus losses on x (real) and x_r / x_a (fake, alternating), plus R1 every
    ``r1_interval`` steps. Then the EMA of the generator.
 
@@ -273,7 +274,7 @@ def _weighted(terms: dict[str, Tensor], w: LossWeights) -> Tensor:
         "identity_recover": w.identity_recover, "diversity": w.diversity,
         "geometry_coefficients": w.geometry_coefficients, "geometry_landmarks": w.geometry_landmarks,
         "hiding": w.hiding, "adversarial": w.adversarial, "payload_visibility": w.payload_visibility,
-        "detectability": w.detectability,
+        "detectability": w.detectability, "wrong_key": w.wrong_key,
     }
     return sum(table[k] * v for k, v in terms.items())
 
@@ -365,12 +366,24 @@ def recovery_pass(state: TrainState, priors: Priors, x: Tensor, id_o: Tensor, ge
         if w.payload_min_psnr is not None:
             terms["payload_visibility"] = _payload_visibility(state, priors, x_r, x_a, id_o,
                                                               anonymized.geometry.detach(), draws.noise_recover)
+        if w.wrong_key > 0:
+            terms["wrong_key"] = wrong_key_term(state, priors, id_o, anonymized, draws)
         total = _weighted(terms, w)
         if w.own_identity > 0:
             own = own_identity_terms(state, priors, x, id_o, geo_o, draws)
             total = total + w.own_identity * _weighted(own, dataclasses.replace(w, identity_recover=1.0))
             terms.update({f"own_{k}": v for k, v in own.items()})
     return PassResult(total, terms, x_r, geo_r, cam_r, losses.bit_error_rate(logits, draws.placeholder))
+
+
+def wrong_key_term(state: TrainState, priors: Priors, id_o: Tensor, anonymized: PassResult, draws: Draws) -> Tensor:
+    """``LossWeights.wrong_key``: the recovery pass given the anonymized face's own identity (the key-less
+    attacker's guess, same placeholder bits and noise) must not show the original."""
+    model = state.model
+    x_a = anonymized.image.detach()
+    guess = _identity(state, priors, x_a).detach()
+    x_w = model.generate(x_a, model.styles(guess, anonymized.geometry.detach()), draws.placeholder, draws.noise_recover)
+    return losses.identity_dissimilar_loss(id_o, _identity(state, priors, x_w), state.config.weights.dissimilar_margin)
 
 
 def own_identity_terms(state: TrainState, priors: Priors, x: Tensor, id_o: Tensor, geo_o: Tensor,

@@ -518,7 +518,9 @@ def held_out_figures(model: G2Face, priors: ts.Priors, batch: ts.Batch, seed: in
     the aligned-crop box, a proxy of bar 5. ``own_identity_matching`` /
     ``own_identity_distance``: the same pass (same noise and bits) given the face's *own* identity instead of
     the dummy. A generator that anonymizes through its identity input keeps the person here; one that
-    anonymizes by degrading every face loses them here too, and then cannot recover either. For choosing
+    anonymizes by degrading every face loses them here too, and then cannot recover either.
+    ``keyless_matching``: recovery with the anonymized face's own identity instead of the original's (the
+    key-less attacker of ``pipeline.resynthesis``); near ``recovered_matching``, the key adds little. For choosing
     between training recipes; ``g2face-pipe evaluate`` gives the bars themselves.
     """
     from .identity import SAME_PERSON_DISTANCE, identity_distance
@@ -529,7 +531,7 @@ def held_out_figures(model: G2Face, priors: ts.Priors, batch: ts.Batch, seed: in
     cfg = model.config
     g = torch.Generator().manual_seed(seed)
     inside = priors.paste_mask.to(dev) > 0.5
-    d_anon, d_rec, d_own, sq_err, bit_err, change, detected = [], [], [], [], [], [], []
+    d_anon, d_rec, d_own, d_key, sq_err, bit_err, change, detected = [], [], [], [], [], [], [], []
     for x in batch.image.split(chunk):
         x = x.to(dev)
         b = x.shape[0]
@@ -538,9 +540,11 @@ def held_out_figures(model: G2Face, priors: ts.Priors, batch: ts.Batch, seed: in
         dummy = model.dummy(torch.randn(b, cfg.dummy_noise_dim, generator=g).to(dev))
         identity = priors.identity(x)
         anonymized = _as_8bit(model.generate(x, model.styles(dummy, priors.geometry(x)[0]), bits, noise))
-        recovered = _as_8bit(model.generate(
-            anonymized, model.styles(identity, priors.geometry(anonymized)[0]),
-            torch.randint(0, 2, (b, cfg.payload_bits), generator=g).float().to(dev), noise))
+        geo_a = priors.geometry(anonymized)[0]
+        placeholder = torch.randint(0, 2, (b, cfg.payload_bits), generator=g).float().to(dev)
+        recovered = _as_8bit(model.generate(anonymized, model.styles(identity, geo_a), placeholder, noise))
+        keyless = _as_8bit(model.generate(anonymized, model.styles(priors.identity(anonymized), geo_a), placeholder, noise))
+        d_key.append(identity_distance(identity, priors.identity(keyless)).float().cpu())
         own = _as_8bit(model.generate(x, model.styles(identity, priors.geometry(x)[0]), bits, noise))
         d_own.append(identity_distance(identity, priors.identity(own)).float().cpu())
         d_anon.append(identity_distance(identity, priors.identity(anonymized)).float().cpu())
@@ -553,7 +557,7 @@ def held_out_figures(model: G2Face, priors: ts.Priors, batch: ts.Batch, seed: in
             detected.append(((z_r.sigmoid() > 0.7) & (z_o.sigmoid() > 0.7)).float().cpu())  # MTCNN's defaults
     if was_training:
         model.train()
-    d_anon, d_rec, d_own = torch.cat(d_anon), torch.cat(d_rec), torch.cat(d_own)
+    d_anon, d_rec, d_own, d_key = torch.cat(d_anon), torch.cat(d_rec), torch.cat(d_own), torch.cat(d_key)
     mse = torch.cat(sq_err).mean().item()
     extra = {"detected": round(torch.cat(detected).mean().item(), 4)} if detected else {}
     return {
@@ -566,6 +570,7 @@ def held_out_figures(model: G2Face, priors: ts.Priors, batch: ts.Batch, seed: in
         "change_grey": round(torch.cat(change).mean().item() * 127.5, 2),
         "own_identity_matching": round((d_own < SAME_PERSON_DISTANCE).float().mean().item(), 4),
         "own_identity_distance": round(d_own.mean().item(), 4),
+        "keyless_matching": round((d_key < SAME_PERSON_DISTANCE).float().mean().item(), 4),
         **extra,
     }
 

@@ -241,7 +241,7 @@ def main() -> int:
         (out / f"bundle.tar.part-{i // PART_BYTES:02d}").write_bytes(data[i:i + PART_BYTES])
     print(f"bundle: {len(data) / 1e6:.1f} MB in {-(-len(data) // PART_BYTES)} part(s); left out: {left_out or 'none'}")
     cols = ["variant", "steps_run", "steps_per_s", "still_matching", "mean_distance", "recovered_matching",
-            "recovered_psnr_db", "ber", "change_grey", "own_identity_matching", "detected"]
+            "recovered_psnr_db", "ber", "change_grey", "own_identity_matching", "keyless_matching", "detected"]
     print(" | ".join(cols))
     for row in rows:
         print(" | ".join(str(row.get(c, "")) for c in cols))

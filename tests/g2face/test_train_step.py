@@ -154,6 +154,34 @@ def test_own_identity_pass_adds_its_terms_only_when_weighted(dlib_net, aligned):
     assert on["recover/total"] == pytest.approx(off["recover/total"] + own, rel=1e-4)
 
 
+def test_wrong_key_term_is_added_only_when_weighted_and_trains_the_recovery_with_a_wrong_identity(dlib_net, aligned):
+    """LossWeights.wrong_key: off by default (the official recipe); on, the recovery step adds the hinge on
+    cos(original, recovered with the anonymized face's own identity), which a direct computation reproduces,
+    and its gradient reaches the generator's style path."""
+    priors = make_priors(dlib_net, 64)
+    batch = ts.Batch(F.avg_pool2d(as_tensor(aligned[3][:2]), 2))
+    off = ts.train_step(_tiny_state(0), batch, priors)
+    assert "recover/wrong_key" not in off
+    state = _tiny_state(0)
+    weights = dataclasses.replace(state.config.weights, wrong_key=3.0)  # dlib cosines are > 0: the hinge bites
+    state.config = dataclasses.replace(state.config, weights=weights)
+    on = ts.train_step(state, batch, priors)
+    assert on["anonymize/total"] == off["anonymize/total"]  # the anonymisation step is untouched
+    assert 0 < on["recover/wrong_key"] <= 2
+    assert on["recover/total"] == pytest.approx(off["recover/total"] + 3.0 * on["recover/wrong_key"], rel=1e-4)
+
+    state = _tiny_state(0)
+    state.config = dataclasses.replace(state.config, weights=weights)
+    x = batch.image
+    id_o = priors.identity(x)
+    geo_o, _ = priors.geometry(x)
+    anon = ts.PassResult(None, {}, x.clone(), geo_o, None, None)  # the original as 'anonymized': a direct check
+    term = ts.wrong_key_term(state, priors, id_o, anon, ts.draw(state, x.shape[0]))
+    term.backward()
+    grads = [p.grad for p in state.model.mapper.parameters() if p.grad is not None]
+    assert grads and any(float(g.abs().sum()) > 0 for g in grads)
+
+
 def test_payload_visibility_budget_measures_and_shrinks_the_payloads_own_change(dlib_net, aligned):
     """With weights.payload_min_psnr the anonymisation pass adds max(0, MSE/budget - 1) of
     G(x, w, bits) - G(x, w, 0) inside the paste mask (checked against a direct computation), and a step on

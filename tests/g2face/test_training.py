@@ -238,5 +238,6 @@ def test_held_out_figures_are_repeatable_and_in_range(faces, priors):
     assert 0 <= a["still_matching"] <= 1 and 0 <= a["recovered_matching"] <= 1 and 0 <= a["ber"] <= 1
     assert a["mean_distance"] > 0 and a["change_grey"] > 0 and a["recovered_psnr_db"] > 0
     assert 0 <= a["own_identity_matching"] <= 1 and a["own_identity_distance"] > 0
+    assert 0 <= a["keyless_matching"] <= 1
     b = training.held_out_figures(model, priors, batch, seed=8, chunk=2)
     assert b["faces"] == a["faces"] and b["ber"] != a["ber"]  # other draws, same faces
