@@ -49,8 +49,9 @@ def main(argv=None) -> int:
             for part in ("shards", "manifests", "private", "done"):
                 (sub / part).mkdir(parents=True)
                 for name in keep:
-                    for p in (Path(args.run) / part).glob(name + "*"):
-                        shutil.copy(p, sub / part / p.name)
+                    for p in (Path(args.run) / part).iterdir():
+                        if p.name == name or p.name.startswith(name + "."):
+                            shutil.copy(p, sub / part / p.name)
             doc = {**run.doc, "inputs": [i for i in run.doc["inputs"] if i["shard"] in keep]}
             (sub / "run.json").write_text(json.dumps(doc))
             run = load_run(str(sub))
@@ -61,6 +62,8 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - t
     published = [f["metrics"]["identity_distance"] for r in run.public if r["published"] for f in r["faces"]
                  if f.get("method") == "g2face" and (f.get("metrics") or {}).get("identity_distance") is not None]
+    if "without_key" not in rec:
+        raise SystemExit(f"recovery figures not available: {rec.get('reason')}")
     keyless = rec["without_key"]
     figures = {
         "run": args.run, "shards": len(run.doc["inputs"]), "images_not_compared": skipped,

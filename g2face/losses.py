@@ -65,8 +65,11 @@ class LossWeights:
         wrong_key: weight of a wrong-key recovery term (not in the paper; 0 = off, the official recipe): the
             recovery pass run with the anonymized face's own identity in place of the original's (what someone
             without the key feeds it, ``pipeline.resynthesis``) must not show the original, hinge
-            max(0, cos(original identity, identity of that face) - dissimilar_margin). Without it a model can
+            max(0, cos(original identity, identity of that face) - wrong_key_margin). Without it a model can
             learn to recover from the anonymized face alone, and then the key adds nothing.
+        wrong_key_margin: that hinge's margin: 0.82 is the cosine of two unit embeddings at dlib's
+            same-person distance 0.6 (1 - 0.6^2 / 2), so faces the pipeline already counts as another person
+            are left alone.
         detectability: weight of MTCNN's -log p(face) on the anonymised face (not in the paper; 0 = off):
             RNet and ONet score the crop at the box MTCNN draws on aligned faces (``g2face.mtcnn``), so the
             generator keeps producing faces the pipeline's detector finds again (utility bar 5). Needs
@@ -95,6 +98,7 @@ class LossWeights:
     identity_recover: float = 1.0
     own_identity: float = 0.0
     wrong_key: float = 0.0
+    wrong_key_margin: float = 0.82
     detectability: float = 0.0
     diversity: float = 1.0
     geometry_coefficients: float = 1.0

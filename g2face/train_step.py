@@ -383,7 +383,7 @@ def wrong_key_term(state: TrainState, priors: Priors, id_o: Tensor, anonymized: 
     x_a = anonymized.image.detach()
     guess = _identity(state, priors, x_a).detach()
     x_w = model.generate(x_a, model.styles(guess, anonymized.geometry.detach()), draws.placeholder, draws.noise_recover)
-    return losses.identity_dissimilar_loss(id_o, _identity(state, priors, x_w), state.config.weights.dissimilar_margin)
+    return losses.identity_dissimilar_loss(id_o, _identity(state, priors, x_w), state.config.weights.wrong_key_margin)
 
 
 def own_identity_terms(state: TrainState, priors: Priors, x: Tensor, id_o: Tensor, geo_o: Tensor,

@@ -70,9 +70,11 @@ def _keyless_html(k: dict) -> str:
     share = k["share_matching_original"]
     dist = (k.get("identity_distance") or {}).get("mean")
     return head + (
+        # warn above bar 1's limit of issue 6: more than 5% of faces still showing their person
         f"<p class='{'warn' if share > 0.05 else 'ok'}'>Someone with the published data and the model, but no key, "
         f"restores a face matching its original (dlib distance below {_fmt(k['threshold'], 2)}) for "
-        f"{_fmt(share * 100, 1)}% of the {k['faces']} g2face faces (mean distance {_fmt(dist, 3)}).</p>"
+        f"{_fmt(share * 100, 1)}% of the {k['attacked']} g2face faces attacked, of {k['faces']} "
+        f"(mean distance {_fmt(dist, 3)}).</p>"
         f"<p class='note'>{e(k['method'])}</p>")
 
 

@@ -49,8 +49,9 @@ class ImagePair:
     written: np.ndarray
 
 
-def published_images(run: Run) -> tuple[list[ImagePair], int]:
-    """Original and written RGB of every published image with faces (inputs checked against their hashes).
+def published_images(run: Run, limit: int | None = None) -> tuple[list[ImagePair], int]:
+    """Original and written RGB of every published image with faces (inputs checked against their hashes), or
+    of the first ``limit`` of them in run order.
 
     Returns the pairs and how many published images could not be compared (unreadable or changed input).
     """
@@ -83,6 +84,8 @@ def published_images(run: Run) -> tuple[list[ImagePair], int]:
                 skipped += 1
                 continue
             out.append(ImagePair(item["shard"], r["index"], r, p, rgb_in, rgb_out))
+            if limit is not None and len(out) >= limit:
+                return out, skipped
     return out, skipped
 
 

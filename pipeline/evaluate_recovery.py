@@ -178,18 +178,22 @@ def recovery_figures(run: Run, key: Path, scratch: Path, measurer: FaceMeasurer,
 
 
 def keyless_figures(run: Run, measurer: FaceMeasurer, images: list, attempted: int, device: str = "cpu") -> dict:
-    """The key-less re-synthesis attack (``pipeline.resynthesis``) on every g2face face of the run, measured as
-    the key holder's recovery is: how often does someone without the key restore the person?"""
-    from .g2face_method import G2FaceAnonymizer
+    """The key-less re-synthesis attack (``pipeline.resynthesis``) with the run's own model (hash-checked, as
+    ``recover`` loads it) on the g2face faces of ``images``, measured as the key holder's recovery is: how
+    often does someone without the key restore the person? The share is over the faces attacked (faces of
+    images that could not be compared are not attacked, and do not count as failed attacks)."""
+    from .recover import RecoveryError, _load_model
     from .resynthesis import ATTACKER_IDENTITY, attack_targets, attacked_images
 
     empty = {"faces": attempted, "attacked": 0, "share_matching_original": None}
-    if run.doc.get("face_seeds") != "published_key":
+    if run.doc.get("face_seeds") != "published_key" and run.spec.output.keys != "keep":
         return empty | {"reason": "the run derived face seeds from original keys (run.json face_seeds), which a "
-                                  "key-less attacker does not have"}
+                                  "key-less attacker of its pseudonymized output does not have"}
+    try:
+        model = _load_model(run.doc, None, torch.device(device))
+    except RecoveryError as e:
+        return empty | {"reason": str(e)}
     an, job_res, res = run.spec.anonymizer, run.spec.anonymizer.resolution, measurer.resolution
-    model = G2FaceAnonymizer(an.checkpoint, job_res)
-    model.setup(torch.device(device))
     todo = [(im, attack_targets(im.public, run.spec.seed, job_res, run.spec.input.aligned)) for im in images]
     todo = [(im, targets) for im, targets in todo if targets]
     dist = []
@@ -203,15 +207,16 @@ def keyless_figures(run: Run, measurer: FaceMeasurer, images: list, attempted: i
                 crops += [align.warp_to_crop(im.original, m, res), align.warp_to_crop(attacked, m, res)]
         emb = measurer.embed(np.stack(crops)).astype(np.float64)
         dist += [float(x) for x in np.linalg.norm(emb[0::2] - emb[1::2], axis=1)]
-    matching = sum(d < SAME_PERSON_DISTANCE for d in dist)
+    if not dist:
+        return empty | {"reason": "no g2face face of the run could be compared with its original"}
     return {
         "faces": attempted,
         "attacked": len(dist),
-        "share_matching_original": matching / attempted if attempted else None,
+        "share_matching_original": match_share(dist),
         "identity_distance": summary(dist),
         "threshold": SAME_PERSON_DISTANCE,
         "method": "the model's recover pass run without the key, on public material only (pipeline.resynthesis): "
         f"published crop re-aligned from the public landmarks, seed from run.json, identity: {ATTACKER_IDENTITY}; "
-        "measured as the key holder's recovery is. A share near the key holder's means the key adds little: the "
-        "model restores the person from the anonymized face itself.",
+        "measured as the key holder's recovery is, over the faces attacked. A share near the key holder's means "
+        "the key adds little: the model restores the person from the anonymized face itself.",
     }

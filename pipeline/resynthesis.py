@@ -13,7 +13,8 @@ say how often it succeeds:
   recover pass draws the same noise as the key holder's;
 - the identity: the published crop's own dlib embedding (``G2FaceAnonymizer.identity_embeddings``), the
   most natural guess; other guesses (another person's embedding, the mean, zeros) did as well on the shipped
-  model (300 val faces: 52.7%, 50.7% and 53.0% matching, against 51.7% with the right key).
+  model (300 val faces of the shipped model's full evaluation, aligned 128 px crops: 52.7%, 50.7% and 53.0%
+  matching, against 51.7% with the right key; a throwaway comparison, not a committed bench).
 
 Only runs whose face seeds derive from the published key (run.json ``face_seeds``) are attacked as the
 attacker would; older runs derived them from the original key, which the attacker does not have.
@@ -36,7 +37,7 @@ ATTACKER_IDENTITY = "the published face's own dlib embedding"
 class AttackTarget:
     """One published g2face face: where it is in its image and the seed of its recover pass."""
 
-    key: str  # the sample's key as published
+    sample_key: str  # the sample's key as published
     face_index: int
     transform: np.ndarray  # image -> job-resolution crop (2, 3), from the public landmarks
     seed: int
@@ -51,6 +52,8 @@ def attack_targets(public_row: dict, job_seed: int, resolution: int, aligned: bo
             continue
         m = (align.aligned_image_transform(public_row["width"], public_row["height"], resolution) if aligned
              else align.landmark_transform(np.asarray(f["landmarks"], np.float64), resolution))
+        # the seed as the run derived it from the key as published (an attacker never has the original key; a
+        # sample published without a key was seeded from its row index, as here)
         seed = face_seed(job_seed, seed_sample_key(public_row["key"], None, public_row["index"]), j)
         out.append(AttackTarget(public_row["key"], j, m, seed))
     return out

@@ -127,6 +127,7 @@ class ShardWorker:
         self.remote_anonymizers = remote_anonymizers or {}
         self.layout = OutputLayout(spec.output.dir)
         self.stages = None
+        self.device_label = None  # set by setup()
 
     def setup(self) -> None:
         if self.torch_threads:

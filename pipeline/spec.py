@@ -454,10 +454,11 @@ def _did_you_mean(key: str, known: list[str]) -> str:
 
 
 def _from_override(loc: list[str], overrides: list[tuple[str, str]]) -> str:
-    """' (from --set KEY=VALUE)' when an override wrote the key at ``loc`` or the section holding it."""
+    """' (from --set KEY=VALUE)' when an override wrote the key at ``loc`` or a section holding it (errors about
+    a whole section, or the whole job, are not pinned on an override of one key in it)."""
     for key, value in reversed(overrides):  # the last --set of a key is the one that counts
         parts = key.split(".")
-        if loc[: len(parts)] == parts or parts[: len(loc)] == loc:
+        if loc and loc[: len(parts)] == parts:
             return f" (from --set {key}={value})"
     return ""
 

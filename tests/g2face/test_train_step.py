@@ -163,7 +163,7 @@ def test_wrong_key_term_is_added_only_when_weighted_and_trains_the_recovery_with
     off = ts.train_step(_tiny_state(0), batch, priors)
     assert "recover/wrong_key" not in off
     state = _tiny_state(0)
-    weights = dataclasses.replace(state.config.weights, wrong_key=3.0)  # dlib cosines are > 0: the hinge bites
+    weights = dataclasses.replace(state.config.weights, wrong_key=3.0, wrong_key_margin=0.0)  # the hinge bites
     state.config = dataclasses.replace(state.config, weights=weights)
     on = ts.train_step(state, batch, priors)
     assert on["anonymize/total"] == off["anonymize/total"]  # the anonymisation step is untouched

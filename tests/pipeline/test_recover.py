@@ -278,7 +278,7 @@ def test_the_keyless_attack_has_everything_of_the_key_holder_but_the_identity(re
     monkeypatch.setattr(G2FaceAnonymizer, "recover", recording)
     res = recover_shard(str(out / "shards" / SHARD.name), str(root / "master.key"), str(tmp_path / "rec"))
     key_holder = {(f["key"], f["face_index"]): f for f in res["faces"] if f["status"] == "recovered"}
-    targets = {(t.key, t.face_index): t for r in rows
+    targets = {(t.sample_key, t.face_index): t for r in rows
                for t in resynthesis.attack_targets(r, run["spec"]["seed"], 128)}
     assert set(key_holder) <= set(targets) and key_holder
     for k, f in key_holder.items():
@@ -289,7 +289,6 @@ def test_the_keyless_attack_has_everything_of_the_key_holder_but_the_identity(re
     model = G2FaceAnonymizer(run["spec"]["anonymizer"]["checkpoint"], 128)
     model.setup(torch.device("cpu"))
     seen.clear()
-    published = {r["key"]: r for r in rows}
     sample = next(iter(key_holder))[0]
     rgb = np.asarray(Image.open(io.BytesIO(res["images"][sample])).convert("RGB"))  # the key holder's, for its size
     theirs = [t for k, t in targets.items() if k[0] == sample]
@@ -302,7 +301,6 @@ def test_the_keyless_attack_has_everything_of_the_key_holder_but_the_identity(re
                                               for t in theirs]).permute(0, 3, 1, 2).float() / 255)
     changed = np.abs(attacked.astype(int) - pub.astype(int)).max(axis=2) > 0
     assert changed.any() and not changed.all()  # faces replaced, the rest of the image as published
-    assert len(published[sample]["faces"]) >= len(theirs)
 
 
 def _published_rgb(out, key: str) -> np.ndarray:

@@ -88,6 +88,11 @@ def test_set_overrides_parse_yaml_values(tmp_path):
         load_spec(job, ["output.image_format=png", "anonymizer.draws=99"])
     assert "anonymizer.draws: Input should be less than or equal to 16 (from --set anonymizer.draws=99)" in str(err.value)
     assert "image_format=png" not in str(err.value)
+    # an error about the whole job is not pinned on an override of one key in it
+    job.write_text(yaml.safe_dump(job_tree(tmp_path / "out", DEMO_SHARDS, input={"format": "parquet", "paths": "x.parquet"})))
+    with pytest.raises(JobSpecError) as err:
+        load_spec(job, ["seed=7"])
+    assert "input.image_column is required" in str(err.value) and "--set seed" not in str(err.value)
     with pytest.raises(JobSpecError, match="expected key=value"):
         load_spec(job, ["seed"])
 
@@ -110,6 +115,15 @@ def test_dry_run_prints_spec_and_plan_and_writes_nothing(tmp_path):
     assert not out.exists()
     assert "draws:" not in res.stdout and "anonymizer.draws" in res.stdout  # the demo is a blur job
     assert "blur_sigma: 0.08" in res.stdout and "pixelate_blocks: 8" in res.stdout  # its method and fallback
+
+
+def test_every_anonymizer_key_is_either_shared_or_g2face_only():
+    """A new g2face setting must join G2FACE_ONLY_KEYS, or blur jobs' dry runs would show it as their own."""
+    import dataclasses
+
+    shared = {"method", "resolution", "min_size", "fallback", "blur_sigma", "pixelate_blocks"}
+    fields = {f.name for f in dataclasses.fields(spec_mod.AnonymizerSpec)}
+    assert fields == shared | set(spec_mod.G2FACE_ONLY_KEYS) and not shared & set(spec_mod.G2FACE_ONLY_KEYS)
 
 
 def test_dry_run_shows_only_the_anonymizer_keys_the_job_reads(tmp_path):
