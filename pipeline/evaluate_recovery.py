@@ -193,7 +193,7 @@ def keyless_figures(run: Run, measurer: FaceMeasurer, images: list, attempted: i
         model = _load_model(run.doc, None, torch.device(device))
     except RecoveryError as e:
         return empty | {"reason": str(e)}
-    an, job_res, res = run.spec.anonymizer, run.spec.anonymizer.resolution, measurer.resolution
+    job_res, res = run.spec.anonymizer.resolution, measurer.resolution
     todo = [(im, attack_targets(im.public, run.spec.seed, job_res, run.spec.input.aligned)) for im in images]
     todo = [(im, targets) for im, targets in todo if targets]
     dist = []

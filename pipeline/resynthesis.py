@@ -16,8 +16,9 @@ say how often it succeeds:
   model (300 val faces of the shipped model's full evaluation, aligned 128 px crops: 52.7%, 50.7% and 53.0%
   matching, against 51.7% with the right key; a throwaway comparison, not a committed bench).
 
-Only runs whose face seeds derive from the published key (run.json ``face_seeds``) are attacked as the
-attacker would; older runs derived them from the original key, which the attacker does not have.
+Runs whose face seeds derive from the published key (run.json ``face_seeds``), or whose keys were published as
+they were (``output.keys: keep``), are attacked as the attacker would; older pseudonymized runs derived their
+seeds from the original key, which the attacker does not have.
 """
 from __future__ import annotations
 
