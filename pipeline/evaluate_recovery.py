@@ -121,6 +121,14 @@ def payload_figures(run: Run, key: Path, images: list, device: str = "cpu") -> d
     return out
 
 
+def _pair_distances(measurer: FaceMeasurer, pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[float]:
+    """dlib port distance of each (original crop, other crop) pair, embedded in one pass."""
+    if not pairs:
+        return []
+    emb = measurer.embed(np.stack([c for p in pairs for c in p])).astype(np.float64)
+    return [float(x) for x in np.linalg.norm(emb[0::2] - emb[1::2], axis=1)]
+
+
 def recovery_figures(run: Run, key: Path, scratch: Path, measurer: FaceMeasurer, images: list,
                      device: str = "cpu") -> dict:
     """Bar 3: faces recovered with the right key (``recover_shard``) against their originals, on aligned metrics
@@ -147,11 +155,8 @@ def recovery_figures(run: Run, key: Path, scratch: Path, measurer: FaceMeasurer,
             continue
         m = metric_transform(np.asarray(row["transform"], np.float64).reshape(2, 3), job_res, res)
         pairs.append((align.warp_to_crop(im.original, m, res), align.warp_to_crop(rgb, m, res)))
-    dist, quality = [], []
-    if pairs:
-        emb = measurer.embed(np.stack([c for p in pairs for c in p])).astype(np.float64)
-        dist = [float(x) for x in np.linalg.norm(emb[0::2] - emb[1::2], axis=1)]
-        quality = [psnr_ssim_mae(rec, orig) for orig, rec in pairs]
+    dist = _pair_distances(measurer, pairs)
+    quality = [psnr_ssim_mae(rec, orig) for orig, rec in pairs]
     statuses: dict[str, int] = {}
     for row in rows:
         statuses[row["status"]] = statuses.get(row["status"], 0) + 1
@@ -199,14 +204,13 @@ def keyless_figures(run: Run, measurer: FaceMeasurer, images: list, attempted: i
     dist = []
     for start in range(0, len(todo), ATTACK_IMAGES_PER_BATCH):
         chunk = todo[start : start + ATTACK_IMAGES_PER_BATCH]
-        crops = []
+        pairs = []
         for (im, targets), attacked in zip(chunk, attacked_images(model, [(im.written, t) for im, t in chunk], job_res)):
             for t in targets:  # measured on the crops the key holder's recovery is measured on
                 m = metric_transform(np.asarray(im.private["transforms"][t.face_index], np.float64).reshape(2, 3),
                                      job_res, res)
-                crops += [align.warp_to_crop(im.original, m, res), align.warp_to_crop(attacked, m, res)]
-        emb = measurer.embed(np.stack(crops)).astype(np.float64)
-        dist += [float(x) for x in np.linalg.norm(emb[0::2] - emb[1::2], axis=1)]
+                pairs.append((align.warp_to_crop(im.original, m, res), align.warp_to_crop(attacked, m, res)))
+        dist += _pair_distances(measurer, pairs)
     if not dist:
         return empty | {"reason": "no g2face face of the run could be compared with its original"}
     return {

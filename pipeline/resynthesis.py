@@ -29,6 +29,7 @@ import torch
 
 from . import align
 from .stages import face_seed, seed_sample_key
+from .verify import crops_tensor
 
 # The identity the attacker feeds the recover pass (see the module docstring).
 ATTACKER_IDENTITY = "the published face's own dlib embedding"
@@ -68,7 +69,7 @@ def resynthesize(anonymizer, crops: np.ndarray, seeds: list[int], batch_size: in
     device = anonymizer.device
     out = []
     for start in range(0, len(crops), batch_size):
-        x = torch.from_numpy(crops[start : start + batch_size]).to(device).permute(0, 3, 1, 2).float().div(255.0)
+        x = crops_tensor(crops[start : start + batch_size], device)
         guess = anonymizer.identity_embeddings(x)
         y = anonymizer.recover(x, guess, list(seeds[start : start + batch_size]))
         assert y.shape == x.shape, (y.shape, x.shape)

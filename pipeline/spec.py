@@ -468,7 +468,6 @@ def _format_errors(err: ValidationError, source: str, adapter: TypeAdapter | Non
     """One line per error: the dotted key as the user wrote it, what is wrong, how to fix it; an unknown key
     gets the closest known key of its section, and a key an override wrote names that ``--set``."""
     overrides = list(overrides)
-    schema = (adapter or _ADAPTER).json_schema()
     lines = [f"invalid job spec {source}:"]
     for e in err.errors():
         # pydantic puts validators and union branches in the location path; keep the keys the user wrote
@@ -478,7 +477,8 @@ def _format_errors(err: ValidationError, source: str, adapter: TypeAdapter | Non
         hint = _FIX_HINTS.get(e["type"], "")
         if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             msg = "unknown key"
-            hint = _did_you_mean(parts[-1], known_keys(schema, parts[:-1])) + hint if parts else hint
+            if parts:  # the schema is built only here, on the rare unknown key
+                hint = _did_you_mean(parts[-1], known_keys((adapter or _ADAPTER).json_schema(), parts[:-1])) + hint
         lines.append(f"  {loc}: {msg}" + (f" ({hint})" if hint else "") + _from_override(parts, overrides))
     return "\n".join(lines)
 
