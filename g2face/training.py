@@ -274,7 +274,11 @@ def _build(cls, values: Mapping, where: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise TrainingError(f"{where}: unknown setting(s) {unknown}; valid: {sorted(names)}")
+        import difflib
+
+        close = {k: difflib.get_close_matches(str(k), sorted(names), n=1, cutoff=0.6) for k in unknown}
+        hints = "".join(f"did you mean '{c[0]}' for '{k}'? " for k, c in close.items() if c)
+        raise TrainingError(f"{where}: unknown setting(s) {unknown}; {hints}valid: {sorted(names)}")
     try:  # YAML/JSON give lists where the configs hold tuples
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
     except (TypeError, ValueError) as e:

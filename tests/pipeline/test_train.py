@@ -102,6 +102,8 @@ def test_spec_errors_name_the_field(tmp_path, shards):
         parse_train_spec({**job(shards, tmp_path, 2), "run": {"batch_size": 2, "steps": 2, "step": 2}})
     with pytest.raises(JobSpecError, match=r"train\.weights.*'r2'"):
         parse_train_spec({**job(shards, tmp_path, 2), "train": {"weights": {"r2": 1}}})
+    with pytest.raises(JobSpecError, match=r"train\.weights: unknown setting\(s\) \['wrong_keys'\]; did you mean 'wrong_key'"):
+        parse_train_spec({**job(shards, tmp_path, 2), "train": {"weights": {"wrong_keys": 5}}})
     with pytest.raises(JobSpecError, match="resolution"):
         parse_train_spec({**job(shards, tmp_path, 2), "model": {"overrides": {"resolution": 65}}})
     spec = load_train_spec(ROOT / "jobs" / "train-lite.yaml", ["run.minutes=5", "scaling.workers=2"])
