@@ -195,15 +195,18 @@ def payload_figures(model, originals: np.ndarray, identity: np.ndarray, geometry
     measurement key, never a dataset's.
     """
     from .keys import ShardKey
-    from .payload import PayloadContext, PayloadLayout, decode, encode
+    from .payload import THUMBNAIL_FROM_VERSION, PayloadContext, PayloadLayout, decode, encode, writing_version
+    from .thumbnail import encode_thumbnails
 
     rng = np.random.default_rng(seed)
     n, res = len(originals), originals.shape[1]
     cfg = model.config
-    layout = PayloadLayout(cfg.payload_bits, identity.shape[1])
+    layout = PayloadLayout(cfg.payload_bits, identity.shape[1], writing_version(cfg.payload_bits, identity.shape[1]))
     key = ShardKey.from_master(hashlib.sha256(b"g2face-pipe/extractor-tuning/%d" % seed).digest(), "tuning", "held-out")
     contexts = [PayloadContext("tuning", "held-out", f"face-{i}", 0, "measurement", seed) for i in range(n)]
-    bits = np.stack([encode(identity[i], contexts[i], key, layout) for i in range(n)]).astype(np.float32)
+    thumbs = (encode_thumbnails(torch.from_numpy(np.ascontiguousarray(originals)).permute(0, 3, 1, 2).float() / 255)
+              if layout.format_version >= THUMBNAIL_FROM_VERSION else [None] * n)
+    bits = np.stack([encode(identity[i], contexts[i], key, layout, thumbs[i]) for i in range(n)]).astype(np.float32)
     seeds = [int(s) for s in rng.integers(0, 2**62, n)]
     generated = hide(model, originals, identity, geometry, bits, seeds)
     transforms, scale_of = [], []

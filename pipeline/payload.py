@@ -1,14 +1,15 @@
-"""The key-gated payload hidden in each anonymized face (format version 3, versions 1 and 2 still read;
+"""The key-gated payload hidden in each anonymized face (format version 4, versions 1 to 3 still read;
 spec: schemas/payload.md).
 
-encode: identity embedding -> plaintext with a 4-byte header (versions 2 and 3: int8 values with one
-float16 scale; version 1: float16 values) -> AES-256-GCM-SIV under a key
+encode: identity embedding (version 4: and the original face's thumbnail, ``pipeline.thumbnail``) -> plaintext
+with a 4-byte header (versions 2 to 4: int8 values with one float16 scale; version 1: float16 values) ->
+AES-256-GCM-SIV under a key
 derived from the shard key (nonce from job seed, sample key and face index; associated data binds
 dataset, shard, sample, face, model and layout) -> Reed-Solomon over GF(256) -> codewords interleaved
-byte by byte -> the stream repeated cyclically to fill exactly ``capacity_bits`` bits -> (version 3)
+byte by byte -> the stream repeated cyclically to fill exactly ``capacity_bits`` bits -> (version 3 on)
 XOR with a keyed per-face mask, so that without the key neither the RS parity nor the repetition shows.
 
-decode: bits or bit logits -> (version 3) the mask undone by flipping logit signs -> copies combined by
+decode: bits or bit logits -> (version 3 on) the mask undone by flipping logit signs -> copies combined by
 summing logits -> hard decisions -> RS decoding
 (errors only first, then erasing the least reliable symbols) -> authenticated decryption. Any failure
 returns a result with ok=False and a message; a wrong plaintext is never returned.
@@ -32,13 +33,16 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from .keys import ShardKey
 
-FORMAT_VERSION = 3  # what new payloads are written in
-FORMAT_VERSIONS = (1, 2, 3)  # what can be read
+FORMAT_VERSION = 4  # what new payloads are written in, where the model's capacity holds it (``writing_version``)
+FORMAT_VERSIONS = (1, 2, 3, 4)  # what can be read
 MASKED_FROM_VERSION = 3  # version 3 = version 2 bits XOR a keyed per-face mask
 MAX_MASK_BITS = 8 * 255 * 32  # the longest HKDF-SHA256 expansion
 DTYPE_FLOAT16 = 1  # version 1: dim float16 values
-DTYPE_INT8_SCALED = 2  # versions 2 and 3: float16 scale, then dim int8 values; value = int8 * scale
-ELEMENT_TYPE = {1: DTYPE_FLOAT16, 2: DTYPE_INT8_SCALED, 3: DTYPE_INT8_SCALED}
+DTYPE_INT8_SCALED = 2  # versions 2 to 4: float16 scale, then dim int8 values; value = int8 * scale
+ELEMENT_TYPE = {1: DTYPE_FLOAT16, 2: DTYPE_INT8_SCALED, 3: DTYPE_INT8_SCALED, 4: DTYPE_INT8_SCALED}
+THUMBNAIL_FROM_VERSION = 4  # version 4 = version 3 with the face thumbnail after the embedding
+THUMBNAIL_KIND = 1  # the one thumbnail kind (pipeline.thumbnail): Y 10x10 5-bit, CbCr 4x4 4-bit
+THUMBNAIL_BYTES = 79
 HEADER_BYTES = 4  # version u8 | dtype u8 | dim u16 big-endian
 TAG_BYTES = 16
 NONCE_BYTES = 12
@@ -59,6 +63,7 @@ __all__ = [
     "decode",
     "minimum_capacity_bits",
     "quantize",
+    "writing_version",
 ]
 
 
@@ -77,7 +82,8 @@ def _split(total: int, parts: int) -> list[int]:
 
 
 def _plaintext_bytes(dim: int, version: int) -> int:
-    return HEADER_BYTES + (2 * dim if version == 1 else 2 + dim)
+    thumbnail = 1 + THUMBNAIL_BYTES if version >= THUMBNAIL_FROM_VERSION else 0
+    return HEADER_BYTES + (2 * dim if version == 1 else 2 + dim) + thumbnail
 
 
 def _ciphertext_bytes(dim: int, version: int) -> int:
@@ -101,8 +107,16 @@ def minimum_capacity_bits(embedding_dim: int, format_version: int = FORMAT_VERSI
     return 8 * _min_stream_bytes(embedding_dim, format_version)
 
 
+def writing_version(capacity_bits: int, embedding_dim: int) -> int:
+    """The format a new run writes: version 4 (with the face thumbnail) where the model's capacity holds it,
+    else version 3 (small hiding models, e.g. 1,620 bits for a 128-d embedding)."""
+    if capacity_bits >= minimum_capacity_bits(embedding_dim, 4):
+        return 4
+    return 3
+
+
 def _int8_scale(emb: np.ndarray) -> np.float16:
-    """The float16 scale of versions 2 and 3: the smallest float16 >= max|x| / 127 that keeps every |x| / scale
+    """The float16 scale of versions 2 to 4: the smallest float16 >= max|x| / 127 that keeps every |x| / scale
     within 127.5 (so rounding never leaves int8's symmetric range)."""
     peak = float(np.max(np.abs(emb.astype(np.float64)))) if emb.size else 0.0
     scale = np.float16(peak / 127)
@@ -121,7 +135,7 @@ def _int8(emb: np.ndarray) -> tuple[np.float16, np.ndarray]:
 
 def quantize(embedding, format_version: int = FORMAT_VERSION) -> np.ndarray:
     """Exactly the embedding that ``decode`` returns for ``embedding`` in this format: float16 values
-    (version 1) or float32 values int8 * scale (versions 2 and 3, error at most scale / 2: max|x| / 254, or
+    (version 1) or float32 values int8 * scale (versions 2 to 4, error at most scale / 2: max|x| / 254, or
     2^-25 for vectors so small that float16 holds no smaller scale)."""
     _check_version(format_version)
     emb = np.asarray(embedding, dtype=np.float64)
@@ -163,8 +177,9 @@ class PayloadLayout:
     """How one payload fills ``capacity_bits`` bits; a pure function of (capacity, embedding dim, format).
 
     capacity_bits: number of bits the hiding model carries per face; embedding_dim: length of the identity
-    embedding (128 for the dlib-based prior, 512 for ArcFace); format_version: 3 for new payloads, 2 or 1
-    to read payloads written before (run.json's ``payload.layout.format_version`` says which).
+    embedding (128 for the dlib-based prior, 512 for ArcFace); format_version: what new payloads are written in
+    (``writing_version``: 4, or 3 where the capacity is too small for the thumbnail), or 3, 2, 1 to read payloads
+    written before (run.json's ``payload.layout.format_version`` says which).
     """
 
     capacity_bits: int
@@ -293,8 +308,9 @@ class PayloadLayout:
 
 @dataclass(frozen=True)
 class DecodeResult:
-    """Outcome for one face. ``embedding`` (``quantize``'s values: float32 for versions 2 and 3, float16 for version 1)
-    is set only when ok; it never appears in repr().
+    """Outcome for one face. ``embedding`` (``quantize``'s values: float32 for versions 2 to 4, float16 for version 1)
+    and, from version 4, ``thumbnail`` (the original face's, ``pipeline.thumbnail``) are set only when ok; they
+    never appear in repr().
 
     status: "ok", "uncorrectable" (too many bit errors for the RS code), "authentication_failed" (wrong key,
     modified image, or a payload that belongs to another face, sample, shard, dataset, model or seed).
@@ -307,6 +323,7 @@ class DecodeResult:
     status: str
     message: str
     embedding: np.ndarray | None = field(default=None, repr=False, compare=False)
+    thumbnail: bytes | None = field(default=None, repr=False, compare=False)  # version 4, when ok
     raw_ber: float | None = None
     raw_ber_exact: bool = False
     corrected_symbols: int | None = None
@@ -361,12 +378,22 @@ def _rs(nsym: int) -> reedsolo.RSCodec:
     return reedsolo.RSCodec(nsym, nsize=RS_MAX_N)
 
 
-def encode(embedding, ctx: PayloadContext, key: ShardKey, layout: PayloadLayout) -> np.ndarray:
+def encode(embedding, ctx: PayloadContext, key: ShardKey, layout: PayloadLayout,
+           thumbnail: bytes | None = None) -> np.ndarray:
     """The payload bits of one face: uint8 array of 0/1, shape (layout.capacity_bits,).
 
-    Deterministic: the same (embedding, ctx, key, layout) always gives the same bits.
+    thumbnail: the face's ``THUMBNAIL_BYTES`` thumbnail (``pipeline.thumbnail.encode_thumbnails``); required by
+    version 4, refused by earlier versions. Deterministic: the same inputs always give the same bits.
     """
     _check_key(key, ctx)
+    version = layout.format_version
+    if version >= THUMBNAIL_FROM_VERSION:
+        if not isinstance(thumbnail, (bytes, bytearray)) or len(thumbnail) != THUMBNAIL_BYTES:
+            raise PayloadError(f"format version {version} carries a {THUMBNAIL_BYTES}-byte face thumbnail; got "
+                               f"{type(thumbnail).__name__ if thumbnail is None else len(thumbnail)} "
+                               "(pipeline.thumbnail.encode_thumbnails makes it from the aligned original crop)")
+    elif thumbnail is not None:
+        raise PayloadError(f"format version {version} carries no thumbnail")
     emb = np.asarray(embedding)
     if emb.shape != (layout.embedding_dim,):
         raise PayloadError(f"embedding has shape {emb.shape}; this layout carries ({layout.embedding_dim},)")
@@ -376,13 +403,14 @@ def encode(embedding, ctx: PayloadContext, key: ShardKey, layout: PayloadLayout)
         half = emb.astype("<f2")
     if not np.all(np.isfinite(half)):
         raise PayloadError("embedding has values beyond the float16 range (|x| > 65504); normalise it first")
-    version = layout.format_version
     header = bytes([version, ELEMENT_TYPE[version]]) + layout.embedding_dim.to_bytes(2, "big")
     if version == 1:
         plaintext = header + half.tobytes()
     else:
         scale, q = _int8(emb)
         plaintext = header + np.array([scale], dtype="<f2").tobytes() + q.tobytes()
+        if version >= THUMBNAIL_FROM_VERSION:
+            plaintext += bytes([THUMBNAIL_KIND]) + bytes(thumbnail)
     assert len(plaintext) == layout.plaintext_bytes
     ct = AESGCMSIV(key.derive(b"payload/v1/aead")).encrypt(_nonce(key, ctx), plaintext, _aad(ctx, layout))
     assert len(ct) == layout.ciphertext_bytes
@@ -515,9 +543,15 @@ def decode(received, ctx: PayloadContext, key: ShardKey, layout: PayloadLayout, 
         # authenticated yet inconsistent: only a writer of another format version could produce this
         raise PayloadError(f"authenticated payload has header {got}, expected {header}; format version mismatch")
     body = plaintext[HEADER_BYTES:]
+    thumbnail = None
     if version == 1:
         embedding = np.frombuffer(body, dtype="<f2").astype(np.float16)
     else:
+        dim = layout.embedding_dim
         scale = np.frombuffer(body[:2], dtype="<f2")[0]
-        embedding = np.frombuffer(body[2:], dtype=np.int8).astype(np.float32) * np.float32(scale)
-    return DecodeResult(ok=True, status="ok", message="ok", embedding=embedding, **common)
+        embedding = np.frombuffer(body[2 : 2 + dim], dtype=np.int8).astype(np.float32) * np.float32(scale)
+        if version >= THUMBNAIL_FROM_VERSION:
+            if body[2 + dim] != THUMBNAIL_KIND:
+                raise PayloadError(f"authenticated payload has thumbnail kind {body[2 + dim]}, expected {THUMBNAIL_KIND}")
+            thumbnail = bytes(body[3 + dim :])
+    return DecodeResult(ok=True, status="ok", message="ok", embedding=embedding, thumbnail=thumbnail, **common)

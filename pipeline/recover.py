@@ -36,6 +36,7 @@ from .shardio import read_parquet, read_webdataset, write_parquet, write_webdata
 from .spec import parse_spec
 from .stages import face_seed, payload_sample_key, seed_sample_key
 from .verify import ShardPayload, crops_tensor, extract_logits, run_payload_job
+from .thumbnail import apply_thumbnails
 
 REPORT_SCHEMA = pa.schema(
     [
@@ -219,6 +220,7 @@ class _Candidate:
     crop: np.ndarray  # the re-aligned published crop, uint8 (R, R, 3)
     seed: int
     identity: np.ndarray | None = field(default=None, repr=False)  # decrypted; held only while its slice is recovered
+    thumbnail: bytes | None = field(default=None, repr=False)  # decrypted (payload version 4), likewise
 
 
 def _recover_samples(samples: list[dict], private: dict, published: dict, spec, name: str, res: int, model, sp,
@@ -265,7 +267,7 @@ def _recover_samples(samples: list[dict], private: dict, published: dict, spec, 
         if not dec.ok:
             c.row.update(status=dec.status, message=dec.message)
             continue
-        c.identity = dec.embedding.astype(np.float32)
+        c.identity, c.thumbnail = dec.embedding.astype(np.float32), dec.thumbnail
         del dec
         opened.append(c)
         c.row.update(status="recovered", message="ok", recovered=True)
@@ -278,12 +280,15 @@ def _recover_samples(samples: list[dict], private: dict, published: dict, spec, 
         ids = torch.from_numpy(np.stack([c.identity for c in chunk])).to(dev)
         with torch.inference_mode():
             y = model.recover(x, ids, [c.seed for c in chunk])
+            with_thumb = [i for i, c in enumerate(chunk) if c.thumbnail is not None]
+            if with_thumb:  # the original face's low frequencies, from the payload (pipeline.thumbnail)
+                y[with_thumb] = apply_thumbnails(y[with_thumb], [chunk[i].thumbnail for i in with_thumb])
         faces = y.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         for c, face in zip(chunk, faces):
             out = outputs.setdefault(c.key, pictures[c.key].copy())
             align.paste_back(out, np.ascontiguousarray(face), c.transform)
     for c in opened:
-        c.identity = None
+        c.identity = c.thumbnail = None
     for key, out in outputs.items():
         images[key] = encode_image(out, None, "RGB", "PNG", 100)
     return images

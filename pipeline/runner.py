@@ -129,7 +129,7 @@ def _normalized(url: str) -> str:
     return url if "://" in url else os.path.realpath(os.path.expanduser(url))
 
 
-def plan_shards(spec: JobSpec, fingerprint: str, key_id: str | None, model_id: str,
+def plan_shards(spec: JobSpec, fingerprint: str, key_id: str | None, model_id: str, payload_format: int | None,
                 urls: list[str] | None = None) -> list[ShardPlan]:
     """The shards of ``urls`` (listed and checked here when None) and which are done."""
     if urls is None:
@@ -163,7 +163,7 @@ def plan_shards(spec: JobSpec, fingerprint: str, key_id: str | None, model_id: s
                     f"output.dir {spec.output.dir} already holds shard {name} from a different job configuration "
                     "or key; use a new output.dir, or delete the old outputs to redo them"
                 )
-            wanted = output_signature(spec, model_id)
+            wanted = output_signature(spec, model_id, payload_format)
             made = {k: marker.get(k) for k in wanted}
             if made != wanted:
                 raise JobSpecError(
@@ -258,7 +258,7 @@ def run_job(spec: JobSpec, dry_run: bool = False, echo: Callable[[str], None] = 
     an = spec.anonymizer
     official = an.method == "g2face" and an.weights == "official"
     anonymizer = anonymizer_for(an)
-    payload_doc = None
+    payload_doc, payload_format = None, None
     if an.method == "g2face":
         from .verify import PayloadJob
 
@@ -276,6 +276,7 @@ def run_job(spec: JobSpec, dry_run: bool = False, echo: Callable[[str], None] = 
             except PayloadError as e:
                 raise JobSpecError(f"{where}: {e}; or set anonymizer.payload: irreversible") from None
             payload_doc["layout"] = layout.describe()
+            payload_format = layout.format_version
         if not official:  # which quality bars this model meets, from the evaluation shipped with it
             from .g2face_method import quality_record
 
@@ -306,11 +307,11 @@ def run_job(spec: JobSpec, dry_run: bool = False, echo: Callable[[str], None] = 
         elif spec.keys.create_demo_key:
             key_line = (f"# key: a DEMO key would be created at {demo_key_path(spec.output.dir)} "
                         "(keys.create_demo_key); never use it for real data")
-        echo(dry_run_text(spec, plan_shards(spec, fingerprint, key_id, model_id, urls)) + "\n" + key_line)
+        echo(dry_run_text(spec, plan_shards(spec, fingerprint, key_id, model_id, payload_format, urls)) + "\n" + key_line)
         return {}
     if keys.demo_key_path:
         echo(f"using DEMO master key {keys.demo_key_path} (keys.create_demo_key); never use it for real data")
-    plans = plan_shards(spec, fingerprint, keys.key_id, model_id, urls)
+    plans = plan_shards(spec, fingerprint, keys.key_id, model_id, payload_format, urls)
     remove_stale_temp_files(spec.output.dir)
     model_hashes = {} if spec.input.aligned else verify_mtcnn_weights()
     # Models that only measure (never change an output byte) are listed apart from those that shape the output.

@@ -65,15 +65,14 @@ def device_label(device: str) -> str:
     return str(device)
 
 
-def output_signature(spec: JobSpec, model_id: str) -> dict:
+def output_signature(spec: JobSpec, model_id: str, payload_format: int | None) -> dict:
     """What shaped a shard's bytes beyond the spec's fingerprint: the anonymizer model (its artifact hash:
-    the shipped default can change between versions) and the payload format it wrote. Done markers record
-    it, so that a resumed run never mixes shards of two models or payload formats under one run.json."""
-    from .payload import FORMAT_VERSION
-
+    the shipped default can change between versions) and the payload format it wrote (``payload_format``: the
+    run's layout version, for reversible g2face). Done markers record it, so that a resumed run never mixes
+    shards of two models or payload formats under one run.json."""
     an = spec.anonymizer
     reversible = an.method == "g2face" and an.payload == "reversible"
-    return {"model_id": model_id, "payload_format": FORMAT_VERSION if reversible else None}
+    return {"model_id": model_id, "payload_format": payload_format if reversible else None}
 
 
 def check_model_id(an, loaded: str, expected: str | None) -> None:
@@ -331,7 +330,8 @@ class ShardWorker:
         done = {"shard": name, "fingerprint": self.fingerprint, "key_id": self.key_id, "counts": counts,
                 # detection, alignment, paste-back and metrics ran here; the anonymizer too unless a pool ran it
                 "device": self.device_label, "anonymizer_pool": bool(self.remote_anonymizers),
-                **output_signature(self.spec, self.model_id)}
+                **output_signature(self.spec, self.model_id,
+                                   self.payload_job.layout.format_version if self.payload_job else None)}
         storage.atomic_write_bytes(self.layout.done(name), (json.dumps(done, indent=2, sort_keys=True) + "\n").encode())
         return {"shard": name, "counts": counts, "seconds": time.perf_counter() - t0, "pid": os.getpid()}
 

@@ -21,6 +21,7 @@ from . import align
 from .imaging import DecodedImage, DecodeError, decode_image, encode_image, output_format
 from .redraw import redraw
 from .shardio import RawSample
+from .thumbnail import encode_thumbnails
 
 _log = logging.getLogger(__name__)
 _SIZE_CLASSES = load_json("status.json")["size_class"]
@@ -394,10 +395,13 @@ class AnonymizeStage(_Stage):
             raise RuntimeError("reversible g2face without a shard payload key (the shard worker sets it)")
         identity = model.identity_embeddings(x)
         emb = identity.float().cpu().numpy()
+        # version 4 payloads also carry the original face's low frequencies, for the key holder's recovery
+        thumbs = encode_thumbnails(x) if self.payload.job.carries_thumbnail else [None] * len(chunk)
         bits = np.stack([
-            self.payload.encode(e, payload_sample_key(s.out_key, s.raw.index), i) for (s, i, _), e in zip(chunk, emb)
+            self.payload.encode(e, payload_sample_key(s.out_key, s.raw.index), i, t)
+            for (s, i, _), e, t in zip(chunk, emb, thumbs)
         ])
-        del emb
+        del emb, thumbs
         for (_, _, f), b in zip(chunk, bits):
             f.payload_sent = b
         payload_bits = torch.from_numpy(bits)

@@ -21,7 +21,7 @@ import torch
 from . import align
 from .imaging import decode_image, encode_image
 from .keys import ShardKey
-from .payload import FORMAT_VERSION, DecodeResult, PayloadContext, PayloadLayout, decode, encode
+from .payload import THUMBNAIL_FROM_VERSION, DecodeResult, PayloadContext, PayloadLayout, decode, encode, writing_version
 from .stages import Face, Sample, _Stage, _brief, payload_sample_key
 
 EMBEDDING_DIM = 128  # the dlib identity embedding the g2face method hides
@@ -39,10 +39,16 @@ class PayloadJob:
 
     @classmethod
     def of(cls, dataset_id: str, seed: int, artifact_sha256: str, capacity_bits: int,
-           embedding_dim: int = EMBEDDING_DIM, format_version: int = FORMAT_VERSION) -> "PayloadJob":
-        """format_version: the payload format of the run (new runs write the current one; a recovery reads
-        run.json's ``payload.layout.format_version``)."""
+           embedding_dim: int = EMBEDDING_DIM, format_version: int | None = None) -> "PayloadJob":
+        """format_version: the payload format of the run (None, for new runs: ``payload.writing_version``; a
+        recovery reads run.json's ``payload.layout.format_version``)."""
+        if format_version is None:
+            format_version = writing_version(capacity_bits, embedding_dim)
         return cls(dataset_id, seed, artifact_sha256, PayloadLayout(capacity_bits, embedding_dim, format_version))
+
+    @property
+    def carries_thumbnail(self) -> bool:
+        return self.layout.format_version >= THUMBNAIL_FROM_VERSION
 
 
 def run_payload_job(run_doc: dict, dataset_id: str, seed: int, model) -> PayloadJob:
@@ -69,8 +75,9 @@ class ShardPayload:
         j = self.job
         return PayloadContext(j.dataset_id, self.shard, sample_key, face_index, j.artifact_sha256, j.seed)
 
-    def encode(self, embedding: np.ndarray, sample_key: str, face_index: int) -> np.ndarray:
-        return encode(np.asarray(embedding, np.float32), self.context(sample_key, face_index), self.key, self.job.layout)
+    def encode(self, embedding: np.ndarray, sample_key: str, face_index: int, thumbnail: bytes | None = None) -> np.ndarray:
+        return encode(np.asarray(embedding, np.float32), self.context(sample_key, face_index), self.key, self.job.layout,
+                      thumbnail)
 
     def decode(self, logits, sample_key: str, face_index: int) -> DecodeResult:
         return decode(logits, self.context(sample_key, face_index), self.key, self.job.layout)

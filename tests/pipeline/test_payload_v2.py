@@ -30,14 +30,14 @@ def _emb(seed=0, dim=128, scale=1.0) -> np.ndarray:
 
 
 def test_version_2_needs_about_half_the_capacity_of_version_1():
-    assert FORMAT_VERSION == 3 and PayloadLayout(4096, 128, 2).format_version == 2
+    assert FORMAT_VERSION == 4 and PayloadLayout(4096, 128, 2).format_version == 2
     assert minimum_capacity_bits(128, 2) == 1456 and minimum_capacity_bits(128, 1) == 2720
     assert minimum_capacity_bits(512, 2) == 5040
     PayloadLayout(1620, 128, 2)  # one face plane of lite-128 carries a 128-d payload
     with pytest.raises(PayloadError, match="format version 1: it needs at least 2720 bits"):
         PayloadLayout(1620, 128, 1)
     with pytest.raises(PayloadError, match="format_version must be one of"):
-        PayloadLayout(4096, 128, 4)
+        PayloadLayout(4096, 128, 5)
     # the spare capacity becomes parity: lite-128's 3,240 bits tolerate ~3% random bit errors (1.15% in version 1)
     d = PayloadLayout(3240, 128, 2).describe()
     assert d["format_version"] == 2 and d["rs_codewords"] == [[203, 75], [202, 75]]
@@ -47,7 +47,7 @@ def test_version_2_needs_about_half_the_capacity_of_version_1():
 @pytest.mark.parametrize("cap,dim,scale", [(3240, 128, 0.1), (4096, 128, 1.0), (1456, 128, 30.0), (16384, 512, 20.0),
                                            (5040, 512, 1e-3)])
 def test_round_trip_returns_exactly_the_quantized_embedding(cap, dim, scale):
-    lay, key, ctx, e = PayloadLayout(cap, dim), _key(), _ctx(), _emb(3, dim, scale)
+    lay, key, ctx, e = PayloadLayout(cap, dim, 3), _key(), _ctx(), _emb(3, dim, scale)
     res = decode(encode(e, ctx, key, lay), ctx, key, lay)
     assert res.ok and res.embedding.dtype == np.float32 and res.embedding.shape == (dim,)
     assert np.array_equal(res.embedding, quantize(e))
@@ -57,7 +57,7 @@ def test_round_trip_returns_exactly_the_quantized_embedding(cap, dim, scale):
 
 
 def test_zero_and_tiny_embeddings_round_trip():
-    lay, key, ctx = PayloadLayout(3240, 128), _key(), _ctx()
+    lay, key, ctx = PayloadLayout(3240, 128, 3), _key(), _ctx()
     for e in (np.zeros(128, np.float32), np.full(128, 1e-7, np.float32), np.eye(1, 128, 5, dtype=np.float32)[0]):
         res = decode(encode(e, ctx, key, lay), ctx, key, lay)
         assert res.ok and np.array_equal(res.embedding, quantize(e))

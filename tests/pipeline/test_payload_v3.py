@@ -1,4 +1,5 @@
-"""Payload format version 3: version 2's bits XOR a keyed per-face mask; what new runs write.
+"""Payload format version 3: version 2's bits XOR a keyed per-face mask (version 4 adds the thumbnail to it;
+new runs write version 4, or 3 for small hiding models).
 
 Without the mask, anyone with the public extractor could run the public Reed-Solomon check (or compare the
 repeated copies) on the bits read from a face and tell a face that carries a payload from one carrying
@@ -51,10 +52,10 @@ def _spec_mask(ctx, layout) -> np.ndarray:
     return np.unpackbits(np.frombuffer(stream, np.uint8))[: layout.capacity_bits]
 
 
-def test_new_payloads_are_version_3_with_version_2_layouts():
-    assert FORMAT_VERSION == 3
+def test_version_3_payloads_have_version_2_layouts():
+    assert FORMAT_VERSION == 4
     for cap, dim in ((3240, 128), (8192, 128), (16384, 512)):
-        v2, v3 = PayloadLayout(cap, dim, 2), PayloadLayout(cap, dim)
+        v2, v3 = PayloadLayout(cap, dim, 2), PayloadLayout(cap, dim, 3)
         assert v3.format_version == 3
         assert (v3.codewords, v3.copies, v3.stream_bytes) == (v2.codewords, v2.copies, v2.stream_bytes)
         assert v3.describe()["random_ber_limit_1e-3"] == v2.describe()["random_ber_limit_1e-3"]
@@ -75,7 +76,7 @@ def test_version_3_bits_are_a_valid_coded_stream_once_the_documented_mask_is_rem
     def lp(s):
         return len(s.encode()).to_bytes(4, "big") + s.encode()
 
-    layout, ctx, e = PayloadLayout(3240, 128), _ctx(), _emb(20)
+    layout, ctx, e = PayloadLayout(3240, 128, 3), _ctx(), _emb(20)
     unmasked = encode(e, ctx, _key(), layout) ^ _spec_mask(ctx, layout)
     assert all(_passes_rs_check(unmasked, layout))
     stream = np.packbits(unmasked[: 8 * 405])
@@ -94,7 +95,7 @@ def test_version_3_bits_are_a_valid_coded_stream_once_the_documented_mask_is_rem
 def test_format_3_known_answer():
     # pins format version 3: any change to the bytes written needs a new FORMAT_VERSION and a spec update
     e = (np.arange(128, dtype=np.float32) - 64) / 32
-    bits = encode(e, _ctx(), _key(), PayloadLayout(3240, 128))
+    bits = encode(e, _ctx(), _key(), PayloadLayout(3240, 128, 3))
     assert hashlib.sha256(np.packbits(bits).tobytes()).hexdigest() == KNOWN_ANSWER_SHA256
 
 
@@ -121,7 +122,7 @@ def test_without_the_key_no_parity_check_passes_and_copies_do_not_repeat():
 
 
 def test_version_3_corrects_the_same_flips_and_reports_the_same_raw_ber():
-    layout, key, ctx, e = PayloadLayout(3240, 128), _key(), _ctx(), _emb(8)
+    layout, key, ctx, e = PayloadLayout(3240, 128, 3), _key(), _ctx(), _emb(8)
     bits = encode(e, ctx, key, layout)
     rng = np.random.default_rng(0)
     for n in (0, 40, layout.guaranteed_bit_errors):
@@ -138,8 +139,9 @@ def test_version_3_corrects_the_same_flips_and_reports_the_same_raw_ber():
 
 
 def test_a_capacity_beyond_the_mask_is_refused_naming_what_to_do():
-    assert PayloadLayout(MAX_MASK_BITS, 512).format_version == 3
-    with pytest.raises(PayloadError, match="exceeds the 65280 bits that format version 3's mask covers.*"
-                                           "anonymizer.payload: irreversible"):
-        PayloadLayout(MAX_MASK_BITS + 8, 512)
+    assert PayloadLayout(MAX_MASK_BITS, 512).format_version == 4
+    for version in (3, 4):
+        with pytest.raises(PayloadError, match=f"exceeds the 65280 bits that format version {version}'s mask covers.*"
+                                               "anonymizer.payload: irreversible"):
+            PayloadLayout(MAX_MASK_BITS + 8, 512, version)
     PayloadLayout(MAX_MASK_BITS + 8, 512, 2)

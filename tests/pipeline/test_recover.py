@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import DEMO_SHARDS, job_tree
+from helpers import decode, read_tar
 from hiding_model import trained_hiding_artifact
 from pipeline.cli import app
 from pipeline.keys import ShardKey, create_master_key, export_shard_key
@@ -225,7 +226,7 @@ def test_extracted_payload_bits_look_random_without_the_key(reversible_run, tmp_
     assert abs(randomness["balance"]["share_of_ones"] - 0.5) < 0.02
 
 
-def test_a_run_of_the_shipped_model_recovers_without_naming_it(tmp_path):
+def test_a_run_of_the_shipped_model_recovers_without_naming_it(tmp_path, monkeypatch):
     """No anonymizer.checkpoint anywhere: `run` uses the shipped model, run.json says which bars it meets,
     and `recover` finds the same model (by its pinned hash) and restores every face whose payload verified."""
     from g2face.checkpoint import SHIPPED_SHA256
@@ -247,6 +248,27 @@ def test_a_run_of_the_shipped_model_recovers_without_naming_it(tmp_path):
     assert verified, "the shipped model's payloads should verify after PNG output"
     res = recover_shard(str(out / "shards" / SHARD.name), str(tmp_path / "master.key"), str(tmp_path / "rec"))
     assert {(f["key"], f["face_index"]) for f in res["faces"] if f["status"] == "recovered"} == verified
+    # payload version 4: the key holder's faces take the original's low frequencies from the payload's thumbnail,
+    # and are closer to the originals than the model's bare recovery
+    assert run_doc["payload"]["layout"]["format_version"] == 4
+    import pipeline.recover as recover_module
+
+    monkeypatch.setattr(recover_module, "apply_thumbnails", lambda y, thumbs: y)
+    recover_shard(str(out / "shards" / SHARD.name), str(tmp_path / "master.key"), str(tmp_path / "rec-bare"))
+    originals = {k: decode(m["jpg"]) for k, m in read_tar(SHARD).items()}
+    by_key = {f["key"]: f["original_key"] for f in res["faces"] if f["status"] == "recovered"}
+
+    def psnr_to_originals(folder) -> list[float]:
+        got = []
+        for key, members in read_tar(folder / "shards" / SHARD.name).items():
+            if key in by_key:
+                a, b = decode(members["png"]).astype(np.float64), originals[by_key[key]].astype(np.float64)
+                got.append(10 * np.log10(255.0**2 / np.mean((a - b) ** 2)))
+        return got
+
+    with_thumb, bare = psnr_to_originals(tmp_path / "rec"), psnr_to_originals(tmp_path / "rec-bare")
+    assert len(with_thumb) == len(bare) == len(by_key) > 0
+    assert np.mean(with_thumb) > np.mean(bare) + 1.0, (with_thumb, bare)
 
 
 def test_a_shard_path_that_does_not_exist_is_named_as_such(tmp_path):

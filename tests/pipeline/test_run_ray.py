@@ -111,11 +111,11 @@ def test_a_done_shard_is_resumed_from_its_fingerprint_of_before_weight_paths_lef
               "payload_format": None}
     (out / "done").mkdir(parents=True)
     (out / "done" / f"{DEMO_SHARDS[0].name}.json").write_text(json.dumps(marker))
-    assert [p.done for p in plan_shards(spec, spec_fingerprint(spec), None, "blur-v1:x")] == [True]
+    assert [p.done for p in plan_shards(spec, spec_fingerprint(spec), None, "blur-v1:x", None)] == [True]
     marker["fingerprint"] = "0123456789abcdef"
     (out / "done" / f"{DEMO_SHARDS[0].name}.json").write_text(json.dumps(marker))
     with pytest.raises(JobSpecError, match="different job configuration"):
-        plan_shards(spec, spec_fingerprint(spec), None, "blur-v1:x")
+        plan_shards(spec, spec_fingerprint(spec), None, "blur-v1:x", None)
 
 
 def _demo_as_parquet(path, struct_images: bool):

@@ -161,7 +161,7 @@ def test_master_and_exported_shard_key_load_to_the_same_key_and_open_the_same_pa
     assert from_master == from_file and from_master.key_id == from_file.key_id
     assert from_file.master_key_id == load_master_key(master_path)[1]
 
-    layout = PayloadLayout(4096, 128)
+    layout = PayloadLayout(4096, 128, 3)
     ctx = PayloadContext(DS, SHARD, "img_0001", 0, "g2face-hide-v1", 3)
     e = np.linspace(-1, 1, 128).astype(np.float32)
     res = decode(encode(e, ctx, from_master, layout), ctx, from_file, layout)

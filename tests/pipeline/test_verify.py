@@ -64,7 +64,7 @@ def test_unverified_faces_are_reencoded_then_marked_irreversible(tmp_path, untra
     n = sum(r["n_faces"] for r in rows)
     assert doc["counts"]["faces_by_payload"] == {"irreversible": n, "unverified": n}
     assert doc["payload"]["mode"] == "reversible" and len(doc["payload"]["artifact_sha256"]) == 64
-    assert doc["payload"]["layout"]["capacity_bits"] == 3240 and doc["payload"]["layout"]["format_version"] == 3
+    assert doc["payload"]["layout"]["capacity_bits"] == 3240 and doc["payload"]["layout"]["format_version"] == 4
     # nothing opens, so recovery refuses the shard with one message and writes nothing
     with pytest.raises(RecoveryError, match="no reversible face"):
         recover_shard(str(tmp_path / "out" / "shards" / SHARD.name), str(tmp_path / "master.key"), str(tmp_path / "rec"))
@@ -99,7 +99,8 @@ def test_recovery_reads_payloads_in_the_format_version_the_run_recorded():
     model = SimpleNamespace(payload_bits=4096, identity_dim=128, artifact_sha256="ab" * 32)
     for doc, version in (({"payload": {"layout": PayloadLayout(4096, 128, 1).describe()}}, 1),
                          ({"payload": {"layout": PayloadLayout(4096, 128, 2).describe()}}, 2),
-                         ({"payload": {"layout": PayloadLayout(4096, 128).describe()}}, 3),
+                         ({"payload": {"layout": PayloadLayout(4096, 128, 3).describe()}}, 3),
+                         ({"payload": {"layout": PayloadLayout(4096, 128).describe()}}, 4),
                          ({"payload": {"mode": "reversible"}}, 1)):  # runs from before layouts were recorded
         assert run_payload_job(doc, "ds", 3, model).layout == PayloadLayout(4096, 128, version)
     with pytest.raises(ValueError, match="records payloads of 3240 bits, but the model carries 4096"):

@@ -1,0 +1,87 @@
+"""The face thumbnail of payload version 4 (pipeline/thumbnail.py): its bytes follow the documented recipe,
+and applying it gives a recovered face the original's low frequencies, inside the face region only."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from helpers import decode, read_tar
+
+from pipeline import align
+from pipeline.thumbnail import THUMBNAIL_BYTES, apply_thumbnails, decode_thumbnail, encode_thumbnails, face_region
+
+DEMO = Path(__file__).resolve().parents[2] / "data" / "demo" / "nasa-000000.tar"
+
+
+@pytest.fixture(scope="module")
+def crops() -> torch.Tensor:
+    """Four demo portraits, centre-cropped and resized to 128 px: (4, 3, 128, 128) in [0, 1]."""
+    out = []
+    for members in list(read_tar(DEMO).values())[:4]:
+        rgb = decode(members["jpg"])
+        h, w = rgb.shape[:2]
+        s = min(h, w)
+        sq = rgb[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
+        out.append(cv2.resize(sq, (128, 128), interpolation=cv2.INTER_AREA))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255
+
+
+def _spec_thumbnail(crop: np.ndarray) -> bytes:
+    """One crop's thumbnail rebuilt from the module docstring / schemas/payload.md alone (numpy, float64)."""
+    mask = align.paste_mask(crop.shape[0])
+    ys, xs = np.nonzero(mask > 0)
+    region = crop[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(np.float64) / 255
+    r, g, b = region[..., 0], region[..., 1], region[..., 2]
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    cb = 0.5 - 0.168736 * r - 0.331264 * g + 0.5 * b
+    cr = 0.5 + 0.5 * r - 0.418688 * g - 0.081312 * b
+
+    def grid(plane, k):  # adaptive average pooling bins: [floor(i H / k), ceil((i + 1) H / k))
+        h, w = plane.shape
+        return np.array([[plane[i * h // k : -(-(i + 1) * h // k), j * w // k : -(-(j + 1) * w // k)].mean()
+                          for j in range(k)] for i in range(k)])
+
+    qy = np.round(np.clip(grid(y, 10), 0, 1) * 31).astype(int).ravel()
+    qc = np.concatenate([np.round(np.clip((grid(c, 4) - 0.25) / 0.5, 0, 1) * 15).astype(int).ravel() for c in (cb, cr)])
+    bits = [int(v) >> s & 1 for v in qy for s in range(4, -1, -1)] + [int(v) >> s & 1 for v in qc for s in range(3, -1, -1)]
+    bits += [0] * (-len(bits) % 8)
+    return np.packbits(np.array(bits, np.uint8)).tobytes()
+
+
+def test_thumbnail_bytes_follow_the_documented_recipe(crops):
+    thumbs = encode_thumbnails(crops)
+    assert [len(t) for t in thumbs] == [THUMBNAIL_BYTES] * 4 and len(set(thumbs)) == 4
+    for crop, t in zip(crops, thumbs):
+        u8 = (crop.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        assert t == _spec_thumbnail(u8)
+    y, c = decode_thumbnail(thumbs[0])
+    assert y.shape == (10, 10) and c.shape == (2, 4, 4) and 0 <= y.min() and y.max() <= 1 and 0.25 <= c.min() <= c.max() <= 0.75
+    assert face_region(128) == (12, 124, 17, 111)
+    with pytest.raises(ValueError, match="79 bytes, got 78"):
+        decode_thumbnail(thumbs[0][:78])
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(10 * torch.log10(1 / ((a - b) ** 2).mean()))
+
+
+def test_applying_the_thumbnail_restores_the_originals_colouring_inside_the_face_region_only(crops):
+    thumbs = encode_thumbnails(crops)
+    y0, y1, x0, x1 = face_region(128)
+    inside = (..., slice(y0, y1), slice(x0, x1))
+    # a recovery with the right detail but the wrong colouring and lighting, as the shipped model's often is
+    cast = (crops * 0.7 + torch.tensor([0.2, 0.08, 0.0])[:, None, None]).clamp(0, 1)
+    fixed = apply_thumbnails(cast, thumbs)
+    assert _psnr(fixed[inside], crops[inside]) > _psnr(cast[inside], crops[inside]) + 6
+    outside = torch.ones(128, 128, dtype=torch.bool)
+    outside[y0:y1, x0:x1] = False
+    assert torch.equal(fixed[..., outside], cast[..., outside])
+    # another face's thumbnail moves the crop away from its original: the bytes carry the person's colouring
+    swapped = apply_thumbnails(cast, thumbs[1:] + thumbs[:1])
+    assert _psnr(swapped[inside], crops[inside]) < _psnr(fixed[inside], crops[inside]) - 3
+    # a face's own thumbnail barely changes it (quantisation only)
+    assert _psnr(apply_thumbnails(crops, thumbs)[inside], crops[inside]) > 33
