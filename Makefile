@@ -28,5 +28,5 @@ schemas: install
 bench: install
 	$(PY) bench/pipeline_throughput.py
 
-clean:
+clean:  # removes runs/: the demo outputs and demo key, and runs/train-lite
 	rm -rf runs .pytest_cache

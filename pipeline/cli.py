@@ -175,7 +175,7 @@ def evaluate_cmd(
         "face's first draw, the model without redraws)."
     ),
 ) -> None:
-    """Measure a G2Face model on a corpus: every number of the quality bars (issue #6) as JSON."""
+    """Measure a G2Face model on a corpus: every number of the model card's quality bars, as JSON."""
     from .anonymizers import AnonymizerUnavailable
     from .audit import AuditError
     from .evaluate import EvaluateError, evaluate

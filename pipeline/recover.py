@@ -148,8 +148,10 @@ def recover_shard(shard: str, key_path: str, out_dir: str, *, samples: list[str]
     spec = parse_spec(run["spec"], run_url)
     payload_doc = run.get("payload") or {}
     if payload_doc.get("mode") != "reversible":
-        raise RecoveryError(f"run {run_dir} did not hide reversible payloads (anonymizer.payload: "
-                            f"{payload_doc.get('mode')!r}); nothing in {name} can be recovered")
+        how = (f"anonymizer.payload: {payload_doc['mode']}" if payload_doc.get("mode") else
+               f"anonymizer.method: {spec.anonymizer.method}")
+        raise RecoveryError(f"run {run_dir} did not hide reversible payloads (it used {how}); nothing in {name} "
+                            "can be recovered")
     try:
         key = load_shard_key(key_path, spec.dataset.id, name)
     except KeyFileError as e:

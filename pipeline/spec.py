@@ -542,6 +542,9 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
     if {"data", "run"} <= set(tree) and "input" not in tree:
         raise JobSpecError(f"job file {path} is a training job (sections data and run): run it with "
                            f"`g2face-pipe train {path}`; `run` takes anonymization jobs (see jobs/demo.yaml)")
+    if "prepare" in tree and "anonymizer" not in tree:
+        raise JobSpecError(f"job file {path} is a prepare job (section prepare): run it with "
+                           f"`g2face-pipe prepare {path}`; `run` takes anonymization jobs (see jobs/demo.yaml)")
     return parse_spec(tree, str(path), applied)
 
 

@@ -331,3 +331,12 @@ def _published_rgb(out, key: str) -> np.ndarray:
 
     raw = next(s for s in read_webdataset(str(out / "shards" / SHARD.name), None) if s.key == key)
     return decode_image(raw.fields[raw.image_field], 10**8).rgb
+
+
+def test_recovering_a_blur_run_names_the_method_it_used(tmp_path):
+    out = tmp_path / "out"
+    run_job(parse_spec(job_tree(out, SHARD, anonymizer={"method": "blur"}, metrics={"enabled": False})),
+            echo=lambda *_: None)
+    create_master_key(tmp_path / "master.key")
+    with pytest.raises(RecoveryError, match=r"did not hide reversible payloads \(it used anonymizer\.method: blur\)"):
+        recover_shard(str(out / "shards" / SHARD.name), str(tmp_path / "master.key"), str(tmp_path / "rec"))

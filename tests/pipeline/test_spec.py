@@ -280,6 +280,17 @@ def test_a_folder_or_a_training_job_given_to_run_says_what_to_give(tmp_path):
         load_spec(ROOT / "jobs")
     with pytest.raises(JobSpecError, match=r"is a training job .*`g2face-pipe train .*train-lite\.yaml`"):
         load_spec(ROOT / "jobs" / "train-lite.yaml")
+    with pytest.raises(JobSpecError, match=r"is a prepare job .*`g2face-pipe prepare .*prepare-train\.yaml`"):
+        load_spec(ROOT / "jobs" / "prepare-train.yaml")
+
+
+def test_the_cluster_template_runs_the_shipped_model_at_its_resolution():
+    """jobs/celeba.yaml names no checkpoint, so its resolution must be the shipped model's (a 256 px job
+    stops at start: 'a 128 px model but anonymizer.resolution is 256')."""
+    from g2face.config import preset
+
+    spec = load_spec(ROOT / "jobs" / "celeba.yaml")
+    assert spec.anonymizer.checkpoint is None and spec.anonymizer.resolution == preset("lite-128").resolution
 
 
 def test_home_in_key_and_weight_paths_is_expanded_as_a_shell_would(tmp_path):
