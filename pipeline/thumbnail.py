@@ -14,8 +14,9 @@ Format (schemas/payload.md, section 2; kind ``THUMBNAIL_KIND``), on the aligned 
 - colour: full-range BT.601 YCbCr (the JPEG one) of the crop's RGB in [0, 1];
 - Y averaged over a 10 x 10 grid of the region, Cb and Cr over 4 x 4 (``torch.nn.functional.adaptive_avg_pool2d``
   bins), in float64;
-- Y quantized to 5 bits over [0, 1] (q = round(31 Y)), Cb and Cr to 4 bits over [0.25, 0.75]
-  (q = round(15 (C - 0.25) / 0.5)), each clipped to its range;
+- Y quantized to 5 bits, q = round(31 Y) clipped to [0, 31]; Cb and Cr to 4 bits around neutral,
+  q = round(30 (C - 0.5)) + 8 clipped to [0, 15], so that grey (C = 0.5) is a level (q = 8); rounding
+  ties to even; decoded as Y = q / 31 and C = 0.5 + (q - 8) / 30;
 - packed most significant bit first: the 100 Y values row by row, then the 16 Cb, then the 16 Cr values
   (628 bits), then 4 zero bits: ``THUMBNAIL_BYTES`` = 79 bytes.
 
@@ -39,7 +40,7 @@ from .payload import THUMBNAIL_KIND as _PAYLOAD_THUMBNAIL_KIND
 THUMBNAIL_KIND = 1
 Y_GRID, C_GRID = 10, 4
 Y_BITS, C_BITS = 5, 4
-C_RANGE = (0.25, 0.75)
+C_STEP, C_NEUTRAL = 1 / 30, 8  # chroma level q stands for 0.5 + (q - 8) / 30: grey is level 8
 THUMBNAIL_BITS = Y_GRID * Y_GRID * Y_BITS + 2 * C_GRID * C_GRID * C_BITS
 THUMBNAIL_BYTES = -(-THUMBNAIL_BITS // 8)
 assert (THUMBNAIL_KIND, THUMBNAIL_BYTES) == (_PAYLOAD_THUMBNAIL_KIND, _PAYLOAD_THUMBNAIL_BYTES)  # the format's field
@@ -77,9 +78,8 @@ def encode_thumbnails(crops: torch.Tensor) -> list[bytes]:
     ycc = _ycc(crops.detach().to("cpu", torch.float64)[..., y0:y1, x0:x1])
     y = F.adaptive_avg_pool2d(ycc[:, :1], Y_GRID).flatten(1)
     c = F.adaptive_avg_pool2d(ycc[:, 1:], C_GRID).flatten(1)  # Cb's 16 values, then Cr's
-    qy = torch.round(y.clamp(0, 1) * _levels(Y_BITS))
-    lo, hi = C_RANGE
-    qc = torch.round(((c - lo) / (hi - lo)).clamp(0, 1) * _levels(C_BITS))
+    qy = torch.round(y * _levels(Y_BITS)).clamp(0, _levels(Y_BITS))
+    qc = (torch.round((c - 0.5) / C_STEP) + C_NEUTRAL).clamp(0, _levels(C_BITS))
     out = []
     for fy, fc in zip(qy.to(torch.int64).numpy(), qc.to(torch.int64).numpy()):
         bits = np.concatenate([((fy[:, None] >> np.arange(Y_BITS - 1, -1, -1)) & 1).ravel(),
@@ -97,9 +97,8 @@ def decode_thumbnail(data: bytes) -> tuple[np.ndarray, np.ndarray]:
     n_y = Y_GRID * Y_GRID * Y_BITS
     qy = bits[:n_y].reshape(-1, Y_BITS) @ (1 << np.arange(Y_BITS - 1, -1, -1))
     qc = bits[n_y:].reshape(-1, C_BITS) @ (1 << np.arange(C_BITS - 1, -1, -1))
-    lo, hi = C_RANGE
     y = (qy / _levels(Y_BITS)).reshape(Y_GRID, Y_GRID)
-    c = (lo + qc / _levels(C_BITS) * (hi - lo)).reshape(2, C_GRID, C_GRID)
+    c = (0.5 + (qc - C_NEUTRAL) * C_STEP).reshape(2, C_GRID, C_GRID)
     return y, c
 
 

@@ -45,8 +45,8 @@ def _spec_thumbnail(crop: np.ndarray) -> bytes:
         return np.array([[plane[i * h // k : -(-(i + 1) * h // k), j * w // k : -(-(j + 1) * w // k)].mean()
                           for j in range(k)] for i in range(k)])
 
-    qy = np.round(np.clip(grid(y, 10), 0, 1) * 31).astype(int).ravel()
-    qc = np.concatenate([np.round(np.clip((grid(c, 4) - 0.25) / 0.5, 0, 1) * 15).astype(int).ravel() for c in (cb, cr)])
+    qy = np.clip(np.round(31 * grid(y, 10)), 0, 31).astype(int).ravel()  # np.round: ties to even, as documented
+    qc = np.concatenate([np.clip(np.round(30 * (grid(c, 4) - 0.5)) + 8, 0, 15).astype(int).ravel() for c in (cb, cr)])
     bits = [int(v) >> s & 1 for v in qy for s in range(4, -1, -1)] + [int(v) >> s & 1 for v in qc for s in range(3, -1, -1)]
     bits += [0] * (-len(bits) % 8)
     return np.packbits(np.array(bits, np.uint8)).tobytes()
@@ -59,10 +59,24 @@ def test_thumbnail_bytes_follow_the_documented_recipe(crops):
         u8 = (crop.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         assert t == _spec_thumbnail(u8)
     y, c = decode_thumbnail(thumbs[0])
-    assert y.shape == (10, 10) and c.shape == (2, 4, 4) and 0 <= y.min() and y.max() <= 1 and 0.25 <= c.min() <= c.max() <= 0.75
+    assert y.shape == (10, 10) and c.shape == (2, 4, 4) and 0 <= y.min() and y.max() <= 1
+    assert 0.5 - 8 / 30 - 1e-12 <= c.min() <= c.max() <= 0.5 + 7 / 30 + 1e-12
     assert face_region(128) == (12, 124, 17, 111)
     with pytest.raises(ValueError, match="79 bytes, got 78"):
         decode_thumbnail(thumbs[0][:78])
+
+
+def test_grey_is_a_chroma_level_so_black_and_white_faces_come_back_untinted():
+    for level in (0, 37, 128, 200, 255):
+        grey = torch.full((1, 3, 128, 128), level / 255)
+        (t,) = encode_thumbnails(grey)
+        assert t == _spec_thumbnail(np.full((128, 128, 3), level, np.uint8))
+        _, c = decode_thumbnail(t)
+        assert np.all(c == 0.5)  # Cb = Cr = 0.5 exactly: no tint
+        out = apply_thumbnails(grey, [t])
+        # the result is grey (the channels agree) and off by at most Y's half quantization step
+        assert float((out.max(dim=1).values - out.min(dim=1).values).max()) < 1e-5
+        assert float((out - grey).abs().max()) <= 0.5 / 31 + 1e-5
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -70,6 +70,16 @@ def test_unverified_faces_are_reencoded_then_marked_irreversible(tmp_path, untra
         recover_shard(str(tmp_path / "out" / "shards" / SHARD.name), str(tmp_path / "master.key"), str(tmp_path / "rec"))
     assert not (tmp_path / "rec").exists()
     assert (tmp_path / "out" / "recovery-log.jsonl").read_text().count("\n") == 1  # the attempt is logged
+    # the done marker records the layout version the shard was written in; a shard of another version (as an
+    # older release wrote: version 3) is never resumed into this run
+    import json
+
+    marker_path = tmp_path / "out" / "done" / f"{SHARD.name}.json"
+    marker = json.loads(marker_path.read_text())
+    assert marker["payload_format"] == 4
+    marker_path.write_text(json.dumps({**marker, "payload_format": 3}))
+    with pytest.raises(JobSpecError, match=r"made with .*'payload_format': 3.*would use .*'payload_format': 4"):
+        run_job(_job(tmp_path, untrained, output={"image_format": "jpeg", "jpeg_quality": 90}), echo=lambda *_: None)
 
 
 def test_withhold_policy_withholds_unverified_images(tmp_path, untrained):
