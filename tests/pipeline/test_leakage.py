@@ -36,10 +36,17 @@ def _embed(crops: np.ndarray) -> np.ndarray:
         return net(aligned_to_chip(x, align.template(crops.shape[1]))).numpy()
 
 
+def _thumbnails(crops: np.ndarray) -> list[bytes]:
+    """The payload's (version 4) thumbnails of the crops: the face's own, as a run hides them."""
+    from pipeline.thumbnail import encode_thumbnails
+
+    return encode_thumbnails(torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255)
+
+
 @pytest.fixture(scope="module")
 def demo():
     keys, _, _, crops = aligned_demo_faces()
-    return keys, crops, _embed(crops)
+    return keys, _thumbnails(crops), _embed(crops)
 
 
 def _payload(seed=0, dataset="ds", shard="s-000.tar"):
@@ -47,9 +54,10 @@ def _payload(seed=0, dataset="ds", shard="s-000.tar"):
 
 
 def test_payload_bits_are_balanced(demo):
-    keys, _, emb = demo
+    keys, thumbs, emb = demo
     sp = _payload()
-    bits = np.stack([sp.encode(e, f"{k}/{r}", 0) for (k, e), r in itertools.product(zip(keys, emb), range(20))])
+    assert sp.job.layout.format_version == 4
+    bits = np.stack([sp.encode(e, f"{k}/{r}", 0, t) for (k, e, t), r in itertools.product(zip(keys, emb, thumbs), range(20))])
     n = len(bits)
     assert abs(bits.mean() - 0.5) < 0.01
     sigma = 0.5 / np.sqrt(n)
@@ -57,11 +65,11 @@ def test_payload_bits_are_balanced(demo):
 
 
 def test_another_seed_or_job_gives_another_ciphertext(demo):
-    keys, _, emb = demo
-    base = _payload().encode(emb[0], keys[0], 0)
-    assert np.array_equal(base, _payload().encode(emb[0], keys[0], 0))  # reruns are byte-identical
+    keys, thumbs, emb = demo
+    base = _payload().encode(emb[0], keys[0], 0, thumbs[0])
+    assert np.array_equal(base, _payload().encode(emb[0], keys[0], 0, thumbs[0]))  # reruns are byte-identical
     for other in (_payload(seed=1), _payload(dataset="other"), _payload(shard="s-001.tar")):
-        agree = np.mean(other.encode(emb[0], keys[0], 0) == base)
+        agree = np.mean(other.encode(emb[0], keys[0], 0, thumbs[0]) == base)
         assert 0.45 < agree < 0.55
 
 
@@ -94,14 +102,16 @@ def test_same_person_payloads_are_no_more_alike_than_different_people(shared_dat
     for s in samples:
         s.faces = [max(s.faces, key=lambda f: f.box[2] - f.box[0])]
     AlignStage(128, "blur", "pixelate", 0, 0.0, 0, "pass").process(samples)
-    emb = dict(zip([s.raw.key for s in samples], _embed(np.stack([s.faces[0].crop for s in samples]))))
+    crops = np.stack([s.faces[0].crop for s in samples])
+    emb = dict(zip([s.raw.key for s in samples], _embed(crops)))
+    thumb = dict(zip([s.raw.key for s in samples], _thumbnails(crops)))
     sp = _payload()
     agree = {True: [], False: []}
     dist = {True: [], False: []}
     for a, b, same in wanted:
         if a in emb and b in emb:
             # each photo is its own sample: same slot (face 0) under its own key, as in a real shard
-            agree[same].append(np.mean(sp.encode(emb[a], a, 0) == sp.encode(emb[b], b, 0)))
+            agree[same].append(np.mean(sp.encode(emb[a], a, 0, thumb[a]) == sp.encode(emb[b], b, 0, thumb[b])))
             dist[same].append(np.linalg.norm(emb[a] - emb[b]))
     assert len(agree[True]) >= 8 and len(agree[False]) >= 8
     assert np.mean(dist[True]) < np.mean(dist[False])  # the embeddings do tell people apart ...

@@ -27,31 +27,34 @@ def _sp(shard="s-000.tar", material=bytes(range(32))):
     return ShardPayload(PayloadJob.of("ds", 3, "cd" * 32, 4096), ShardKey(material, "ds", shard))
 
 
+THUMB = bytes(range(100, 179))  # a version 4 payload's 79-byte face thumbnail (its content does not matter here)
+
+
 def test_bit_flips_up_to_the_limit_decode_and_beyond_fail_authentication():
     sp = _sp()
     emb = np.random.default_rng(0).standard_normal(128).astype(np.float32) * 0.1
-    bits = sp.encode(emb, "k", 0)
+    bits = sp.encode(emb, "k", 0, THUMB)
     limit = sp.job.layout.guaranteed_bit_errors
     rng = np.random.default_rng(1)
     for trial in range(3):
         flipped = bits.copy()
         flipped[rng.choice(bits.size, limit, replace=False)] ^= 1
         res = sp.decode(flipped, "k", 0)
-        assert res.ok and np.array_equal(res.embedding, quantize(emb))
+        assert res.ok and np.array_equal(res.embedding, quantize(emb)) and res.thumbnail == THUMB
     for n in (limit * 4, bits.size // 4):
         flipped = bits.copy()
         flipped[rng.choice(bits.size, n, replace=False)] ^= 1
         res = sp.decode(flipped, "k", 0)
-        assert not res.ok and res.embedding is None  # never a silently wrong identity
+        assert not res.ok and res.embedding is None and res.thumbnail is None  # never a silently wrong identity
 
 
 def test_payload_copied_into_another_face_or_shard_fails():
     sp = _sp()
-    bits = sp.encode(np.zeros(128, np.float32) + 0.01, "a", 0)
+    bits = sp.encode(np.zeros(128, np.float32) + 0.01, "a", 0, THUMB)
     assert sp.decode(bits, "a", 0).ok
     for res in (sp.decode(bits, "b", 0), sp.decode(bits, "a", 1), _sp(shard="s-001.tar").decode(bits, "a", 0),
                 _sp(material=bytes(32)).decode(bits, "a", 0)):
-        # format 3 masks the bits under the key and face: read elsewhere they do not even decode
+        # formats 3 and 4 mask the bits under the key and face: read elsewhere they do not even decode
         assert not res.ok and res.embedding is None and res.status == "uncorrectable"
         assert "a wrong key or a payload that belongs to another face, sample, shard" in res.message
 
