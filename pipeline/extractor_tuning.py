@@ -195,7 +195,7 @@ def payload_figures(model, originals: np.ndarray, identity: np.ndarray, geometry
     measurement key, never a dataset's.
     """
     from .keys import ShardKey
-    from .payload import THUMBNAIL_FROM_VERSION, PayloadContext, PayloadLayout, decode, encode, writing_version
+    from .payload import THUMBNAIL_FORMS, THUMBNAIL_FROM_VERSION, PayloadContext, PayloadLayout, decode, encode, writing_version
     from .thumbnail import encode_thumbnails
 
     rng = np.random.default_rng(seed)
@@ -204,7 +204,8 @@ def payload_figures(model, originals: np.ndarray, identity: np.ndarray, geometry
     layout = PayloadLayout(cfg.payload_bits, identity.shape[1], writing_version(cfg.payload_bits, identity.shape[1]))
     key = ShardKey.from_master(hashlib.sha256(b"g2face-pipe/extractor-tuning/%d" % seed).digest(), "tuning", "held-out")
     contexts = [PayloadContext("tuning", "held-out", f"face-{i}", 0, "measurement", seed) for i in range(n)]
-    thumbs = (encode_thumbnails(torch.from_numpy(np.ascontiguousarray(originals)).permute(0, 3, 1, 2).float() / 255)
+    thumbs = (encode_thumbnails(torch.from_numpy(np.ascontiguousarray(originals)).permute(0, 3, 1, 2).float() / 255,
+                                THUMBNAIL_FORMS[layout.format_version][0])
               if layout.format_version >= THUMBNAIL_FROM_VERSION else [None] * n)
     bits = np.stack([encode(identity[i], contexts[i], key, layout, thumbs[i]) for i in range(n)]).astype(np.float32)
     seeds = [int(s) for s in rng.integers(0, 2**62, n)]

@@ -1,8 +1,9 @@
-"""The key-gated payload hidden in each anonymized face (format version 4, versions 1 to 3 still read;
+"""The key-gated payload hidden in each anonymized face (format version 5, versions 1 to 4 still read;
 spec: schemas/payload.md).
 
-encode: identity embedding (version 4: and the original face's thumbnail, ``pipeline.thumbnail``) -> plaintext
-with a 4-byte header (versions 2 to 4: int8 values with one float16 scale; version 1: float16 values) ->
+encode: identity embedding (versions 4 and 5: and the original face's thumbnail, ``pipeline.thumbnail``) ->
+plaintext with a 4-byte header (version 5: int4 values with one float16 scale; versions 2 to 4: int8; version 1:
+float16 values) ->
 AES-256-GCM-SIV under a key
 derived from the shard key (nonce from job seed, sample key and face index; associated data binds
 dataset, shard, sample, face, model and layout) -> Reed-Solomon over GF(256) -> codewords interleaved
@@ -33,16 +34,19 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from .keys import ShardKey
 
-FORMAT_VERSION = 4  # what new payloads are written in, where the model's capacity holds it (``writing_version``)
-FORMAT_VERSIONS = (1, 2, 3, 4)  # what can be read
+FORMAT_VERSION = 5  # what new payloads are written in, where the model's capacity holds it (``writing_version``)
+FORMAT_VERSIONS = (1, 2, 3, 4, 5)  # what can be read
 MASKED_FROM_VERSION = 3  # version 3 = version 2 bits XOR a keyed per-face mask
 MAX_MASK_BITS = 8 * 255 * 32  # the longest HKDF-SHA256 expansion
 DTYPE_FLOAT16 = 1  # version 1: dim float16 values
 DTYPE_INT8_SCALED = 2  # versions 2 to 4: float16 scale, then dim int8 values; value = int8 * scale
-ELEMENT_TYPE = {1: DTYPE_FLOAT16, 2: DTYPE_INT8_SCALED, 3: DTYPE_INT8_SCALED, 4: DTYPE_INT8_SCALED}
+DTYPE_INT4_SCALED = 3  # version 5: float16 scale, then dim 4-bit values q + 8, two per byte; value = q * scale
+ELEMENT_TYPE = {1: DTYPE_FLOAT16, 2: DTYPE_INT8_SCALED, 3: DTYPE_INT8_SCALED, 4: DTYPE_INT8_SCALED, 5: DTYPE_INT4_SCALED}
 THUMBNAIL_FROM_VERSION = 4  # version 4 = version 3 with the face thumbnail after the embedding
-THUMBNAIL_KIND = 1  # the one thumbnail kind (pipeline.thumbnail): Y 10x10 5-bit, CbCr 4x4 4-bit
-THUMBNAIL_BYTES = 79
+# version -> (thumbnail kind, bytes) (pipeline.thumbnail): kind 1 Y 10x10 5-bit, CbCr 4x4 4-bit; kind 2 Y 20x20
+# DCT-coded (1,016 bits), CbCr as kind 1
+THUMBNAIL_FORMS = {4: (1, 79), 5: (2, 143)}
+THUMBNAIL_KIND, THUMBNAIL_BYTES = THUMBNAIL_FORMS[4]
 HEADER_BYTES = 4  # version u8 | dtype u8 | dim u16 big-endian
 TAG_BYTES = 16
 NONCE_BYTES = 12
@@ -81,9 +85,13 @@ def _split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
+def _embedding_bytes(dim: int, version: int) -> int:
+    return 2 * dim if version == 1 else 2 + (dim if version < 5 else -(-dim // 2))
+
+
 def _plaintext_bytes(dim: int, version: int) -> int:
-    thumbnail = 1 + THUMBNAIL_BYTES if version >= THUMBNAIL_FROM_VERSION else 0
-    return HEADER_BYTES + (2 * dim if version == 1 else 2 + dim) + thumbnail
+    thumbnail = 1 + THUMBNAIL_FORMS[version][1] if version >= THUMBNAIL_FROM_VERSION else 0
+    return HEADER_BYTES + _embedding_bytes(dim, version) + thumbnail
 
 
 def _ciphertext_bytes(dim: int, version: int) -> int:
@@ -108,40 +116,74 @@ def minimum_capacity_bits(embedding_dim: int, format_version: int = FORMAT_VERSI
 
 
 def writing_version(capacity_bits: int, embedding_dim: int) -> int:
-    """The format a new run writes: version 4 (with the face thumbnail) where the model's capacity holds it,
-    else version 3 (small hiding models, e.g. 1,620 bits for a 128-d embedding)."""
-    if capacity_bits >= minimum_capacity_bits(embedding_dim, 4):
-        return 4
+    """The format a new run writes: the newest whose payload the model's capacity holds: version 5 (4-bit
+    embedding, kind 2 thumbnail), else 4 (int8 embedding, kind 1 thumbnail), else 3 (small hiding models, e.g.
+    1,620 bits for a 128-d embedding). For a 128-d embedding versions 4 and 5 have the same length."""
+    for version in (5, 4):
+        if capacity_bits >= minimum_capacity_bits(embedding_dim, version):
+            return version
     return 3
 
 
-def _int8_scale(emb: np.ndarray) -> np.float16:
-    """The float16 scale of versions 2 to 4: the smallest float16 >= max|x| / 127 that keeps every |x| / scale
-    within 127.5 (so rounding never leaves int8's symmetric range)."""
+def _int_scale(emb: np.ndarray, top: int) -> np.float16:
+    """The float16 scale of versions 2 to 5: the smallest float16 >= max|x| / top that keeps every |x| / scale
+    within top + 1/2 (so rounding never leaves the symmetric range [-top, top]); top is 127 (int8) or 7 (int4)."""
     peak = float(np.max(np.abs(emb.astype(np.float64)))) if emb.size else 0.0
-    scale = np.float16(peak / 127)
-    while float(scale) * 127.5 < peak:
+    scale = np.float16(peak / top)
+    while float(scale) * (top + 0.5) < peak:
         scale = np.nextafter(scale, np.float16(np.inf))
     return scale
 
 
-def _int8(emb: np.ndarray) -> tuple[np.float16, np.ndarray]:
-    """Versions 2 and 3's (scale, int8 values) of an embedding: q = round(x / scale) clipped to [-127, 127]."""
+def _int8_scale(emb: np.ndarray) -> np.float16:
+    return _int_scale(emb, 127)
+
+
+def _scaled_ints(emb: np.ndarray, version: int) -> tuple[np.float16, np.ndarray]:
+    """(scale, values) of an embedding: q = round(x / scale) clipped to [-top, top], top 127 for versions 2 to 4
+    (int8), 7 for version 5 (int4)."""
+    top = 7 if version >= 5 else 127
     emb = np.asarray(emb, dtype=np.float64)
-    scale = _int8_scale(emb)
+    scale = _int_scale(emb, top)
     q = np.rint(emb / float(scale)) if scale else np.zeros(emb.shape)
-    return scale, np.clip(q, -127, 127).astype(np.int8)
+    return scale, np.clip(q, -top, top).astype(np.int8)
+
+
+def _int8(emb: np.ndarray) -> tuple[np.float16, np.ndarray]:
+    """Versions 2 to 4's (scale, int8 values) of an embedding: q = round(x / scale) clipped to [-127, 127]."""
+    return _scaled_ints(emb, 4)
+
+
+def _pack_int4(q: np.ndarray) -> bytes:
+    """Version 5's values q in [-7, 7] as nibbles q + 8, two per byte, the first in the high nibble; an odd
+    count ends with a zero low nibble."""
+    nib = (q.astype(np.int64) + 8).astype(np.uint8)
+    if nib.size % 2:
+        nib = np.append(nib, np.uint8(0))
+    return ((nib[0::2] << 4) | nib[1::2]).astype(np.uint8).tobytes()
+
+
+def _unpack_int4(data: bytes, dim: int) -> np.ndarray:
+    raw = np.frombuffer(data, np.uint8)
+    nib = np.stack([raw >> 4, raw & 15], axis=1).ravel()
+    if nib.size > dim and np.any(nib[dim:]):
+        raise PayloadError("authenticated version 5 payload has a non-zero padding nibble")
+    q = nib[:dim].astype(np.int64)
+    if np.any(q == 0):
+        raise PayloadError("authenticated version 5 payload has an int4 value outside [-7, 7]")
+    return q - 8
 
 
 def quantize(embedding, format_version: int = FORMAT_VERSION) -> np.ndarray:
     """Exactly the embedding that ``decode`` returns for ``embedding`` in this format: float16 values
-    (version 1) or float32 values int8 * scale (versions 2 to 4, error at most scale / 2: max|x| / 254, or
-    2^-25 for vectors so small that float16 holds no smaller scale)."""
+    (version 1) or float32 values q * scale (versions 2 to 4: int8, error at most scale / 2: max|x| / 254;
+    version 5: int4, error at most max|x| / 14; or 2^-25 for vectors so small that float16 holds no smaller
+    scale)."""
     _check_version(format_version)
     emb = np.asarray(embedding, dtype=np.float64)
     if format_version == 1:
         return emb.astype(np.float16)
-    scale, q = _int8(emb)
+    scale, q = _scaled_ints(emb, format_version)
     return q.astype(np.float32) * np.float32(scale)
 
 
@@ -178,7 +220,7 @@ class PayloadLayout:
 
     capacity_bits: number of bits the hiding model carries per face; embedding_dim: length of the identity
     embedding (128 for the dlib-based prior, 512 for ArcFace); format_version: what new payloads are written in
-    (``writing_version``: 4, or 3 where the capacity is too small for the thumbnail), or 3, 2, 1 to read payloads
+    (``writing_version``: 5, or 4 or 3 where the capacity is too small), or 4, 3, 2, 1 to read payloads
     written before (run.json's ``payload.layout.format_version`` says which).
     """
 
@@ -308,7 +350,7 @@ class PayloadLayout:
 
 @dataclass(frozen=True)
 class DecodeResult:
-    """Outcome for one face. ``embedding`` (``quantize``'s values: float32 for versions 2 to 4, float16 for version 1)
+    """Outcome for one face. ``embedding`` (``quantize``'s values: float32 for versions 2 to 5, float16 for version 1)
     and, from version 4, ``thumbnail`` (the original face's, ``pipeline.thumbnail``) are set only when ok; they
     never appear in repr().
 
@@ -323,7 +365,8 @@ class DecodeResult:
     status: str
     message: str
     embedding: np.ndarray | None = field(default=None, repr=False, compare=False)
-    thumbnail: bytes | None = field(default=None, repr=False, compare=False)  # version 4, when ok
+    thumbnail: bytes | None = field(default=None, repr=False, compare=False)  # versions 4 and 5, when ok
+    thumbnail_kind: int | None = None  # its kind (pipeline.thumbnail): 1 in version 4, 2 in version 5
     raw_ber: float | None = None
     raw_ber_exact: bool = False
     corrected_symbols: int | None = None
@@ -382,16 +425,19 @@ def encode(embedding, ctx: PayloadContext, key: ShardKey, layout: PayloadLayout,
            thumbnail: bytes | None = None) -> np.ndarray:
     """The payload bits of one face: uint8 array of 0/1, shape (layout.capacity_bits,).
 
-    thumbnail: the face's ``THUMBNAIL_BYTES`` thumbnail (``pipeline.thumbnail.encode_thumbnails``); required by
-    version 4, refused by earlier versions. Deterministic: the same inputs always give the same bits.
+    thumbnail: the face's thumbnail of the layout's kind (``THUMBNAIL_FORMS``, made by
+    ``pipeline.thumbnail.encode_thumbnails``); required by versions 4 and 5, refused by earlier versions.
+    Deterministic: the same inputs always give the same bits.
     """
     _check_key(key, ctx)
     version = layout.format_version
     if version >= THUMBNAIL_FROM_VERSION:
-        if not isinstance(thumbnail, (bytes, bytearray)) or len(thumbnail) != THUMBNAIL_BYTES:
-            raise PayloadError(f"format version {version} carries a {THUMBNAIL_BYTES}-byte face thumbnail; got "
+        kind, size = THUMBNAIL_FORMS[version]
+        if not isinstance(thumbnail, (bytes, bytearray)) or len(thumbnail) != size:
+            raise PayloadError(f"format version {version} carries a {size}-byte face thumbnail of kind {kind}; got "
                                f"{type(thumbnail).__name__ if thumbnail is None else len(thumbnail)} "
-                               "(pipeline.thumbnail.encode_thumbnails makes it from the aligned original crop)")
+                               f"(pipeline.thumbnail.encode_thumbnails(crops, {kind}) makes it from the aligned "
+                               "original crop)")
     elif thumbnail is not None:
         raise PayloadError(f"format version {version} carries no thumbnail")
     emb = np.asarray(embedding)
@@ -407,10 +453,11 @@ def encode(embedding, ctx: PayloadContext, key: ShardKey, layout: PayloadLayout,
     if version == 1:
         plaintext = header + half.tobytes()
     else:
-        scale, q = _int8(emb)
-        plaintext = header + np.array([scale], dtype="<f2").tobytes() + q.tobytes()
+        scale, q = _scaled_ints(emb, version)
+        values = _pack_int4(q) if version >= 5 else q.tobytes()
+        plaintext = header + np.array([scale], dtype="<f2").tobytes() + values
         if version >= THUMBNAIL_FROM_VERSION:
-            plaintext += bytes([THUMBNAIL_KIND]) + bytes(thumbnail)
+            plaintext += bytes([THUMBNAIL_FORMS[version][0]]) + bytes(thumbnail)
     assert len(plaintext) == layout.plaintext_bytes
     ct = AESGCMSIV(key.derive(b"payload/v1/aead")).encrypt(_nonce(key, ctx), plaintext, _aad(ctx, layout))
     assert len(ct) == layout.ciphertext_bytes
@@ -543,15 +590,18 @@ def decode(received, ctx: PayloadContext, key: ShardKey, layout: PayloadLayout, 
         # authenticated yet inconsistent: only a writer of another format version could produce this
         raise PayloadError(f"authenticated payload has header {got}, expected {header}; format version mismatch")
     body = plaintext[HEADER_BYTES:]
-    thumbnail = None
+    thumbnail = kind = None
     if version == 1:
         embedding = np.frombuffer(body, dtype="<f2").astype(np.float16)
     else:
-        dim = layout.embedding_dim
+        dim, end = layout.embedding_dim, _embedding_bytes(layout.embedding_dim, version)
         scale = np.frombuffer(body[:2], dtype="<f2")[0]
-        embedding = np.frombuffer(body[2 : 2 + dim], dtype=np.int8).astype(np.float32) * np.float32(scale)
+        q = _unpack_int4(body[2:end], dim) if version >= 5 else np.frombuffer(body[2:end], dtype=np.int8)
+        embedding = q.astype(np.float32) * np.float32(scale)
         if version >= THUMBNAIL_FROM_VERSION:
-            if body[2 + dim] != THUMBNAIL_KIND:
-                raise PayloadError(f"authenticated payload has thumbnail kind {body[2 + dim]}, expected {THUMBNAIL_KIND}")
-            thumbnail = bytes(body[3 + dim :])
-    return DecodeResult(ok=True, status="ok", message="ok", embedding=embedding, thumbnail=thumbnail, **common)
+            kind = THUMBNAIL_FORMS[version][0]
+            if body[end] != kind:
+                raise PayloadError(f"authenticated payload has thumbnail kind {body[end]}, expected {kind}")
+            thumbnail = bytes(body[end + 1 :])
+    return DecodeResult(ok=True, status="ok", message="ok", embedding=embedding, thumbnail=thumbnail,
+                        thumbnail_kind=kind, **common)

@@ -222,7 +222,8 @@ class _Candidate:
     crop: np.ndarray  # the re-aligned published crop, uint8 (R, R, 3)
     seed: int
     identity: np.ndarray | None = field(default=None, repr=False)  # decrypted; held only while its slice is recovered
-    thumbnail: bytes | None = field(default=None, repr=False)  # decrypted (payload version 4), likewise
+    thumbnail: bytes | None = field(default=None, repr=False)  # decrypted (payload versions 4 and 5), likewise
+    thumbnail_kind: int | None = None
 
 
 def _recover_samples(samples: list[dict], private: dict, published: dict, spec, name: str, res: int, model, sp,
@@ -269,7 +270,7 @@ def _recover_samples(samples: list[dict], private: dict, published: dict, spec, 
         if not dec.ok:
             c.row.update(status=dec.status, message=dec.message)
             continue
-        c.identity, c.thumbnail = dec.embedding.astype(np.float32), dec.thumbnail
+        c.identity, c.thumbnail, c.thumbnail_kind = dec.embedding.astype(np.float32), dec.thumbnail, dec.thumbnail_kind
         del dec
         opened.append(c)
         c.row.update(status="recovered", message="ok", recovered=True)
@@ -282,9 +283,10 @@ def _recover_samples(samples: list[dict], private: dict, published: dict, spec, 
         ids = torch.from_numpy(np.stack([c.identity for c in chunk])).to(dev)
         with torch.inference_mode():
             y = model.recover(x, ids, [c.seed for c in chunk])
-            with_thumb = [i for i, c in enumerate(chunk) if c.thumbnail is not None]
-            if with_thumb:  # the original face's low frequencies, from the payload (pipeline.thumbnail)
-                y[with_thumb] = apply_thumbnails(y[with_thumb], [chunk[i].thumbnail for i in with_thumb])
+            for kind in sorted({c.thumbnail_kind for c in chunk if c.thumbnail is not None}):
+                # the original face's low frequencies, from the payload (pipeline.thumbnail)
+                with_thumb = [i for i, c in enumerate(chunk) if c.thumbnail is not None and c.thumbnail_kind == kind]
+                y[with_thumb] = apply_thumbnails(y[with_thumb], [chunk[i].thumbnail for i in with_thumb], kind)
         faces = y.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         for c, face in zip(chunk, faces):
             out = outputs.setdefault(c.key, pictures[c.key].copy())

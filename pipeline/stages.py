@@ -395,8 +395,9 @@ class AnonymizeStage(_Stage):
             raise RuntimeError("reversible g2face without a shard payload key (the shard worker sets it)")
         identity = model.identity_embeddings(x)
         emb = identity.float().cpu().numpy()
-        # version 4 payloads also carry the original face's low frequencies, for the key holder's recovery
-        thumbs = encode_thumbnails(x) if self.payload.job.carries_thumbnail else [None] * len(chunk)
+        # version 4 and 5 payloads also carry the original face's low frequencies, for the key holder's recovery
+        kind = self.payload.job.thumbnail_kind
+        thumbs = encode_thumbnails(x, kind) if kind else [None] * len(chunk)
         bits = np.stack([
             self.payload.encode(e, payload_sample_key(s.out_key, s.raw.index), i, t)
             for (s, i, _), e, t in zip(chunk, emb, thumbs)

@@ -21,7 +21,7 @@ import torch
 from . import align
 from .imaging import decode_image, encode_image
 from .keys import ShardKey
-from .payload import THUMBNAIL_FROM_VERSION, DecodeResult, PayloadContext, PayloadLayout, decode, encode, writing_version
+from .payload import THUMBNAIL_FORMS, THUMBNAIL_FROM_VERSION, DecodeResult, PayloadContext, PayloadLayout, decode, encode, writing_version
 from .stages import Face, Sample, _Stage, _brief, payload_sample_key
 
 EMBEDDING_DIM = 128  # the dlib identity embedding the g2face method hides
@@ -49,6 +49,11 @@ class PayloadJob:
     @property
     def carries_thumbnail(self) -> bool:
         return self.layout.format_version >= THUMBNAIL_FROM_VERSION
+
+    @property
+    def thumbnail_kind(self) -> int | None:
+        """The kind of face thumbnail the run's payloads carry (``pipeline.thumbnail``), None for none."""
+        return THUMBNAIL_FORMS[self.layout.format_version][0] if self.carries_thumbnail else None
 
 
 def run_payload_job(run_doc: dict, dataset_id: str, seed: int, model) -> PayloadJob:

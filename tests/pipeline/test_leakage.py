@@ -37,10 +37,10 @@ def _embed(crops: np.ndarray) -> np.ndarray:
 
 
 def _thumbnails(crops: np.ndarray) -> list[bytes]:
-    """The payload's (version 4) thumbnails of the crops: the face's own, as a run hides them."""
+    """The payload's (version 5: kind 2) thumbnails of the crops: the face's own, as a run hides them."""
     from pipeline.thumbnail import encode_thumbnails
 
-    return encode_thumbnails(torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255)
+    return encode_thumbnails(torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255, 2)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def _payload(seed=0, dataset="ds", shard="s-000.tar"):
 def test_payload_bits_are_balanced(demo):
     keys, thumbs, emb = demo
     sp = _payload()
-    assert sp.job.layout.format_version == 4
+    assert sp.job.layout.format_version == 5
     bits = np.stack([sp.encode(e, f"{k}/{r}", 0, t) for (k, e, t), r in itertools.product(zip(keys, emb, thumbs), range(20))])
     n = len(bits)
     assert abs(bits.mean() - 0.5) < 0.01

@@ -1,5 +1,5 @@
-"""Payload format version 3: version 2's bits XOR a keyed per-face mask (version 4 adds the thumbnail to it;
-new runs write version 4, or 3 for small hiding models).
+"""Payload format version 3: version 2's bits XOR a keyed per-face mask (versions 4 and 5 add the thumbnail to
+it; new runs write version 5, or 3 for small hiding models).
 
 Without the mask, anyone with the public extractor could run the public Reed-Solomon check (or compare the
 repeated copies) on the bits read from a face and tell a face that carries a payload from one carrying
@@ -53,7 +53,7 @@ def _spec_mask(ctx, layout) -> np.ndarray:
 
 
 def test_version_3_payloads_have_version_2_layouts():
-    assert FORMAT_VERSION == 4
+    assert FORMAT_VERSION == 5
     for cap, dim in ((3240, 128), (8192, 128), (16384, 512)):
         v2, v3 = PayloadLayout(cap, dim, 2), PayloadLayout(cap, dim, 3)
         assert v3.format_version == 3
@@ -89,7 +89,7 @@ def test_version_3_bits_are_a_valid_coded_stream_once_the_documented_mask_is_rem
     plaintext = AESGCMSIV(hkdf(shard_key, b"g2face-pipe/v1/shard-subkey/payload/v1/aead")).decrypt(nonce, ct, aad)
     assert plaintext[:4] == bytes([3, 2]) + (128).to_bytes(2, "big")
     scale = np.frombuffer(plaintext[4:6], "<f2")[0]
-    assert np.array_equal(np.frombuffer(plaintext[6:], np.int8).astype(np.float32) * np.float32(scale), quantize(e))
+    assert np.array_equal(np.frombuffer(plaintext[6:], np.int8).astype(np.float32) * np.float32(scale), quantize(e, 3))
 
 
 def test_format_3_known_answer():
@@ -129,7 +129,7 @@ def test_version_3_corrects_the_same_flips_and_reports_the_same_raw_ber():
         flipped = bits.copy()
         flipped[rng.choice(bits.size, n, replace=False)] ^= 1
         res = decode(flipped, ctx, key, layout)
-        assert res.ok and np.array_equal(res.embedding, quantize(e))
+        assert res.ok and np.array_equal(res.embedding, quantize(e, 3))
         assert res.raw_ber == pytest.approx(n / bits.size)
     logits = np.where(bits.astype(bool), 2.0, -2.0)
     assert decode(logits, ctx, key, layout).ok  # soft logits too: the mask flips their signs back
@@ -139,8 +139,8 @@ def test_version_3_corrects_the_same_flips_and_reports_the_same_raw_ber():
 
 
 def test_a_capacity_beyond_the_mask_is_refused_naming_what_to_do():
-    assert PayloadLayout(MAX_MASK_BITS, 512).format_version == 4
-    for version in (3, 4):
+    assert PayloadLayout(MAX_MASK_BITS, 512).format_version == 5
+    for version in (3, 4, 5):
         with pytest.raises(PayloadError, match=f"exceeds the 65280 bits that format version {version}'s mask covers.*"
                                                "anonymizer.payload: irreversible"):
             PayloadLayout(MAX_MASK_BITS + 8, 512, version)

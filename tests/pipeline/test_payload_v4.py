@@ -33,12 +33,13 @@ def _thumb(seed=0) -> bytes:
     return np.random.default_rng(seed).integers(0, 256, THUMBNAIL_BYTES, dtype=np.uint8).tobytes()
 
 
-def test_new_runs_write_version_4_where_the_capacity_holds_the_thumbnail():
-    assert FORMAT_VERSION == 4 and THUMBNAIL_BYTES == 79
+def test_version_4_layouts_and_what_new_runs_write():
+    assert FORMAT_VERSION == 5 and THUMBNAIL_BYTES == 79
     assert minimum_capacity_bits(128, 4) == 2352  # K = 6 + 128 + 1 + 79 + 16 = 230: two codewords of 115 + 32
-    assert writing_version(3240, 128) == 4 and writing_version(16384, 512) == 4
+    # version 5 has the same length for a 128-d embedding, so new runs write it wherever version 4 fitted
+    assert writing_version(3240, 128) == 5 and writing_version(16384, 512) == 5
     assert writing_version(2351, 128) == 3 and writing_version(1620, 128) == 3  # small hiding models keep version 3
-    d = PayloadLayout(3240, 128).describe()
+    d = PayloadLayout(3240, 128, 4).describe()
     assert d["format_version"] == 4 and d["ciphertext_bytes"] == 230 and d["rs_codewords"] == [[203, 115], [202, 115]]
     # the thumbnail costs parity: lite-128 now survives ~1.8% random bit errors (3.0% in version 3)
     assert 0.015 < d["random_ber_limit_1e-3"] < PayloadLayout(3240, 128, 3).random_ber_limit()
@@ -46,19 +47,19 @@ def test_new_runs_write_version_4_where_the_capacity_holds_the_thumbnail():
 
 def test_round_trip_returns_the_embedding_and_the_thumbnail_and_hides_them_from_repr():
     for cap, dim in ((3240, 128), (16384, 512), (2352, 128)):
-        lay, key, ctx, e, t = PayloadLayout(cap, dim), _key(), _ctx(), _emb(3, dim), _thumb(1)
+        lay, key, ctx, e, t = PayloadLayout(cap, dim, 4), _key(), _ctx(), _emb(3, dim), _thumb(1)
         res = decode(encode(e, ctx, key, lay, t), ctx, key, lay)
-        assert res.ok and np.array_equal(res.embedding, quantize(e)) and res.thumbnail == t
+        assert res.ok and np.array_equal(res.embedding, quantize(e, 4)) and res.thumbnail == t
         assert t.hex() not in repr(res)
     lay3 = PayloadLayout(3240, 128, 3)
     assert decode(encode(_emb(), _ctx(), _key(), lay3), _ctx(), _key(), lay3).thumbnail is None
 
 
 def test_the_thumbnail_is_required_by_version_4_and_refused_by_earlier_versions():
-    lay = PayloadLayout(3240, 128)
-    with pytest.raises(PayloadError, match="79-byte face thumbnail; got NoneType"):
+    lay = PayloadLayout(3240, 128, 4)
+    with pytest.raises(PayloadError, match="79-byte face thumbnail of kind 1; got NoneType"):
         encode(_emb(), _ctx(), _key(), lay)
-    with pytest.raises(PayloadError, match="79-byte face thumbnail; got 78"):
+    with pytest.raises(PayloadError, match="79-byte face thumbnail of kind 1; got 78"):
         encode(_emb(), _ctx(), _key(), lay, _thumb()[:78])
     with pytest.raises(PayloadError, match="format version 3 carries no thumbnail"):
         encode(_emb(), _ctx(), _key(), PayloadLayout(3240, 128, 3), _thumb())
@@ -77,7 +78,7 @@ def test_version_4_bits_open_from_schemas_payload_md_alone():
     def lp(s):
         return len(s.encode()).to_bytes(4, "big") + s.encode()
 
-    layout, ctx, e, t = PayloadLayout(3240, 128), _ctx(), _emb(20), _thumb(5)
+    layout, ctx, e, t = PayloadLayout(3240, 128, 4), _ctx(), _emb(20), _thumb(5)
     unmasked = encode(e, ctx, _key(), layout, t) ^ _spec_mask(ctx, layout)
     assert all(_passes_rs_check(unmasked, layout))
     stream = np.packbits(unmasked[: 8 * 405])
@@ -90,7 +91,7 @@ def test_version_4_bits_open_from_schemas_payload_md_alone():
     plaintext = AESGCMSIV(hkdf(shard_key, b"g2face-pipe/v1/shard-subkey/payload/v1/aead")).decrypt(nonce, ct, aad)
     assert len(plaintext) == 214 and plaintext[:4] == bytes([4, 2]) + (128).to_bytes(2, "big")
     scale = np.frombuffer(plaintext[4:6], "<f2")[0]
-    assert np.array_equal(np.frombuffer(plaintext[6:134], np.int8).astype(np.float32) * np.float32(scale), quantize(e))
+    assert np.array_equal(np.frombuffer(plaintext[6:134], np.int8).astype(np.float32) * np.float32(scale), quantize(e, 4))
     assert plaintext[134] == 1 and plaintext[135:] == t
     assert reedsolo.RSCodec(88, nsize=255).check(bytes(stream[0::2][:203]))[0]
 
@@ -98,7 +99,7 @@ def test_version_4_bits_open_from_schemas_payload_md_alone():
 def test_format_4_known_answer():
     # pins format version 4: any change to the bytes written needs a new FORMAT_VERSION and a spec update
     e = (np.arange(128, dtype=np.float32) - 64) / 32
-    bits = encode(e, _ctx(), _key(), PayloadLayout(3240, 128), bytes(range(79)))
+    bits = encode(e, _ctx(), _key(), PayloadLayout(3240, 128, 4), bytes(range(79)))
     assert hashlib.sha256(np.packbits(bits).tobytes()).hexdigest() == KNOWN_ANSWER_SHA256
 
 
@@ -106,7 +107,7 @@ KNOWN_ANSWER_SHA256 = "2da7757ecc34f773fc4091643a6569559423ba6f093f4ae27729213d4
 
 
 def test_a_wrong_thumbnail_never_comes_back_and_errors_are_corrected_as_before():
-    layout, key, ctx, e, t = PayloadLayout(3240, 128), _key(), _ctx(), _emb(8), _thumb(2)
+    layout, key, ctx, e, t = PayloadLayout(3240, 128, 4), _key(), _ctx(), _emb(8), _thumb(2)
     bits = encode(e, ctx, key, layout, t)
     rng = np.random.default_rng(0)
     flipped = bits.copy()

@@ -27,7 +27,7 @@ def _sp(shard="s-000.tar", material=bytes(range(32))):
     return ShardPayload(PayloadJob.of("ds", 3, "cd" * 32, 4096), ShardKey(material, "ds", shard))
 
 
-THUMB = bytes(range(100, 179))  # a version 4 payload's 79-byte face thumbnail (its content does not matter here)
+THUMB = bytes(range(100, 243))  # a version 5 payload's 143-byte face thumbnail (its content does not matter here)
 
 
 def test_bit_flips_up_to_the_limit_decode_and_beyond_fail_authentication():
@@ -40,7 +40,7 @@ def test_bit_flips_up_to_the_limit_decode_and_beyond_fail_authentication():
         flipped = bits.copy()
         flipped[rng.choice(bits.size, limit, replace=False)] ^= 1
         res = sp.decode(flipped, "k", 0)
-        assert res.ok and np.array_equal(res.embedding, quantize(emb)) and res.thumbnail == THUMB
+        assert res.ok and np.array_equal(res.embedding, quantize(emb, 5)) and res.thumbnail == THUMB
     for n in (limit * 4, bits.size // 4):
         flipped = bits.copy()
         flipped[rng.choice(bits.size, n, replace=False)] ^= 1
@@ -251,12 +251,12 @@ def test_a_run_of_the_shipped_model_recovers_without_naming_it(tmp_path, monkeyp
     assert verified, "the shipped model's payloads should verify after PNG output"
     res = recover_shard(str(out / "shards" / SHARD.name), str(tmp_path / "master.key"), str(tmp_path / "rec"))
     assert {(f["key"], f["face_index"]) for f in res["faces"] if f["status"] == "recovered"} == verified
-    # payload version 4: the key holder's faces take the original's low frequencies from the payload's thumbnail,
+    # payload version 5: the key holder's faces take the original's low frequencies from the payload's thumbnail,
     # and are closer to the originals than the model's bare recovery
-    assert run_doc["payload"]["layout"]["format_version"] == 4
+    assert run_doc["payload"]["layout"]["format_version"] == 5
     import pipeline.recover as recover_module
 
-    monkeypatch.setattr(recover_module, "apply_thumbnails", lambda y, thumbs: y)
+    monkeypatch.setattr(recover_module, "apply_thumbnails", lambda y, thumbs, kind: y)
     recover_shard(str(out / "shards" / SHARD.name), str(tmp_path / "master.key"), str(tmp_path / "rec-bare"))
     originals = {k: decode(m["jpg"]) for k, m in read_tar(SHARD).items()}
     by_key = {f["key"]: f["original_key"] for f in res["faces"] if f["status"] == "recovered"}

@@ -64,22 +64,23 @@ def test_unverified_faces_are_reencoded_then_marked_irreversible(tmp_path, untra
     n = sum(r["n_faces"] for r in rows)
     assert doc["counts"]["faces_by_payload"] == {"irreversible": n, "unverified": n}
     assert doc["payload"]["mode"] == "reversible" and len(doc["payload"]["artifact_sha256"]) == 64
-    assert doc["payload"]["layout"]["capacity_bits"] == 3240 and doc["payload"]["layout"]["format_version"] == 4
+    assert doc["payload"]["layout"]["capacity_bits"] == 3240 and doc["payload"]["layout"]["format_version"] == 5
     # nothing opens, so recovery refuses the shard with one message and writes nothing
     with pytest.raises(RecoveryError, match="no reversible face"):
         recover_shard(str(tmp_path / "out" / "shards" / SHARD.name), str(tmp_path / "master.key"), str(tmp_path / "rec"))
     assert not (tmp_path / "rec").exists()
     assert (tmp_path / "out" / "recovery-log.jsonl").read_text().count("\n") == 1  # the attempt is logged
     # the done marker records the layout version the shard was written in; a shard of another version (as an
-    # older release wrote: version 3) is never resumed into this run
+    # older release wrote: versions 3 and 4) is never resumed into this run
     import json
 
     marker_path = tmp_path / "out" / "done" / f"{SHARD.name}.json"
     marker = json.loads(marker_path.read_text())
-    assert marker["payload_format"] == 4
-    marker_path.write_text(json.dumps({**marker, "payload_format": 3}))
-    with pytest.raises(JobSpecError, match=r"made with .*'payload_format': 3.*would use .*'payload_format': 4"):
-        run_job(_job(tmp_path, untrained, output={"image_format": "jpeg", "jpeg_quality": 90}), echo=lambda *_: None)
+    assert marker["payload_format"] == 5
+    for older in (3, 4):
+        marker_path.write_text(json.dumps({**marker, "payload_format": older}))
+        with pytest.raises(JobSpecError, match=rf"made with .*'payload_format': {older}.*would use .*'payload_format': 5"):
+            run_job(_job(tmp_path, untrained, output={"image_format": "jpeg", "jpeg_quality": 90}), echo=lambda *_: None)
 
 
 def test_withhold_policy_withholds_unverified_images(tmp_path, untrained):
@@ -100,7 +101,7 @@ def test_irreversible_policy_keeps_the_jpeg(tmp_path, untrained):
 
 
 def test_recovery_reads_payloads_in_the_format_version_the_run_recorded():
-    """Runs written in payload formats 1 and 2 stay recoverable: their run.json layout decides the version."""
+    """Runs written in older payload formats stay recoverable: their run.json layout decides the version."""
     from types import SimpleNamespace
 
     from pipeline.payload import PayloadLayout
@@ -110,7 +111,8 @@ def test_recovery_reads_payloads_in_the_format_version_the_run_recorded():
     for doc, version in (({"payload": {"layout": PayloadLayout(4096, 128, 1).describe()}}, 1),
                          ({"payload": {"layout": PayloadLayout(4096, 128, 2).describe()}}, 2),
                          ({"payload": {"layout": PayloadLayout(4096, 128, 3).describe()}}, 3),
-                         ({"payload": {"layout": PayloadLayout(4096, 128).describe()}}, 4),
+                         ({"payload": {"layout": PayloadLayout(4096, 128, 4).describe()}}, 4),
+                         ({"payload": {"layout": PayloadLayout(4096, 128).describe()}}, 5),
                          ({"payload": {"mode": "reversible"}}, 1)):  # runs from before layouts were recorded
         assert run_payload_job(doc, "ds", 3, model).layout == PayloadLayout(4096, 128, version)
     with pytest.raises(ValueError, match="records payloads of 3240 bits, but the model carries 4096"):
