@@ -46,7 +46,7 @@ THUMBNAIL_FROM_VERSION = 4  # version 4 = version 3 with the face thumbnail afte
 # version -> (thumbnail kind, bytes) (pipeline.thumbnail): kind 1 Y 10x10 5-bit, CbCr 4x4 4-bit; kind 2 Y 20x20
 # DCT-coded (1,016 bits), CbCr as kind 1
 THUMBNAIL_FORMS = {4: (1, 79), 5: (2, 143)}
-THUMBNAIL_KIND, THUMBNAIL_BYTES = THUMBNAIL_FORMS[4]
+THUMBNAIL_KIND, THUMBNAIL_BYTES = THUMBNAIL_FORMS[4]  # version 4's thumbnail (kind 1)
 HEADER_BYTES = 4  # version u8 | dtype u8 | dim u16 big-endian
 TAG_BYTES = 16
 NONCE_BYTES = 12

@@ -23,6 +23,7 @@ from .imaging import decode_image, encode_image
 from .keys import ShardKey
 from .payload import THUMBNAIL_FORMS, THUMBNAIL_FROM_VERSION, DecodeResult, PayloadContext, PayloadLayout, decode, encode, writing_version
 from .stages import Face, Sample, _Stage, _brief, payload_sample_key
+from .thumbnail import THUMBNAIL_KIND2, kind2_tables
 
 EMBEDDING_DIM = 128  # the dlib identity embedding the g2face method hides
 ON_UNVERIFIED = ("reencode_lossless", "irreversible", "withhold")
@@ -44,7 +45,10 @@ class PayloadJob:
         recovery reads run.json's ``payload.layout.format_version``)."""
         if format_version is None:
             format_version = writing_version(capacity_bits, embedding_dim)
-        return cls(dataset_id, seed, artifact_sha256, PayloadLayout(capacity_bits, embedding_dim, format_version))
+        job = cls(dataset_id, seed, artifact_sha256, PayloadLayout(capacity_bits, embedding_dim, format_version))
+        if job.thumbnail_kind == THUMBNAIL_KIND2:
+            kind2_tables()  # part of the format: a missing or changed tables file stops the run or recovery here
+        return job
 
     @property
     def carries_thumbnail(self) -> bool:

@@ -5,8 +5,10 @@ gets and the step and centre of its quantizer. They come from training faces onl
 ``../shared/data/train``; none of its people are in the evaluation set): every ``--stride``-th image, detected
 and aligned by the pipeline's own MTCNN stages at 128 px, largest face.
 
-- mean and sd of every coefficient over those faces;
-- bits: 1,016 handed out one at a time, each to the coefficient whose quantization error it lowers most, the
+- the brightness coefficient (DC, (0, 0); 20 times the region's mean luma, so within [0, 20]): 8 bits over that
+  whole range (mean 10, step 20/256), so that no face is too dark or too bright for it;
+- mean and sd of every other coefficient over those faces;
+- bits: the other 1,008 handed out one at a time, each to the coefficient whose quantization error it lowers most, the
   error of a b-bit quantizer being sd^2 times the Gaussian optimum-uniform-quantizer distortion of b bits
   (Max 1960): what minimises the expected squared error of the luma grid; ties go to the first coefficient in
   row-major order; at most 7 bits each;
@@ -16,7 +18,7 @@ and aligned by the pipeline's own MTCNN stages at 128 px, largest face.
 The file is part of payload format 5: once payloads exist, changing it makes their thumbnails decode wrongly,
 so ``pipeline.thumbnail`` pins its sha256. A regenerated table needs a new thumbnail kind and format version.
 
-Usage (about 3 CPU-minutes): python scripts/make_thumbnail_tables.py [--data '../shared/data/train/*.tar']
+Usage (about 4 CPU-minutes): python scripts/make_thumbnail_tables.py [--data '../shared/data/train/*.tar'] [--out FILE]
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from pipeline.imaging import decode_image  # noqa: E402
 from pipeline.shardio import RawSample  # noqa: E402
 from pipeline.spec import DetectionSpec  # noqa: E402
 from pipeline.stages import AlignStage, DetectStage, Sample  # noqa: E402
-from pipeline.thumbnail import KIND2_TABLES, Y2_BITS, Y2_GRID, _grids, dct_matrix  # noqa: E402
+from pipeline.thumbnail import Y2_BITS, Y2_GRID, _grids, dct_matrix  # noqa: E402
 
 # Gaussian source, optimum uniform quantizer with b levels 2^b: step / sd and mean squared error / sd^2
 # (J. Max, "Quantizing for minimum distortion", IRE Trans. Inf. Theory, 1960), b = 0..7
@@ -75,16 +77,22 @@ def training_faces(pattern: str, stride: int, resolution: int = 128) -> torch.Te
     return torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255
 
 
+DC_BITS = 8
+DC_RANGE = float(Y2_GRID)  # the DC of a grid of values in [0, 1] under the orthonormal DCT lies in [0, grid]
+
+
 def tables(coefficients: np.ndarray, budget: int = Y2_BITS) -> dict:
     """Bits, mean and step per coefficient from training coefficients (N, G, G)."""
     mean, sd = coefficients.mean(0), coefficients.std(0)
     bits = np.zeros(mean.shape, np.int64)
     var = (sd**2).ravel()
+    var[0] = 0.0  # the DC is coded over its whole range, below
     flat = bits.ravel()
-    for _ in range(budget):
+    for _ in range(budget - DC_BITS):
         gain = np.array([var[i] * (GAUSS_MSE[b] - GAUSS_MSE[b + 1]) if b < 7 else -1.0 for i, b in enumerate(flat)])
         flat[int(np.argmax(gain))] += 1  # argmax: the first of equal gains
     step = np.array(GAUSS_STEP)[bits] * sd
+    bits[0, 0], mean[0, 0], step[0, 0] = DC_BITS, DC_RANGE / 2, DC_RANGE / 2**DC_BITS
 
     def rounded(a):
         return [[float(f"{v:.7g}") for v in row] for row in a]
@@ -108,7 +116,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "train" / "*.tar"))
     ap.add_argument("--stride", type=int, default=8, help="use every stride-th image (default 8: about 1,100 faces)")
-    ap.add_argument("--out", type=Path, default=KIND2_TABLES)
+    ap.add_argument("--out", type=Path, default=Path("thumbnail_kind2.json"),
+                    help="where to write (default ./thumbnail_kind2.json: the shipped file is pinned, never overwritten "
+                         "by default; compare with schemas/thumbnail_kind2.json)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     crops = training_faces(args.data, args.stride)

@@ -126,3 +126,18 @@ def test_versions_do_not_open_each_other():
     v4, v5 = PayloadLayout(3240, 128, 4), PayloadLayout(3240, 128, 5)
     assert not decode(encode(e, ctx, key, v5, _thumb(1)), ctx, key, v4).ok  # the aad names the version
     assert not decode(encode(e, ctx, key, v4, _thumb(1, 79)), ctx, key, v5).ok
+
+
+def test_an_authenticated_plaintext_with_a_bad_nibble_is_a_format_error(monkeypatch):
+    """A nibble 0 (no value) or a non-zero padding nibble can only come from another writer: refused, never read."""
+    import pipeline.payload as payload
+
+    good = payload._pack_int4
+    layout, key, ctx = PayloadLayout(4096, 127, 5), _key(), _ctx()
+    for bad in (lambda q: b"\x08" + good(q)[1:],  # first value's nibble 0
+                lambda q: good(q)[:-1] + bytes([good(q)[-1] | 1])):  # padding nibble set
+        monkeypatch.setattr(payload, "_pack_int4", bad)
+        bits = encode(_emb(6, 127), ctx, key, layout, _thumb(2))
+        monkeypatch.setattr(payload, "_pack_int4", good)
+        with pytest.raises(PayloadError, match="int4 value outside|padding nibble"):
+            decode(bits, ctx, key, layout)
