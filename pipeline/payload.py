@@ -135,10 +135,6 @@ def _int_scale(emb: np.ndarray, top: int) -> np.float16:
     return scale
 
 
-def _int8_scale(emb: np.ndarray) -> np.float16:
-    return _int_scale(emb, 127)
-
-
 def _scaled_ints(emb: np.ndarray, version: int) -> tuple[np.float16, np.ndarray]:
     """(scale, values) of an embedding: q = round(x / scale) clipped to [-top, top], top 127 for versions 2 to 4
     (int8), 7 for version 5 (int4)."""
@@ -147,11 +143,6 @@ def _scaled_ints(emb: np.ndarray, version: int) -> tuple[np.float16, np.ndarray]
     scale = _int_scale(emb, top)
     q = np.rint(emb / float(scale)) if scale else np.zeros(emb.shape)
     return scale, np.clip(q, -top, top).astype(np.int8)
-
-
-def _int8(emb: np.ndarray) -> tuple[np.float16, np.ndarray]:
-    """Versions 2 to 4's (scale, int8 values) of an embedding: q = round(x / scale) clipped to [-127, 127]."""
-    return _scaled_ints(emb, 4)
 
 
 def _pack_int4(q: np.ndarray) -> bytes:
