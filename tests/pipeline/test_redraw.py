@@ -147,7 +147,9 @@ def test_faces_no_draw_anonymized_are_pushed_and_the_kept_push_reproduces_them(f
     _, items = faces
     x, seeds, refs = _inputs(items)
     n = len(items)
-    checker = _checker(identity_margin=1.5)  # no draw is ever anonymized: every face is pushed from draw 1
+    # No draw is ever anonymized, so every face is pushed from draw 1; and none is ever found (IoU above 1), so
+    # the kept draw is the farthest one: judged as published, MTCNN misses most pushed draws of these portraits.
+    checker = _checker(identity_margin=1.5, match_iou=1.01)
     reference = checker.reference(refs)
     anonymize, calls = _recording(model)
     with torch.inference_mode():
@@ -185,7 +187,8 @@ def test_stage_records_the_kept_draw_reproduces_it_and_verifies_its_bits(faces, 
         copies = [Sample(s.raw, image=s.image, faces=[type(f)(**{**f.__dict__}) for f in s.faces]) for s in samples]
         stages = [AnonymizeStage({"g2face": model, "pixelate": PixelateAnonymizer(R, 8)}, 8, "cpu",
                                  payload_mode="irreversible", draws=draws,
-                                 draw_checker=_checker(identity_margin=0.3) if draws > 1 else None,
+                                 # none found (IoU above 1): the farthest draw is kept (see above)
+                                 draw_checker=_checker(identity_margin=0.3, match_iou=1.01) if draws > 1 else None,
                                  identity_push=push, identity_push_after=1),
                   PasteEncodeStage("png", 95, "pass"), VerifyStage(model, R, "irreversible", 10**8, 8, "cpu")]
         for st in stages:
@@ -205,7 +208,7 @@ def test_stage_records_the_kept_draw_reproduces_it_and_verifies_its_bits(faces, 
             y = model.anonymize(x, [draw_seed(o.seed, p.draw)], identity_push=[p.identity_push])
         again = y[0].mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
         assert np.abs(again.astype(int) - p.crop).max() <= 1  # the recorded (draw, push) reproduces the face
-    assert {f.draw for f in redrawn} <= {0, 1, 2} and any(f.draw for f in redrawn)  # margin 0.3 forces redraws
+    assert {f.draw for f in redrawn} <= {0, 1, 2} and any(f.draw for f in redrawn)  # nothing passes: redraws
     # verification reads each face's bits against the seed of the draw it kept (random bits: 0.5 if not)
     assert max(f.payload_ber for f in first + redrawn) < 0.1, [f.payload_ber for f in first + redrawn]
     for o, a, b in zip(originals, first, redrawn):
@@ -317,3 +320,35 @@ def test_a_failing_redraw_with_the_guard_on_gives_its_faces_the_fallback(faces, 
     assert [(f.method, f.fallback_reason) for f in guarded] == [("pixelate", "identity_unchecked")] * len(items)
     assert all(s.status == "ok" and s.warnings[0].startswith("redraw failed") for s in out
                if any(f.seed in seeds for f in s.faces))
+
+
+@pytest.mark.parametrize("where", ["middle", "large", "border", "small"])
+def test_a_draw_is_judged_as_pasting_it_into_the_whole_photo_shows_it(where):
+    """The checker renders a draw in its face's patch of the photo; that must give, up to rounding, what pasting
+    it into the whole photo and cutting the metrics crop from that gives (including the pre-blur of a large
+    face that the metrics crop shrinks, and the mirror at the photo's border)."""
+    from pipeline import align
+    from pipeline.metrics_stage import face_crops
+    from pipeline.redraw import face_patch, render_as_published
+
+    rng = np.random.default_rng(7)
+    photo = rng.integers(0, 256, (600, 800, 3), dtype=np.uint8)
+    photo = np.ascontiguousarray(np.repeat(np.repeat(photo[::4, ::4], 4, 0), 4, 1))  # some structure to blur
+    centre, eye_gap = {"middle": ((400, 300), 60), "large": ((420, 310), 260),
+                       "border": ((40, 30), 70), "small": ((600, 450), 12)}[where]
+    lm = np.array([[-0.5, -0.4], [0.5, -0.4], [0.0, 0.1], [-0.4, 0.6], [0.4, 0.6]]) * eye_gap + centre
+    m = align.landmark_transform(lm, R)
+    draws = torch.rand(2, 3, R, R, generator=torch.Generator().manual_seed(3))
+    before = photo.copy()
+    seen = render_as_published(draws, [face_patch(photo, m, R, 256)] * 2, R, 256)
+    assert np.array_equal(photo, before)  # the photo itself is never written
+    for k in range(2):
+        whole = photo.copy()
+        crop = draws[k].mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        align.paste_back(whole, np.ascontiguousarray(crop), m)
+        expected = face_crops(whole, m, R, 256)
+        diff = np.abs(seen[k].astype(int) - expected)
+        # The patch's transform is the photo's shifted by whole pixels; OpenCV's fixed-point sampling positions
+        # can round the other way on a rare pixel (which a small face then spreads over the upscaled crop).
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-2, (diff.max(), (diff > 0).mean())
+    assert not np.array_equal(seen[0], seen[1])
