@@ -221,9 +221,10 @@ def render_as_published(draws: torch.Tensor, patches: list[FacePatch], resolutio
     """Draws (B, 3, R, R) in [0, 1] as the published image will show them: each made 8-bit as the anonymize
     stage makes it, pasted into its face's patch through the inverse alignment and the feathered mask
     (``align.paste_back``, at the photo's own scale), and cut out again at ``check_resolution`` the way the
-    metrics stage cuts the written image: uint8 (B, C, C, 3). Judging the bare draw upsampled instead missed
-    faces that MTCNN finds in the draw but not once it is resampled to the photo's scale (first 600 val
-    images: 22 of 604 faces kept from draws 0-7 were not re-detected as published)."""
+    metrics stage cuts the written image: uint8 (B, C, C, 3). Judging the bare draw upsampled into the
+    original crop instead passed draws that MTCNN finds there but not once resampled to the photo's scale
+    (the 56 val images of shard 0 whose faces an evaluation had not re-detected, run again: 5 of the 25 faces
+    whose kept draw passed that check were missed as published; 0 of 24 with this one)."""
     from .metrics_stage import face_crops
 
     assert draws.ndim == 4 and draws.shape[1:] == (3, resolution, resolution) and len(patches) == draws.shape[0], \
