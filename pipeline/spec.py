@@ -156,7 +156,7 @@ class AnonymizerSpec:
     identity_guard: Literal["fallback", "withhold", "off"] = Field(
         default="fallback",
         description="Method g2face: each output is compared with its original in dlib's identity space (aligned "
-        "crops; with draws > 1 also as the published image will show it, blended into its surroundings, by the "
+        "crops; with draws > 1 also as the published image will show it, pasted into its photo, by the "
         "redraw check and its margin of 0.03); a face closer than identity_guard_distance still shows the same "
         "person and is not published as it is: 'fallback' gives it the job's fallback method (fallback_reason "
         "identity_match; with fallback 'withhold' the image is withheld), 'withhold' withholds the image, 'off' publishes it anyway (only for "
@@ -169,8 +169,8 @@ class AnonymizerSpec:
     )
     draws: int = Field(
         default=16, ge=1, le=16,
-        description="Method g2face: a face whose output, blended into its original crop as paste-back will show "
-        "it, still matches the original (dlib distance below identity_guard_distance + 0.03) or that MTCNN no "
+        description="Method g2face: a face whose output, pasted into its photo as the published image will show "
+        "it and cut out again as the metrics stage cuts it, still matches the original (dlib distance below identity_guard_distance + 0.03) or that MTCNN no "
         "longer finds (score 0.9, IoU metrics.match_iou with the original's detection) is drawn again with the "
         "next seed of its sequence, up to this many draws in all; the first draw passing both checks is kept, else the best "
         "(anonymized first). Every published face stays a model output, and the identity guard still judges it "

@@ -275,7 +275,7 @@ def test_a_failing_redraw_keeps_the_first_draws_and_says_so(faces, model):
 
 def test_the_guard_falls_back_on_kept_draws_the_checker_judged_still_matching_as_published(faces, model):
     """The guard's own check on the bare crop passes these draws; the checker, judging each as the published
-    image will show it (blended into its surroundings, at the metrics' resolution), does not: with redraws,
+    image will show it (pasted into its photo, at the metrics' resolution), does not: with redraws,
     either verdict sends the face to the fallback. Withheld with fallback 'withhold'."""
     from pipeline.identity_guard import IdentityGuard
 
