@@ -170,3 +170,10 @@ def output_format(input_format: str, image_format: str) -> str:
     if image_format == "keep":
         return input_format
     return {"png": "PNG", "jpeg": "JPEG"}[image_format]
+
+
+def crops_uint8(y) -> np.ndarray:
+    """Model outputs (B, 3, R, R) in [0, 1], a torch tensor on any device, as the 8-bit crops (B, R, R, 3) that
+    are pasted into the photos. Every place that turns a model output into pixels uses this, so that the redraw
+    check judges exactly the pixels the anonymize stage publishes."""
+    return y.detach().mul(255.0).round_().clamp_(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()

@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .imaging import crops_uint8
 from .spec import JobSpec, JobSpecError
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -155,7 +156,7 @@ class _ModelServer:
                 ident = None if identity is None else torch.from_numpy(np.array(identity)).to(self.device)
                 y = self.model.anonymize(x, seeds, payload_bits=torch.from_numpy(np.array(payload_bits)), identity=ident,
                                          **push)
-        return y.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return crops_uint8(y)
 
     def payload_margin_gradient(self, crops: np.ndarray, bits: np.ndarray, margin: float):
         """Payload reinforcement runs its extractor passes here, on the pool's device (bits: ciphertext + ECC)."""

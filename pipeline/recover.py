@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import torch
 
 from . import align, storage
-from .imaging import decode_image, encode_image
+from .imaging import crops_uint8, decode_image, encode_image
 from .keys import KeyFileError, load_shard_key
 from .shardio import read_parquet, read_webdataset, write_parquet, write_webdataset
 from .spec import parse_spec
@@ -287,7 +287,7 @@ def _recover_samples(samples: list[dict], private: dict, published: dict, spec, 
                 # the original face's low frequencies, from the payload (pipeline.thumbnail)
                 with_thumb = [i for i, c in enumerate(chunk) if c.thumbnail is not None and c.thumbnail_kind == kind]
                 y[with_thumb] = apply_thumbnails(y[with_thumb], [chunk[i].thumbnail for i in with_thumb], kind)
-        faces = y.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        faces = crops_uint8(y)
         for c, face in zip(chunk, faces):
             out = outputs.setdefault(c.key, pictures[c.key].copy())
             align.paste_back(out, np.ascontiguousarray(face), c.transform)

@@ -225,13 +225,13 @@ def render_as_published(draws: torch.Tensor, patches: list[FacePatch], resolutio
     original crop instead passed draws that MTCNN finds there but not once resampled to the photo's scale
     (the 56 val images of shard 0 whose faces an evaluation had not re-detected, run again: 5 of the 25 faces
     whose kept draw passed that check were missed as published; 0 of 24 with this one)."""
+    from .imaging import crops_uint8
     from .metrics_stage import face_crops
 
     assert draws.ndim == 4 and draws.shape[1:] == (3, resolution, resolution) and len(patches) == draws.shape[0], \
         (draws.shape, len(patches))
-    crops = draws.detach().to("cpu", torch.float32).mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
     seen = []
-    for crop, patch in zip(crops.permute(0, 2, 3, 1).numpy(), patches):
+    for crop, patch in zip(crops_uint8(draws), patches):
         pixels = patch.pixels.copy()
         align.paste_back(pixels, np.ascontiguousarray(crop), patch.transform)
         seen.append(face_crops(pixels, patch.transform, resolution, check_resolution))

@@ -18,7 +18,7 @@ import torch
 from schemas import load_json
 
 from . import align
-from .imaging import DecodedImage, DecodeError, decode_image, encode_image, output_format
+from .imaging import DecodedImage, DecodeError, crops_uint8, decode_image, encode_image, output_format
 from .redraw import redraw
 from .shardio import RawSample
 from .thumbnail import encode_thumbnails
@@ -508,7 +508,7 @@ class AnonymizeStage(_Stage):
                         if s.live:
                             s.fail("withheld", f"anonymizer {method} failed: {type(e).__name__}: {e}")
                     continue
-                out = y.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+                out = crops_uint8(y)
                 for (_, _, f), crop in zip(chunk, out):
                     f.crop = np.ascontiguousarray(crop)
                     if f.method == "g2face":
