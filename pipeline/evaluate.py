@@ -365,6 +365,11 @@ def _reinforcement(run) -> dict:
     return {"steps": an.get("payload_reinforce_steps", 0), "max_change_grey_levels": an.get("payload_reinforce_max_change")}
 
 
+def _payload_format(run) -> int | None:
+    """The payload format the model's run wrote (bar 3 depends on it: format 5 carries the face thumbnail)."""
+    return ((run.doc.get("payload") or {}).get("layout") or {}).get("format_version")
+
+
 def build_document(ckpt, sha, cfg, data, urls, samples, limit, pairs, runs, privacy, utility, routes, verif,
                    payload, recovery, timings, device, torch_threads) -> dict:
     from .runner import package_versions
@@ -417,7 +422,8 @@ def build_document(ckpt, sha, cfg, data, urls, samples, limit, pairs, runs, priv
         "privacy_rows": [privacy[m] for m in runs],
         "verification": _verification_section(verif) | {"far_target": FAR_TARGET},
         "recovery": recovery,
-        "payload": payload | {"reinforcement": _reinforcement(runs["g2face"])},
+        "payload": payload | {"reinforcement": _reinforcement(runs["g2face"]),
+                              "format_version": _payload_format(runs["g2face"])},
         "utility": {
             m: utility[m] | {k: v for k, v in nme_of(r, 256).items()} for m, r in runs.items()
         }

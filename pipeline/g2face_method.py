@@ -67,6 +67,8 @@ def quality_record(artifact_sha256: str) -> dict:
             "identity_push_after": redraw.get("identity_push_after"),
             "payload_reinforce_steps": reinforcement.get("steps", 0),
             "payload_reinforce_max_change": reinforcement.get("max_change_grey_levels"),
+            # None: an evaluation from before evaluate recorded it (the card then says what it was)
+            "payload_format": ev.get("payload", {}).get("format_version"),
         },
         "bars_met": sorted(k for k, b in bars.items() if b.get("pass") is True),
         "bars_not_yet_met": sorted(k for k, b in bars.items() if b.get("pass") is False),

@@ -112,6 +112,11 @@ def _reinforcement(ev: dict) -> str:
     return f"{r['steps']} steps, at most {_fmt(r.get('max_change_grey_levels'))} grey levels"
 
 
+def _payload_format(ev: dict) -> str:
+    v = (ev.get("payload") or {}).get("format_version")
+    return f"format {v}" if v is not None else "format not recorded (an evaluation from before the field)"
+
+
 def _redraw(ev: dict) -> str:
     r = (ev.get("model") or {}).get("redraw") or {}
     draws = r.get("draws", 1)
@@ -164,12 +169,14 @@ def _keyless(ev: dict) -> list[str]:
 
 def card_text(artifact: Path, sha256: str, meta: dict, ev: dict, stats: list[dict], hardware: str | None,
               grid_name: str, grid_figures: dict, minutes: float | None = None, recipe: str | None = None,
-              previous: dict | None = None, training: list[str] | None = None) -> str:
+              previous: dict | None = None, training: list[str] | None = None,
+              pipeline_change: str | None = None) -> str:
     """The card's Markdown. ``stats``: the training runs' stats lines in order; ``minutes``: their training
     time in all (default: the last line's); ``recipe``: the training settings, if not the defaults;
     ``previous``: the evaluation of the model this one replaces (a before/now table of the bars);
     ``training``: the Training section's lines to keep as they are (the same artifact re-evaluated), instead of
-    writing them from ``stats``, ``hardware`` and ``recipe``."""
+    writing them from ``stats``, ``hardware`` and ``recipe``; ``pipeline_change``: with ``previous``, what changed
+    in the pipeline that the evaluation files do not record, in the card maker's words."""
     bars = ev["bars"]
     met = [k for k, b in bars.items() if isinstance(b, dict) and b.get("pass") is True]
     missed = [k for k, b in bars.items() if isinstance(b, dict) and b.get("pass") is False]
@@ -218,7 +225,8 @@ def card_text(artifact: Path, sha256: str, meta: dict, ev: dict, stats: list[dic
         if isinstance(b, dict):
             ok = {True: "yes", False: "no", None: "n/a"}[b.get("pass")]
             lines.append(f"| {name} | {_fmt(b.get('value'))} | {b['comparison']} {_fmt(b['threshold'])} | {ok} |")
-    lines += ["", f"Pipeline settings the bars depend on: payload reinforcement {_reinforcement(ev)} "
+    lines += ["", f"Pipeline settings the bars depend on: payload {_payload_format(ev)}; payload reinforcement "
+                  f"{_reinforcement(ev)} "
                   "(`anonymizer.payload_reinforce_steps`, `payload_reinforce_max_change`); redraws "
                   f"{_redraw(ev)} (`anonymizer.draws`)."]
     lines += _port_by_method(ev)
@@ -227,11 +235,16 @@ def card_text(artifact: Path, sha256: str, meta: dict, ev: dict, stats: list[dic
         prev_bars = previous.get("bars", {})
         prev_sha = previous.get("model", {}).get("artifact_sha256")
         if prev_sha == meta.get("artifact_sha256"):
-            intro = (f"Compared with the previous evaluation of this same model (same evaluation data; the pipeline "
-                     f"changed: payload reinforcement {_reinforcement(previous)} then, {_reinforcement(ev)} now; "
-                     f"redraws {_redraw(previous)} then, {_redraw(ev)} now):")
+            intro = ("Compared with the previous evaluation of this same model (same evaluation data; the pipeline "
+                     + (f"changed: payload {_payload_format(previous)} then, {_payload_format(ev)} now; "
+                        if "format_version" in previous.get("payload", {}) or "format_version" in ev.get("payload", {})
+                        else "changed: ")
+                     + f"payload reinforcement {_reinforcement(previous)} then, {_reinforcement(ev)} now; "
+                     f"redraws {_redraw(previous)} then, {_redraw(ev)} now)")
         else:
-            intro = f"Compared with the model it replaces (content hash `{prev_sha}`, same evaluation data):"
+            intro = f"Compared with the model it replaces (content hash `{prev_sha}`, same evaluation data)"
+        intro += (f". What else changed, as stated by whoever made this card: {pipeline_change}:" if pipeline_change
+                  else ":")
         lines += ["", intro, "", "| bar | before | now |", "|---|---|---|"]
         for name, b in bars.items():
             if isinstance(b, dict) and isinstance(prev_bars.get(name), dict):
@@ -278,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep-training", action="store_true",
                     help="the same artifact re-evaluated: keep the Training section of the card in --out-dir "
                          "(which must name this file's sha256) instead of writing it from --stats/--hardware/--recipe")
+    ap.add_argument("--pipeline-change", default=None,
+                    help="with --previous: what changed in the pipeline between the two evaluations that the "
+                         "evaluation files do not record (commits, checks), as text")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "g2face" / "weights")
     args = ap.parse_args(argv)
     if args.keep_training and (args.stats or args.hardware or args.recipe):
@@ -306,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     training = kept_training(args.out_dir / f"{args.artifact.stem}.md", sha) if args.keep_training else None
     previous = json.loads(args.previous.read_text()) if args.previous else None
     text = card_text(args.artifact, sha, meta, ev, stats, args.hardware, grid_path.name, figures, minutes,
-                     args.recipe, previous, training)
+                     args.recipe, previous, training, args.pipeline_change)
     (args.out_dir / f"{args.artifact.stem}.md").write_text(text)
     # the evaluation itself, beside the card: run.json's model_quality reads the bars from it
     (args.out_dir / f"{args.artifact.stem}.eval.json").write_text(json.dumps(ev, indent=1, sort_keys=True) + "\n")

@@ -354,6 +354,10 @@ def test_model_card_states_exactly_the_evaluated_numbers(evaluated, artifact, tm
     assert "Recipe: weights.dissimilar_margin=0.8" in text
     assert "payload reinforcement 12 steps, at most 6 grey levels" in text  # the pipeline setting bar 4 rests on
     assert "redraws up to 16 draws" in text  # and the redraws that bars 1 and 5 rest on
+    from pipeline.payload import FORMAT_VERSIONS
+
+    written = json.loads(eval_json.read_text())["payload"]["format_version"]  # the format bar 3 rests on
+    assert written in FORMAT_VERSIONS and f"payload format {written};" in text
     assert "identity push 0.5 from draw 8" in text
     g2 = next(r for r in json.loads(eval_json.read_text())["privacy_rows"] if r["method"] == "g2face")
     split = {m["method"]: m for m in g2["by_method"]}
@@ -389,8 +393,13 @@ def test_model_card_states_exactly_the_evaluated_numbers(evaluated, artifact, tm
     again["bars"]["6_pixel_change"]["value"] = 99.5
     meta = {"config": json.loads(re.search(r"- Config: `(.*)`", text).group(1)),
             "artifact_sha256": doc["model"]["artifact_sha256"]}
+    older = json.loads(json.dumps(doc))
+    del older["payload"]["format_version"]  # an evaluation from before the field: said, not guessed
     text2 = card_mod.card_text(artifact, sha, meta, again, [], None, "grid.png", {"portraits": 12, "recovered": 0},
-                               previous=doc, training=kept)
+                               previous=older, training=kept, pipeline_change="the redraw check (a94552c)")
+    assert (f"payload format not recorded (an evaluation from before the field) then, format {written} now"
+            in text2)
+    assert "What else changed, as stated by whoever made this card: the redraw check (a94552c):" in text2
     section = lambda t: t.split("## Training\n", 1)[1].split("\n## ", 1)[0]  # noqa: E731
     assert section(text2) == section(text)
     assert "| 6_pixel_change | 99.5 |" in text2 and "| 6_pixel_change | " + card_mod._fmt(doc["bars"]["6_pixel_change"]["value"]) + " | 99.5 |" in text2

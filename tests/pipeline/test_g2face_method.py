@@ -159,7 +159,8 @@ def test_quality_record_of_the_shipped_model_is_its_evaluation():
                                         "identity_push": redraw.get("identity_push", 0.0),
                                         "identity_push_after": redraw.get("identity_push_after"),
                                         "payload_reinforce_steps": reinforcement["steps"],
-                                        "payload_reinforce_max_change": reinforcement["max_change_grey_levels"]}
+                                        "payload_reinforce_max_change": reinforcement["max_change_grey_levels"],
+                                        "payload_format": ev["payload"].get("format_version")}
     card = (shipped_evaluation_path().parents[2] / record["card"]).read_text()
     assert SHIPPED_SHA256 in json.dumps(ev) and all(k in card for k in record["bars_not_yet_met"])
 
@@ -170,18 +171,21 @@ def test_quality_record_names_the_settings_its_evaluation_ran_at(tmp_path, monke
     bars = {"1_anonymization_port": {"pass": False}, "6_pixel_change": {"pass": True}}
     ev = {"model": {"artifact_sha256": "ab" * 32,
                     "redraw": {"draws": 5, "identity_push": 0.5, "identity_push_after": 3}}, "bars": bars,
-          "payload": {"reinforcement": {"steps": 3, "max_change_grey_levels": 2}}, "data": {"samples": 10}}
+          "payload": {"reinforcement": {"steps": 3, "max_change_grey_levels": 2}, "format_version": 5},
+          "data": {"samples": 10}}
     path = tmp_path / "m.eval.json"
     path.write_text(json.dumps(ev))
     monkeypatch.setattr(method, "shipped_evaluation_path", lambda: path)
     record = quality_record("ab" * 32)
     assert record["evaluated_with"] == {"draws": 5, "identity_push": 0.5, "identity_push_after": 3,
-                                        "payload_reinforce_steps": 3, "payload_reinforce_max_change": 2}
+                                        "payload_reinforce_steps": 3, "payload_reinforce_max_change": 2,
+                                        "payload_format": 5}
     assert (record["bars_met"], record["bars_not_yet_met"]) == (["6_pixel_change"], ["1_anonymization_port"])
-    for k in ("redraw", "reinforcement"):  # an evaluation from before redraws and reinforcement: both off
+    for k in ("redraw", "reinforcement", "format_version"):  # an evaluation from before these fields
         (ev["model"] if k == "redraw" else ev["payload"]).pop(k)
     path.write_text(json.dumps(ev))
     assert quality_record("ab" * 32)["evaluated_with"] == {"draws": 1, "identity_push": 0.0, "identity_push_after": None,
                                                            "payload_reinforce_steps": 0,
-                                                           "payload_reinforce_max_change": None}
+                                                           "payload_reinforce_max_change": None,
+                                                           "payload_format": None}
     assert quality_record("cd" * 32)["evaluated"] is False  # another model: not evaluated
