@@ -115,6 +115,12 @@ def face_patch(rgb: np.ndarray, transform: np.ndarray, resolution: int, check_re
     margin = 4 + (int(np.ceil(4 * 0.25 / scale)) if scale < 0.5 else 0)
     x0, y0 = max(box[0] - margin, 0), max(box[1] - margin, 0)
     x1, y1 = min(box[2] + margin, w), min(box[3] + margin, h)
+    # A footprint crossing the photo's edge reads the photo mirrored there, which can reach past the patch's
+    # far side (a face centred outside the photo): take the photo's whole extent on that axis.
+    if box[0] <= 0 or box[2] >= w:
+        x0, x1 = 0, w
+    if box[1] <= 0 or box[3] >= h:
+        y0, y1 = 0, h
     m = np.array(transform, np.float64, copy=True)
     m[:, 2] += m[:, :2] @ np.array([x0, y0], np.float64)
     return FacePatch(rgb[y0:y1, x0:x1], m)
@@ -181,7 +187,8 @@ class DrawChecker:
 
     def reference(self, faces: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> DrawReference:
         """What draws are judged against, from (image RGB uint8, job-resolution transform, detected box in image
-        pixels) per face: the original crops at the check resolution, their embeddings and MTCNN boxes."""
+        pixels) per face: the originals' embeddings and MTCNN boxes at the check resolution, and each face's
+        patch of its photo that draws are pasted into (``face_patch``)."""
         from .metrics_stage import ORIGINAL_MATCH_IOU, aligned_reference_box, box_in_crop, face_crops, metric_transform
 
         c = self.check_resolution

@@ -322,7 +322,7 @@ def test_a_failing_redraw_with_the_guard_on_gives_its_faces_the_fallback(faces, 
                if any(f.seed in seeds for f in s.faces))
 
 
-@pytest.mark.parametrize("where", ["middle", "large", "border", "small"])
+@pytest.mark.parametrize("where", ["middle", "large", "border", "small", "centred_outside"])
 def test_a_draw_is_judged_as_pasting_it_into_the_whole_photo_shows_it(where):
     """The checker renders a draw in its face's patch of the photo; that must give, up to rounding, what pasting
     it into the whole photo and cutting the metrics crop from that gives (including the pre-blur of a large
@@ -335,7 +335,8 @@ def test_a_draw_is_judged_as_pasting_it_into_the_whole_photo_shows_it(where):
     photo = rng.integers(0, 256, (600, 800, 3), dtype=np.uint8)
     photo = np.ascontiguousarray(np.repeat(np.repeat(photo[::4, ::4], 4, 0), 4, 1))  # some structure to blur
     centre, eye_gap = {"middle": ((400, 300), 60), "large": ((420, 310), 260),
-                       "border": ((40, 30), 70), "small": ((600, 450), 12)}[where]
+                       "border": ((40, 30), 70), "small": ((600, 450), 12),
+                       "centred_outside": ((-8, 300), 70)}[where]
     lm = np.array([[-0.5, -0.4], [0.5, -0.4], [0.0, 0.1], [-0.4, 0.6], [0.4, 0.6]]) * eye_gap + centre
     m = align.landmark_transform(lm, R)
     draws = torch.rand(2, 3, R, R, generator=torch.Generator().manual_seed(3))
