@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from . import align
+from .imaging import crops_uint8
 
 
 def draw_seed(seed: int, draw: int) -> int:
@@ -232,7 +233,6 @@ def render_as_published(draws: torch.Tensor, patches: list[FacePatch], resolutio
     original crop instead passed draws that MTCNN finds there but not once resampled to the photo's scale
     (the 56 val images of shard 0 whose faces an evaluation had not re-detected, run again: 5 of the 25 faces
     whose kept draw passed that check were missed as published; 0 of 24 with this one)."""
-    from .imaging import crops_uint8
     from .metrics_stage import face_crops
 
     assert draws.ndim == 4 and draws.shape[1:] == (3, resolution, resolution) and len(patches) == draws.shape[0], \

@@ -171,9 +171,9 @@ class AnonymizerSpec:
         default=16, ge=1, le=16,
         description="Method g2face: a face whose output, pasted into its photo as the published image will show "
         "it and cut out again as the metrics stage cuts it, still matches the original (dlib distance below "
-        "identity_guard_distance + 0.03) or that MTCNN no longer finds (score 0.9, IoU metrics.match_iou with the original's detection) is drawn again with the "
-        "next seed of its sequence, up to this many draws in all; the first draw passing both checks is kept, else the best "
-        "(anonymized first). Every published face stays a model output, and the identity guard still judges it "
+        "identity_guard_distance + 0.03) or that MTCNN no longer finds (score 0.9, IoU metrics.match_iou with "
+        "the original's detection) is drawn again with the next seed of its sequence, up to this many draws in "
+        "all; the first draw passing both checks is kept, else the best (anonymized first). Every published face stays a model output, and the identity guard still judges it "
         "(a kept draw that failed the identity check gets the guard's action). "
         "The manifest's `draw` says which draw was kept. 1 keeps every first draw. Each extra draw costs a "
         "generator pass, an identity embedding and an MTCNN pass for the faces that need it (1200 CelebA val "
