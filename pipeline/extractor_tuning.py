@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from . import align, verify
-from .imaging import jpeg_roundtrip
+from .imaging import crops_uint8, jpeg_roundtrip
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def hide(model, faces: np.ndarray, identity: np.ndarray, geometry: np.ndarray, b
         y = model.anonymize(x, torch.from_numpy(identity[s:s + batch_size]).float(),
                             torch.from_numpy(geometry[s:s + batch_size]).float(),
                             torch.from_numpy(bits[s:s + batch_size]).float(), seeds[s:s + batch_size])
-        out.append((y * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy())
+        out.append(crops_uint8(y))
     return np.concatenate(out)
 
 

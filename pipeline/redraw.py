@@ -17,7 +17,10 @@ is first pasted into its photo as the published image will show it (made 8-bit, 
 scale through the feathered paste-back mask, ``align.paste_back``) and cut out again at the metrics'
 resolution, since what is left of the original around the face (hair, jaw line, background) counts for the
 recognizer and the detector too, and since MTCNN can miss a face at the photo's scale that it finds in the
-bare draw.
+bare draw. What the check cannot see, because it happens after it: the photo's other faces are still the
+originals in its patch (a neighbour's replacement reaching into this face's crop is not judged), the payload
+reinforcement's few grey levels (``identity_margin`` and ``detection_score`` leave room for them), and the
+output's encoding (JPEG or WebP quantisation; PNG changes nothing).
 
 - identity: dlib's ResNet descriptor distance to the original is at least ``max_distance``;
 - detection: MTCNN (the job's thresholds) on the crop resized to ``check_resolution`` finds a face with IoU
@@ -232,7 +235,9 @@ def render_as_published(draws: torch.Tensor, patches: list[FacePatch], resolutio
     metrics stage cuts the written image: uint8 (B, C, C, 3). Judging the bare draw upsampled into the
     original crop instead passed draws that MTCNN finds there but not once resampled to the photo's scale
     (the 56 val images of shard 0 whose faces an evaluation had not re-detected, run again: 5 of the 25 faces
-    whose kept draw passed that check were missed as published; 0 of 24 with this one)."""
+    whose kept draw passed that check were missed as published; 0 of 24 with this one). The published image
+    differs from this rendering only by what comes later (module docstring): neighbouring faces' replacements,
+    payload reinforcement and a lossy output encoding."""
     from .metrics_stage import face_crops
 
     assert draws.ndim == 4 and draws.shape[1:] == (3, resolution, resolution) and len(patches) == draws.shape[0], \

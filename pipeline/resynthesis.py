@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from . import align
+from .imaging import crops_uint8
 from .stages import face_seed, seed_sample_key
 from .verify import crops_tensor
 
@@ -73,7 +74,7 @@ def resynthesize(anonymizer, crops: np.ndarray, seeds: list[int], batch_size: in
         guess = anonymizer.identity_embeddings(x)
         y = anonymizer.recover(x, guess, list(seeds[start : start + batch_size]))
         assert y.shape == x.shape, (y.shape, x.shape)
-        out.append(y.mul(255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+        out.append(crops_uint8(y))
     return np.concatenate(out) if out else np.zeros((0, *crops.shape[1:]), np.uint8)
 
 

@@ -175,6 +175,8 @@ class AnonymizerSpec:
         "the original's detection) is drawn again with the next seed of its sequence, up to this many draws in "
         "all; the first draw passing both checks is kept, else the best (anonymized first). Every published face stays a model output, and the identity guard still judges it "
         "(a kept draw that failed the identity check gets the guard's action). "
+        "The check cannot see what happens after it: other faces of the photo replaced, the payload "
+        "reinforcement and a lossy output format (its margins leave room for the reinforcement). "
         "The manifest's `draw` says which draw was kept. 1 keeps every first draw. Each extra draw costs a "
         "generator pass, an identity embedding and an MTCNN pass for the faces that need it (1200 CelebA val "
         "images, 2 CPU cores, 16 against 8 draws: MTCNN re-detection 0.92 against 0.88, published faces still "

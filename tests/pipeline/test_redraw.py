@@ -322,23 +322,36 @@ def test_a_failing_redraw_with_the_guard_on_gives_its_faces_the_fallback(faces, 
                if any(f.seed in seeds for f in s.faces))
 
 
-@pytest.mark.parametrize("where", ["middle", "large", "border", "small", "centred_outside"])
+@pytest.mark.parametrize("where", ["middle", "large", "huge", "border", "small", "centred_outside"])
 def test_a_draw_is_judged_as_pasting_it_into_the_whole_photo_shows_it(where):
     """The checker renders a draw in its face's patch of the photo; that must give, up to rounding, what pasting
     it into the whole photo and cutting the metrics crop from that gives (including the pre-blur of a large
-    face that the metrics crop shrinks, and the mirror at the photo's border)."""
+    face that the metrics crop shrinks, and the mirror at the photo's border). The large and huge faces sit
+    well inside a bigger photo, so their patches stop short of its edges and the patch's margin is what keeps
+    the result right; the huge face is shrunk past 0.1x (pre-blur sigma 3 px), and its photo turns white 5 px
+    outside the crop's footprint, which the blur reaches only if the margin grows with sigma."""
     from pipeline import align
-    from pipeline.metrics_stage import face_crops
+    from pipeline.metrics_stage import face_crops, metric_transform
     from pipeline.redraw import face_patch, render_as_published
 
     rng = np.random.default_rng(7)
-    photo = rng.integers(0, 256, (600, 800, 3), dtype=np.uint8)
-    photo = np.ascontiguousarray(np.repeat(np.repeat(photo[::4, ::4], 4, 0), 4, 1))  # some structure to blur
-    centre, eye_gap = {"middle": ((400, 300), 60), "large": ((420, 310), 260),
+    height, width = {"large": (1500, 2000), "huge": (4000, 4000)}.get(where, (600, 800))
+    photo = rng.integers(0, 256, (height // 4, width // 4, 3), dtype=np.uint8)
+    photo = np.ascontiguousarray(np.repeat(np.repeat(photo, 4, 0), 4, 1))  # some structure to blur
+    centre, eye_gap = {"middle": ((400, 300), 60), "large": ((1020, 760), 260), "huge": ((2000, 1900), 800),
                        "border": ((40, 30), 70), "small": ((600, 450), 12),
                        "centred_outside": ((-8, 300), 70)}[where]
     lm = np.array([[-0.5, -0.4], [0.5, -0.4], [0.0, 0.1], [-0.4, 0.6], [0.4, 0.6]]) * eye_gap + centre
     m = align.landmark_transform(lm, R)
+    if where in ("large", "huge"):
+        patch = face_patch(photo, m, R, 256).pixels
+        assert patch.shape[0] < height and patch.shape[1] < width  # the patch is a part of the photo
+    if where == "huge":
+        assert align.transform_scale(metric_transform(m, R, 256)) < 0.1
+        x0, y0, x1, y1 = align.paste_region(m, R, width, height)
+        inside = photo[y0 - 5:y1 + 5, x0 - 5:x1 + 5] // 4
+        photo[:] = 255
+        photo[y0 - 5:y1 + 5, x0 - 5:x1 + 5] = inside
     draws = torch.rand(2, 3, R, R, generator=torch.Generator().manual_seed(3))
     before = photo.copy()
     seen = render_as_published(draws, [face_patch(photo, m, R, 256)] * 2, R, 256)
