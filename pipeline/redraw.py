@@ -49,6 +49,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 
@@ -111,23 +112,34 @@ def face_patch(rgb: np.ndarray, transform: np.ndarray, resolution: int, check_re
     from .metrics_stage import metric_transform
 
     h, w = rgb.shape[:2]
-    box = align.paste_region(transform, resolution, w, h)
-    if box is None:
+    if align.paste_region(transform, resolution, w, h) is None:
         raise ValueError("the face's crop lies outside its image")
     scale = align.transform_scale(metric_transform(transform, resolution, check_resolution))
     # warp_to_crop blurs with sigma 0.25 / scale before shrinking by more than 2x; 4 sigma covers its kernel.
     margin = 4 + (int(np.ceil(4 * 0.25 / scale)) if scale < 0.5 else 0)
-    x0, y0 = max(box[0] - margin, 0), max(box[1] - margin, 0)
-    x1, y1 = min(box[2] + margin, w), min(box[3] + margin, h)
-    # A footprint crossing the photo's edge reads the photo mirrored there, which can reach past the patch's
-    # far side (a face centred outside the photo): take the photo's whole extent on that axis.
-    if box[0] <= 0 or box[2] >= w:
-        x0, x1 = 0, w
-    if box[1] <= 0 or box[3] >= h:
-        y0, y1 = 0, h
+    corners = np.array([[0, 0], [resolution, 0], [0, resolution], [resolution, resolution]], np.float64)
+    footprint = align.apply_transform(cv2.invertAffineTransform(np.asarray(transform, np.float64)), corners)
+    x0, x1 = _axis_reach(int(np.floor(footprint[:, 0].min())) - 1 - margin,
+                         int(np.ceil(footprint[:, 0].max())) + 2 + margin, w)
+    y0, y1 = _axis_reach(int(np.floor(footprint[:, 1].min())) - 1 - margin,
+                         int(np.ceil(footprint[:, 1].max())) + 2 + margin, h)
     m = np.array(transform, np.float64, copy=True)
     m[:, 2] += m[:, :2] @ np.array([x0, y0], np.float64)
     return FacePatch(rgb[y0:y1, x0:x1], m)
+
+
+def _axis_reach(lo: int, hi: int, size: int) -> tuple[int, int]:
+    """The pixels [start, end) of an image axis of ``size`` that reads at positions [lo, hi) touch, with the
+    image mirrored at its edges as OpenCV's BORDER_REFLECT101 mirrors it (-x reads x, size - 1 + x reads
+    size - 1 - x). A patch starting at 0 mirrors there exactly as the image does, and one that covers every
+    mirrored read is never mirrored at its own far side (a face centred outside the image reads past its
+    footprint's far end there). Reads that mirror twice (a face wider than the image) give the whole axis."""
+    start, end = max(lo, 0), min(hi, size)
+    if lo < 0:
+        end = max(end, -lo + 1)
+    if hi > size:
+        start = min(start, 2 * size - 1 - hi)
+    return max(start, 0), min(end, size)
 
 
 class DrawChecker:

@@ -322,28 +322,32 @@ def test_a_failing_redraw_with_the_guard_on_gives_its_faces_the_fallback(faces, 
                if any(f.seed in seeds for f in s.faces))
 
 
-@pytest.mark.parametrize("where", ["middle", "large", "huge", "border", "small", "centred_outside"])
+@pytest.mark.parametrize("where", ["middle", "large", "huge", "border", "small", "centred_outside",
+                                   "outside_left_of_wide_photo", "outside_bottom_right_of_wide_photo"])
 def test_a_draw_is_judged_as_pasting_it_into_the_whole_photo_shows_it(where):
     """The checker renders a draw in its face's patch of the photo; that must give, up to rounding, what pasting
     it into the whole photo and cutting the metrics crop from that gives (including the pre-blur of a large
     face that the metrics crop shrinks, and the mirror at the photo's border). The large and huge faces sit
-    well inside a bigger photo, so their patches stop short of its edges and the patch's margin is what keeps
-    the result right; the huge face is shrunk past 0.1x (pre-blur sigma 3 px), and its photo turns white 5 px
+    well inside a bigger photo, and faces centred just outside a wide photo read it mirrored past their
+    footprint, so their patches stop short of the photo's far edges and the patch's extent is what keeps the
+    result right; the huge face is shrunk past 0.1x (pre-blur sigma 3 px), and its photo turns white 5 px
     outside the crop's footprint, which the blur reaches only if the margin grows with sigma."""
     from pipeline import align
     from pipeline.metrics_stage import face_crops, metric_transform
     from pipeline.redraw import face_patch, render_as_published
 
     rng = np.random.default_rng(7)
-    height, width = {"large": (1500, 2000), "huge": (4000, 4000)}.get(where, (600, 800))
+    height, width = {"large": (1500, 2000), "huge": (4000, 4000), "outside_left_of_wide_photo": (1500, 2000),
+                     "outside_bottom_right_of_wide_photo": (1500, 2000)}.get(where, (600, 800))
     photo = rng.integers(0, 256, (height // 4, width // 4, 3), dtype=np.uint8)
     photo = np.ascontiguousarray(np.repeat(np.repeat(photo, 4, 0), 4, 1))  # some structure to blur
     centre, eye_gap = {"middle": ((400, 300), 60), "large": ((1020, 760), 260), "huge": ((2000, 1900), 800),
                        "border": ((40, 30), 70), "small": ((600, 450), 12),
-                       "centred_outside": ((-8, 300), 70)}[where]
+                       "centred_outside": ((-8, 300), 70), "outside_left_of_wide_photo": ((-8, 700), 70),
+                       "outside_bottom_right_of_wide_photo": ((2009, 1506), 70)}[where]
     lm = np.array([[-0.5, -0.4], [0.5, -0.4], [0.0, 0.1], [-0.4, 0.6], [0.4, 0.6]]) * eye_gap + centre
     m = align.landmark_transform(lm, R)
-    if where in ("large", "huge"):
+    if where in ("large", "huge", "outside_left_of_wide_photo", "outside_bottom_right_of_wide_photo"):
         patch = face_patch(photo, m, R, 256).pixels
         assert patch.shape[0] < height and patch.shape[1] < width  # the patch is a part of the photo
     if where == "huge":
