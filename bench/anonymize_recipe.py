@@ -13,7 +13,9 @@ output):
 - ``recovered_matching`` / ``recovered_psnr_db``: the recovery pass with the original identity (bar 3's
   figures, on crops);
 - ``ber``: payload bits read back from the 8-bit output (no paste-back);
-- ``change_grey``: mean absolute change inside the paste mask (bar 6).
+- ``change_grey``: mean absolute change inside the paste mask (bar 6);
+- ``detected``: share of anonymized crops MTCNN's RNet and ONet accept (bar 5's detector, at its box);
+- ``keyless_matching``: share that recovery given the anonymized face's own identity (no key) restores.
 
 Usage (CPU: about 8 s per step at batch 8 on two cores):
     python bench/anonymize_recipe.py --data /tmp/g2face-prepared/lfw-devtrain/shards \\
@@ -91,7 +93,8 @@ def main() -> None:
     faces = training.read_faces(sorted(Path(args.data).glob("*.tar")))
     held = training.read_faces(sorted(Path(args.held_out).glob("*.tar")))[: args.held_out_faces]
     held_batch = training.collate(held, r)
-    priors = training.build_priors(r, align.template(r), align.paste_mask(r))
+    # MTCNN's RNet/ONet (facenet-pytorch, a dependency here): weights.detectability and the `detected` figure
+    priors = training.build_priors(r, align.template(r), align.paste_mask(r), detector=True)
     common = parse_settings(args.common, "--common")
     rows = []
     start = load_artifact(args.warm_start) if Path(args.warm_start).is_file() else None
@@ -114,7 +117,7 @@ def main() -> None:
                      **training.held_out_figures(state.model, priors, held_batch)})
         print(json.dumps(rows[-1]), flush=True)
     cols = ["variant", "steps", "still_matching", "mean_distance", "recovered_matching", "recovered_psnr_db", "ber",
-            "change_grey", "train_seconds"]
+            "change_grey", "detected", "keyless_matching", "train_seconds"]
     print("\n" + " | ".join(cols))
     for row in rows:
         print(" | ".join(str(row.get(c)) for c in cols))

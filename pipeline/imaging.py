@@ -127,7 +127,8 @@ def encode_image(
     icc_profile: bytes | None = None,
     exif: bytes | None = None,
 ) -> bytes:
-    """Encode deterministically; nothing but ICC (and EXIF when given) is written as metadata."""
+    """Encode deterministically; nothing but ICC (and EXIF when given) is written as metadata. The image is
+    written in grey where ``writes_grey`` says so."""
     img = Image.fromarray(rgb, "RGB")
     if mode == "L":
         img = img.convert("L")
@@ -170,6 +171,18 @@ def output_format(input_format: str, image_format: str) -> str:
     if image_format == "keep":
         return input_format
     return {"png": "PNG", "jpeg": "JPEG"}[image_format]
+
+
+def writes_grey(mode: str, alpha: np.ndarray | None, fmt: str) -> bool:
+    """``encode_image`` writes an image of this decoded ``mode`` in grey (L, or LA where the alpha is kept)."""
+    return mode == "L" or (mode == "LA" and alpha is not None and fmt != "JPEG")
+
+
+def as_written_grey(rgb: np.ndarray) -> np.ndarray:
+    """RGB pixels (H, W, 3) uint8 as a grey image written by ``encode_image`` decodes: Pillow's luma,
+    repeated in all three channels."""
+    grey = np.asarray(Image.fromarray(np.ascontiguousarray(rgb), "RGB").convert("L"))
+    return np.repeat(grey[..., None], 3, axis=2)
 
 
 def crops_uint8(y) -> np.ndarray:

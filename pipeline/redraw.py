@@ -20,7 +20,8 @@ recognizer and the detector too, and since MTCNN can miss a face at the photo's 
 bare draw. What the check cannot see, because it happens after it: the photo's other faces are still the
 originals in its patch (a neighbour's replacement reaching into this face's crop is not judged), the payload
 reinforcement's few grey levels (``identity_margin`` and ``detection_score`` leave room for them), and the
-output's encoding (JPEG or WebP quantisation; PNG changes nothing).
+output's lossy quantisation (JPEG, WebP). An image published in grey (a grey input, ``imaging.writes_grey``)
+is judged in grey, as it will be written.
 
 - identity: dlib's ResNet descriptor distance to the original is at least ``max_distance``;
 - detection: MTCNN (the job's thresholds) on the crop resized to ``check_resolution`` finds a face with IoU
@@ -54,7 +55,7 @@ import numpy as np
 import torch
 
 from . import align
-from .imaging import crops_uint8
+from .imaging import as_written_grey, crops_uint8
 
 
 def draw_seed(seed: int, draw: int) -> int:
@@ -105,10 +106,13 @@ class FacePatch:
 
     pixels: np.ndarray
     transform: np.ndarray
+    grey: bool = False  # the image is published in grey (``imaging.writes_grey``): the draw is judged in grey
 
 
-def face_patch(rgb: np.ndarray, transform: np.ndarray, resolution: int, check_resolution: int) -> FacePatch:
-    """The ``FacePatch`` of one face: ``transform`` maps ``rgb`` to the ``resolution`` crop."""
+def face_patch(rgb: np.ndarray, transform: np.ndarray, resolution: int, check_resolution: int,
+               grey: bool = False) -> FacePatch:
+    """The ``FacePatch`` of one face: ``transform`` maps ``rgb`` to the ``resolution`` crop; ``grey``: the
+    image is published in grey."""
     from .metrics_stage import metric_transform
 
     h, w = rgb.shape[:2]
@@ -125,7 +129,7 @@ def face_patch(rgb: np.ndarray, transform: np.ndarray, resolution: int, check_re
                          int(np.ceil(footprint[:, 1].max())) + 2 + margin, h)
     m = np.array(transform, np.float64, copy=True)
     m[:, 2] += m[:, :2] @ np.array([x0, y0], np.float64)
-    return FacePatch(rgb[y0:y1, x0:x1], m)
+    return FacePatch(rgb[y0:y1, x0:x1], m, bool(grey))
 
 
 def _axis_reach(lo: int, hi: int, size: int) -> tuple[int, int]:
@@ -201,10 +205,12 @@ class DrawChecker:
         return [(np.zeros((0, 4)), np.zeros(0)) if b is None else (np.asarray(b, np.float64), np.asarray(p, np.float64))
                 for b, p in zip(found, scores)]
 
-    def reference(self, faces: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> DrawReference:
+    def reference(self, faces: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                  grey: list[bool] | None = None) -> DrawReference:
         """What draws are judged against, from (image RGB uint8, job-resolution transform, detected box in image
         pixels) per face: the originals' embeddings and MTCNN boxes at the check resolution, and each face's
-        patch of its photo that draws are pasted into (``face_patch``)."""
+        patch of its photo that draws are pasted into (``face_patch``; ``grey``, per face: its image is
+        published in grey, so its draws are judged in grey)."""
         from .metrics_stage import ORIGINAL_MATCH_IOU, aligned_reference_box, box_in_crop, face_crops, metric_transform
 
         c = self.check_resolution
@@ -216,7 +222,9 @@ class DrawChecker:
                     else box_in_crop(box, metric_transform(m, self.resolution, c)))
             j = _best_iou(found, near, ORIGINAL_MATCH_IOU)
             boxes.append(near if j is None else found[j])
-        patches = [face_patch(rgb, m, self.resolution, c) for rgb, m, _ in faces]
+        grey = [False] * len(faces) if grey is None else list(grey)
+        assert len(grey) == len(faces), (len(grey), len(faces))
+        patches = [face_patch(rgb, m, self.resolution, c, g) for (rgb, m, _), g in zip(faces, grey)]
         return DrawReference(self.embeddings(originals), boxes, patches)
 
     def as_published(self, draws: torch.Tensor, patches: list[FacePatch]) -> torch.Tensor:
@@ -249,7 +257,8 @@ def render_as_published(draws: torch.Tensor, patches: list[FacePatch], resolutio
     (the 56 val images of shard 0 whose faces an evaluation had not re-detected, run again: 5 of the 25 faces
     whose kept draw passed that check were missed as published; 0 of 24 with this one). The published image
     differs from this rendering only by what comes later (module docstring): neighbouring faces' replacements,
-    payload reinforcement and a lossy output encoding."""
+    payload reinforcement and a lossy output encoding. A patch of an image published in grey is made grey as
+    the encoder makes it."""
     from .metrics_stage import face_crops
 
     assert draws.ndim == 4 and draws.shape[1:] == (3, resolution, resolution) and len(patches) == draws.shape[0], \
@@ -258,6 +267,8 @@ def render_as_published(draws: torch.Tensor, patches: list[FacePatch], resolutio
     for crop, patch in zip(crops_uint8(draws), patches):
         pixels = patch.pixels.copy()
         align.paste_back(pixels, np.ascontiguousarray(crop), patch.transform)
+        if patch.grey:
+            pixels = as_written_grey(pixels)
         seen.append(face_crops(pixels, patch.transform, resolution, check_resolution))
     return np.stack(seen)
 

@@ -166,7 +166,8 @@ class ShardWorker:
                 spec.policy.on_no_face, fail_fast,
             ),
             AnonymizeStage(anonymizers, spec.resources.anonymize.batch_size, device, fail_fast, payload_mode,
-                           self._identity_guard(), an.fallback, *self._draws(det)),
+                           self._identity_guard(), an.fallback, *self._draws(det),
+                           image_format=spec.output.image_format),
             PasteEncodeStage(spec.output.image_format, spec.output.jpeg_quality, spec.policy.on_no_face, fail_fast,
                              self._reinforcer(anonymizers["g2face"] if payload_mode else None, payload_mode)),
         ]

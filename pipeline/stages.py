@@ -18,7 +18,7 @@ import torch
 from schemas import load_json
 
 from . import align
-from .imaging import DecodedImage, DecodeError, crops_uint8, decode_image, encode_image, output_format
+from .imaging import DecodedImage, DecodeError, crops_uint8, decode_image, encode_image, output_format, writes_grey
 from .redraw import redraw
 from .shardio import RawSample
 from .thumbnail import encode_thumbnails
@@ -362,6 +362,8 @@ class AnonymizeStage(_Stage):
         draw_checker: a ``pipeline.redraw.DrawChecker`` (needed when ``draws`` > 1).
         identity_push, identity_push_after: from draw ``identity_push_after`` on, faces that no draw anonymized
             yet are drawn pushed away from the original (``pipeline.redraw.push_strength``; 0: never).
+        image_format: the job's ``output.image_format`` ('keep', 'png', 'jpeg'): with it the draw checker
+            knows which images are written in grey (``imaging.writes_grey``) and judges their draws in grey.
 
     Reversible g2face: the shard worker sets ``payload`` (a ``pipeline.verify.ShardPayload``) before each
     shard; each face's identity embedding is encoded into its payload bits here and never kept.
@@ -369,7 +371,8 @@ class AnonymizeStage(_Stage):
 
     def __init__(self, anonymizers: dict, batch_size: int, device: str, fail_fast: bool = False,
                  payload_mode: str | None = None, identity_guard=None, fallback: str = "pixelate",
-                 draws: int = 1, draw_checker=None, identity_push: float = 0.0, identity_push_after: int = 8):
+                 draws: int = 1, draw_checker=None, identity_push: float = 0.0, identity_push_after: int = 8,
+                 image_format: str = "keep"):
         super().__init__(fail_fast)
         if draws > 1 and draw_checker is None:
             raise ValueError("draws > 1 needs a draw_checker (pipeline.redraw.DrawChecker)")
@@ -384,6 +387,7 @@ class AnonymizeStage(_Stage):
         self.draw_checker = draw_checker
         self.identity_push = float(identity_push)
         self.identity_push_after = int(identity_push_after)
+        self.image_format = image_format
 
     def _g2face(self, model, x: torch.Tensor, chunk: list) -> tuple[torch.Tensor, np.ndarray | None]:
         """The chunk's outputs and, with redraws, the published-look verdicts for the guard (``_drawn``)."""
@@ -421,7 +425,8 @@ class AnonymizeStage(_Stage):
         if self.draws > 1:
             checker = self.draw_checker
             try:
-                reference = checker.reference([(s.image.rgb, f.transform, f.box) for s, _, f in chunk])
+                reference = checker.reference([(s.image.rgb, f.transform, f.box) for s, _, f in chunk],
+                                              [self.published_in_grey(s.image) for s, _, _ in chunk])
                 y, kept, verdict, pushed = redraw(model.anonymize, checker, reference, x, y, seeds, self.draws,
                                                   self.identity_push, self.identity_push_after, **inputs)
                 published = np.where(verdict.anonymized, "", "identity_match")
@@ -441,6 +446,10 @@ class AnonymizeStage(_Stage):
         for (_, _, f), k, p in zip(chunk, kept, pushed):
             f.draw, f.identity_push = int(k), float(p)
         return y, published
+
+    def published_in_grey(self, image: DecodedImage) -> bool:
+        """The encoder writes this image in grey (``imaging.writes_grey`` under the job's output format)."""
+        return writes_grey(image.mode, image.alpha, output_format(image.format, self.image_format))
 
     def setup(self) -> None:
         for a in self.anonymizers.values():

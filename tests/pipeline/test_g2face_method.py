@@ -88,6 +88,7 @@ def test_reversible_g2face_in_the_model_pool_writes_what_a_local_model_writes(ra
     from pipeline.keys import create_master_key
     from pipeline.ray_adapter import RemoteAnonymizer, _ModelServer
     from pipeline.shard_worker import ShardWorker
+    from pipeline.stages import AnonymizeStage
     from pipeline.spec import spec_fingerprint
 
     key_path = tmp_path / "master.key"
@@ -108,6 +109,8 @@ def test_reversible_g2face_in_the_model_pool_writes_what_a_local_model_writes(ra
         kid = load_master_key(key_path)[1]
         worker = ShardWorker(spec, None, kid, spec_fingerprint(spec), 1, "cpu", pool)
         worker.setup()
+        anonymize = next(s for s in worker.stages if isinstance(s, AnonymizeStage))
+        assert anonymize.image_format == "png"  # the draw checker knows which images are written in grey
         return worker.process_shard(str(DEMO_SHARDS[0]))
 
     run(tmp_path / "local", remote=False)

@@ -9,7 +9,7 @@ import pytest
 from PIL import ExifTags, Image
 
 from helpers import encode
-from pipeline.imaging import DecodeError, decode_image, encode_image, output_format
+from pipeline.imaging import DecodeError, as_written_grey, decode_image, encode_image, output_format, writes_grey
 
 BIG = 10**8
 
@@ -142,6 +142,22 @@ def test_grey_alpha_png_round_trips_as_LA():
     im = _open(encode_image(d.rgb, d.alpha, d.mode, "PNG", 90))
     assert im.mode == "LA"
     np.testing.assert_array_equal(np.asarray(im), la)
+
+
+@pytest.mark.parametrize("mode,fmt,grey", [("L", "PNG", True), ("L", "JPEG", True), ("LA", "PNG", True),
+                                           ("LA", "JPEG", False), ("RGB", "PNG", False), ("RGBA", "PNG", False)])
+def test_writes_grey_says_what_the_encoder_writes_and_as_written_grey_is_what_decodes(mode, fmt, grey):
+    """The redraw check judges draws of grey images in grey: it must know which images the encoder writes in
+    grey and give exactly the pixels that decoding them gives (colour pixels, as a pasted draw leaves them)."""
+    rgb = _rng(4).integers(0, 256, size=(21, 19, 3), dtype=np.uint8)
+    alpha = _rng(5).integers(0, 256, size=(21, 19), dtype=np.uint8) if mode in ("LA", "RGBA") else None
+    assert writes_grey(mode, alpha, fmt) == grey
+    d = decode_image(encode_image(rgb, alpha, mode, fmt, 95), BIG)
+    assert (d.mode in ("L", "LA")) == grey
+    if grey and fmt == "PNG":
+        np.testing.assert_array_equal(d.rgb, as_written_grey(rgb))
+    if not grey and fmt == "PNG":
+        np.testing.assert_array_equal(d.rgb, rgb)
 
 
 def test_palette_png_with_transparency_gets_alpha():

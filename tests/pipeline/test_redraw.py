@@ -323,7 +323,8 @@ def test_a_failing_redraw_with_the_guard_on_gives_its_faces_the_fallback(faces, 
 
 
 @pytest.mark.parametrize("where", ["middle", "large", "huge", "border", "small", "centred_outside",
-                                   "outside_left_of_wide_photo", "outside_bottom_right_of_wide_photo"])
+                                   "outside_left_of_wide_photo", "outside_bottom_right_of_wide_photo",
+                                   "rotated_at_corner", "grey"])
 def test_a_draw_is_judged_as_pasting_it_into_the_whole_photo_shows_it(where):
     """The checker renders a draw in its face's patch of the photo; that must give, up to rounding, what pasting
     it into the whole photo and cutting the metrics crop from that gives (including the pre-blur of a large
@@ -331,8 +332,10 @@ def test_a_draw_is_judged_as_pasting_it_into_the_whole_photo_shows_it(where):
     well inside a bigger photo, and faces centred just outside a wide photo read it mirrored past their
     footprint, so their patches stop short of the photo's far edges and the patch's extent is what keeps the
     result right; the huge face is shrunk past 0.1x (pre-blur sigma 3 px), and its photo turns white 5 px
-    outside the crop's footprint, which the blur reaches only if the margin grows with sigma."""
+    outside its paste region, which the blur reaches only if the margin grows with sigma. A face at a corner
+    is turned 40 degrees; a grey photo is published in grey, so its draws are judged in grey."""
     from pipeline import align
+    from pipeline.imaging import decode_image, encode_image
     from pipeline.metrics_stage import face_crops, metric_transform
     from pipeline.redraw import face_patch, render_as_published
 
@@ -344,8 +347,14 @@ def test_a_draw_is_judged_as_pasting_it_into_the_whole_photo_shows_it(where):
     centre, eye_gap = {"middle": ((400, 300), 60), "large": ((1020, 760), 260), "huge": ((2000, 1900), 800),
                        "border": ((40, 30), 70), "small": ((600, 450), 12),
                        "centred_outside": ((-8, 300), 70), "outside_left_of_wide_photo": ((-8, 700), 70),
-                       "outside_bottom_right_of_wide_photo": ((2009, 1506), 70)}[where]
-    lm = np.array([[-0.5, -0.4], [0.5, -0.4], [0.0, 0.1], [-0.4, 0.6], [0.4, 0.6]]) * eye_gap + centre
+                       "grey": ((380, 290), 60),
+                       "outside_bottom_right_of_wide_photo": ((2030, 1530), 70),
+                       "rotated_at_corner": ((30, 560), 70)}[where]
+    lm = np.array([[-0.5, -0.4], [0.5, -0.4], [0.0, 0.1], [-0.4, 0.6], [0.4, 0.6]])
+    if where == "rotated_at_corner":
+        turn = np.deg2rad(40)
+        lm = lm @ np.array([[np.cos(turn), np.sin(turn)], [-np.sin(turn), np.cos(turn)]])
+    lm = lm * eye_gap + centre
     m = align.landmark_transform(lm, R)
     if where in ("large", "huge", "outside_left_of_wide_photo", "outside_bottom_right_of_wide_photo"):
         patch = face_patch(photo, m, R, 256).pixels
@@ -356,17 +365,37 @@ def test_a_draw_is_judged_as_pasting_it_into_the_whole_photo_shows_it(where):
         inside = photo[y0 - 5:y1 + 5, x0 - 5:x1 + 5] // 4
         photo[:] = 255
         photo[y0 - 5:y1 + 5, x0 - 5:x1 + 5] = inside
+    grey = where == "grey"
+    if grey:  # a grey photo (decoded: three equal channels), written in grey as its input was
+        photo = decode_image(encode_image(photo, None, "L", "PNG", 95), 10**8).rgb
     draws = torch.rand(2, 3, R, R, generator=torch.Generator().manual_seed(3))
     before = photo.copy()
-    seen = render_as_published(draws, [face_patch(photo, m, R, 256)] * 2, R, 256)
+    seen = render_as_published(draws, [face_patch(photo, m, R, 256, grey)] * 2, R, 256)
     assert np.array_equal(photo, before)  # the photo itself is never written
     for k in range(2):
         whole = photo.copy()
         crop = draws[k].mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
         align.paste_back(whole, np.ascontiguousarray(crop), m)
+        if grey:  # what the published file decodes to
+            whole = decode_image(encode_image(whole, None, "L", "PNG", 95), 10**8).rgb
         expected = face_crops(whole, m, R, 256)
         diff = np.abs(seen[k].astype(int) - expected)
         # The patch's transform is the photo's shifted by whole pixels; OpenCV's fixed-point sampling positions
         # can round the other way on a rare pixel (which a small face then spreads over the upscaled crop).
         assert diff.max() <= 1 and (diff > 0).mean() < 1e-2, (diff.max(), (diff > 0).mean())
     assert not np.array_equal(seen[0], seen[1])
+
+
+def test_axis_reach_spans_exactly_the_pixels_mirrored_reads_touch():
+    """face_patch's span on each axis, against OpenCV's own BORDER_REFLECT101 index rule, read by read."""
+    import cv2
+
+    from pipeline.redraw import _axis_reach
+
+    for size in range(1, 14):
+        for lo in range(-3 * size, 2 * size):
+            for hi in range(lo + 1, 3 * size + 1):
+                if hi <= 0 or lo >= size:
+                    continue  # no read on the axis: face_patch refuses such a face
+                touched = [cv2.borderInterpolate(p, size, cv2.BORDER_REFLECT_101) for p in range(lo, hi)]
+                assert _axis_reach(lo, hi, size) == (min(touched), max(touched) + 1), (lo, hi, size)

@@ -110,3 +110,17 @@ def test_face_seeds_come_from_the_published_key_never_a_pseudonymized_original(t
     assert seeds("Jane_Doe") == [face_seed(7, "Jane_Doe", 0)]
     assert seed_sample_key(None, "Jane_Doe", 3) == "Jane_Doe" and seed_sample_key(None, None, 3) == "3"
     assert seed_sample_key("", "", 3) == "3"  # an empty key seeds from the row index, as it always did
+
+
+@pytest.mark.parametrize("mode,alpha,input_format,image_format,grey", [
+    ("L", False, "JPEG", "keep", True), ("L", False, "PNG", "jpeg", True), ("LA", True, "PNG", "keep", True),
+    ("LA", True, "PNG", "jpeg", False), ("RGB", False, "PNG", "png", False), ("RGBA", True, "PNG", "keep", False)])
+def test_the_anonymize_stage_tells_the_draw_checker_which_images_are_published_in_grey(
+        mode, alpha, input_format, image_format, grey):
+    """Grey images are written in grey; the redraw check judges their draws so (pipeline.redraw.FacePatch)."""
+    from pipeline.imaging import DecodedImage
+    from pipeline.stages import AnonymizeStage
+
+    image = DecodedImage(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.uint8) if alpha else None, mode,
+                         input_format, None, None)
+    assert AnonymizeStage({}, 8, "cpu", image_format=image_format).published_in_grey(image) == grey
