@@ -17,7 +17,9 @@ box, as training's ``held_out_figures``), ``still_matching`` (dlib port distance
 ``change_grey`` (mean absolute difference to the ``neutral`` rendering inside the paste mask, in grey levels).
 Bare first draws on aligned crops: no redraw, no paste-back, no payload reinforcement.
 
-Usage (CPU, about 1 s per face on 2 cores):
+Usage (CPU, about 1 s per face on 2 cores; the held-out faces prepared from one CelebA val shard first):
+    g2face-pipe prepare jobs/prepare-train.yaml --set dataset.id=celeba-val5 \
+        --set input.paths=../shared/data/val/celeba-200id-000005.tar --set output.dir=/tmp/g2face-prepared/celeba-val5
     python bench/payload_visibility.py --held-out /tmp/g2face-prepared/celeba-val5/shards --faces 160
 """
 from __future__ import annotations
