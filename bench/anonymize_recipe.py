@@ -23,7 +23,8 @@ Usage (CPU: about 8 s per step at batch 8 on two cores):
         --variant official: --variant no-recon:weights.anonymized_reconstruction=false \\
         --variant margin:weights.dissimilar_margin=0.5,weights.identity_dissimilar=5
 A variant is NAME:KEY=VALUE,KEY=VALUE (TrainConfig settings, JSON values; empty: the defaults). Every
-variant also gets ``--common`` settings (default: the device script's steps_per_epoch=100 and 32 dB budget).
+variant also gets ``--common`` settings (default: steps_per_epoch=100 and the shipped model's own recipe,
+``g2face.training.SHIPPED_RECIPE``; from the shipped model, the official weights soon undo its anonymization).
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ from g2face import train_step as ts  # noqa: E402
 from g2face.checkpoint import SHIPPED_ARTIFACT, load_artifact  # noqa: E402
 from pipeline import align  # noqa: E402
 
-DEFAULT_COMMON = "steps_per_epoch=100,weights.payload_min_psnr=32"
+DEFAULT_COMMON = ",".join(("steps_per_epoch=100", *training.SHIPPED_RECIPE))
 
 
 def parse_settings(text: str, where: str) -> dict:

@@ -40,9 +40,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from g2face.training import SHIPPED_RECIPE  # noqa: E402
+
 PART_BYTES = 16_000_000  # below the device tool's 16 MiB per returned file
 MAX_PARTS = 4  # the device tool returns at most 8 files and 64 MiB in all
-COMMON = ["steps_per_epoch=100", "autocast=false", "weights.payload_min_psnr=32"]  # as device_train.sh
+# as device_train.sh: the shipped model's own recipe (from it, the official loss weights soon undo its anonymization)
+COMMON = ["steps_per_epoch=100", "autocast=false", *SHIPPED_RECIPE]
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:

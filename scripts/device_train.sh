@@ -28,7 +28,9 @@ train() {  # the run always ends inside the call's limit, so the copies below al
     --dlib-resnet "$dlib" --config lite-128 --batch 32 \
     --checkpoint-every 200 --grid-every 500 --log-every 50 --device cuda \
     --train-set steps_per_epoch=100 --train-set autocast=false \
-    --train-set weights.payload_min_psnr=32 --out /tmp/run "${start[@]}" "$@"
+    --train-set weights.payload_min_psnr=32 --train-set weights.dissimilar_margin=0.8 \
+    --train-set weights.identity_dissimilar=20 --train-set weights.identity_recover=20 \
+    --train-set weights.own_identity=5 --out /tmp/run "${start[@]}" "$@"
 }
 train --minutes "$minutes" "$@" || echo "training stopped with an error (see above); bringing back what it wrote"
 cp /tmp/run/warm_start/* "$OUT/" || true

@@ -241,3 +241,33 @@ def test_held_out_figures_are_repeatable_and_in_range(faces, priors):
     assert 0 <= a["keyless_matching"] <= 1
     b = training.held_out_figures(model, priors, batch, seed=8, chunk=2)
     assert b["faces"] == a["faces"] and b["ber"] != a["ber"]  # other draws, same faces
+
+
+def test_the_shipped_recipe_is_valid_and_every_continuation_script_trains_with_it():
+    """Continuing the shipped model with the official weights undoes its anonymization, so the scripts that
+    continue it (bench/anonymize_recipe.py, scripts/device_recipes.py, scripts/device_train.sh) default to its
+    own recipe: each setting must parse into the TrainConfig and reach each script."""
+    from pathlib import Path
+
+    from g2face import training
+
+    tree: dict = {}
+    for setting in training.SHIPPED_RECIPE:
+        key, value = setting.split("=", 1)
+        section, name = key.split(".")
+        tree.setdefault(section, {})[name] = json.loads(value)
+    weights = training.train_config_from_dict(tree).weights
+    assert (weights.identity_dissimilar, weights.dissimilar_margin, weights.own_identity) == (20, 0.8, 5)
+    root = Path(__file__).resolve().parents[2]
+    shell = (root / "scripts" / "device_train.sh").read_text()
+    assert all(f"--train-set {s}" in shell for s in training.SHIPPED_RECIPE)
+    import importlib.util
+
+    def load(path: str):
+        spec = importlib.util.spec_from_file_location(Path(path).stem, root / path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    assert set(training.SHIPPED_RECIPE) <= set(load("scripts/device_recipes.py").COMMON)
+    assert set(training.SHIPPED_RECIPE) <= set(load("bench/anonymize_recipe.py").DEFAULT_COMMON.split(","))
