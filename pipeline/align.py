@@ -89,15 +89,20 @@ def paste_mask(resolution: int) -> np.ndarray:
     return face_mask(resolution)
 
 
-def paste_region(m: np.ndarray, resolution: int, width: int, height: int) -> tuple[int, int, int, int] | None:
-    """Image-space box (x0, y0, x1, y1), exclusive end, that the crop can touch; None if off-image."""
-    inv = cv2.invertAffineTransform(m)
+def crop_footprint(m: np.ndarray, resolution: int) -> tuple[int, int, int, int]:
+    """Image-space box (x0, y0, x1, y1), exclusive end, that the crop can touch (bilinear neighbours
+    included), not clipped to any image."""
+    inv = cv2.invertAffineTransform(np.asarray(m, np.float64))
     corners = np.array([[0, 0], [resolution, 0], [0, resolution], [resolution, resolution]], dtype=np.float64)
     pts = apply_transform(inv, corners)
-    x0 = max(int(np.floor(pts[:, 0].min())) - 1, 0)
-    y0 = max(int(np.floor(pts[:, 1].min())) - 1, 0)
-    x1 = min(int(np.ceil(pts[:, 0].max())) + 2, width)
-    y1 = min(int(np.ceil(pts[:, 1].max())) + 2, height)
+    return (int(np.floor(pts[:, 0].min())) - 1, int(np.floor(pts[:, 1].min())) - 1,
+            int(np.ceil(pts[:, 0].max())) + 2, int(np.ceil(pts[:, 1].max())) + 2)
+
+
+def paste_region(m: np.ndarray, resolution: int, width: int, height: int) -> tuple[int, int, int, int] | None:
+    """Image-space box (x0, y0, x1, y1), exclusive end, that the crop can touch; None if off-image."""
+    fx0, fy0, fx1, fy1 = crop_footprint(m, resolution)
+    x0, y0, x1, y1 = max(fx0, 0), max(fy0, 0), min(fx1, width), min(fy1, height)
     if x1 <= x0 or y1 <= y0:
         return None
     return x0, y0, x1, y1

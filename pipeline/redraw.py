@@ -50,7 +50,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import torch
 
@@ -121,12 +120,9 @@ def face_patch(rgb: np.ndarray, transform: np.ndarray, resolution: int, check_re
     scale = align.transform_scale(metric_transform(transform, resolution, check_resolution))
     # warp_to_crop blurs with sigma 0.25 / scale before shrinking by more than 2x; 4 sigma covers its kernel.
     margin = 4 + (int(np.ceil(4 * 0.25 / scale)) if scale < 0.5 else 0)
-    corners = np.array([[0, 0], [resolution, 0], [0, resolution], [resolution, resolution]], np.float64)
-    footprint = align.apply_transform(cv2.invertAffineTransform(np.asarray(transform, np.float64)), corners)
-    x0, x1 = _axis_reach(int(np.floor(footprint[:, 0].min())) - 1 - margin,
-                         int(np.ceil(footprint[:, 0].max())) + 2 + margin, w)
-    y0, y1 = _axis_reach(int(np.floor(footprint[:, 1].min())) - 1 - margin,
-                         int(np.ceil(footprint[:, 1].max())) + 2 + margin, h)
+    fx0, fy0, fx1, fy1 = align.crop_footprint(transform, resolution)
+    x0, x1 = _axis_reach(fx0 - margin, fx1 + margin, w)
+    y0, y1 = _axis_reach(fy0 - margin, fy1 + margin, h)
     m = np.array(transform, np.float64, copy=True)
     m[:, 2] += m[:, :2] @ np.array([x0, y0], np.float64)
     return FacePatch(rgb[y0:y1, x0:x1], m, bool(grey))
