@@ -1,12 +1,11 @@
 """Full-objective training variants side by side, from one warm start: which settings change identity.
 
-The shipped lite-128 model still leaves ~96% of faces recognisable (its card). Each variant here starts from
-the same warm start (default: the shipped artifact; generator and EMA from it, a fresh discriminator), trains
-the same number of full-objective steps (``g2face.train_step.train_step``: anonymization pass, recovery pass,
-discriminator) with the same seed and data order, and differs only in its TrainConfig settings. Then, on
-held-out faces (prepared shards of people not in training, e.g. the CelebA val set) with fixed draws, the
-training weights are measured on the inference path (dummy identity, real geometry, random payload, 8-bit
-output):
+Each variant here starts from the same warm start (default: the shipped artifact; generator and EMA from it, a
+fresh discriminator), trains the same number of full-objective steps (``g2face.train_step.train_step``:
+anonymization pass, recovery pass, discriminator) with the same seed and data order, and differs only in its
+TrainConfig settings. Then, on held-out faces (prepared shards of people not in training, e.g. the CelebA val
+set) with fixed draws, the training weights are measured on the inference path (dummy identity, real geometry,
+random payload, 8-bit output):
 
 - ``still_matching``: share of anonymized faces within dlib's 0.6 of their original (PyTorch port on the
   aligned crops: bar 1's first route), and ``mean_distance``;
@@ -17,14 +16,16 @@ output):
 - ``detected``: share of anonymized crops MTCNN's RNet and ONet accept (bar 5's detector, at its box);
 - ``keyless_matching``: share that recovery given the anonymized face's own identity (no key) restores.
 
-Usage (CPU: about 8 s per step at batch 8 on two cores):
-    python bench/anonymize_recipe.py --data /tmp/g2face-prepared/lfw-devtrain/shards \\
-        --held-out /tmp/g2face-prepared/celeba-val/shards --steps 60 --batch 8 \\
-        --variant official: --variant no-recon:weights.anonymized_reconstruction=false \\
-        --variant margin:weights.dissimilar_margin=0.5,weights.identity_dissimilar=5
+Usage (CPU: about 16 s per step at batch 8 on two cores, 100 steps in 27 minutes):
+    python bench/anonymize_recipe.py --data /tmp/g2face-prepared/lfw2/shards \\
+        --held-out /tmp/g2face-prepared/celeba-val5/shards --held-out-faces 160 --steps 100 --batch 8 \\
+        --variant shipped: --variant det3:weights.detectability=3 --save-dir /tmp/recipe-weights
 A variant is NAME:KEY=VALUE,KEY=VALUE (TrainConfig settings, JSON values; empty: the defaults). Every
 variant also gets ``--common`` settings (default: steps_per_epoch=100 and the shipped model's own recipe,
 ``g2face.training.SHIPPED_RECIPE``; from the shipped model, the official weights soon undo its anonymization).
+``--save-dir DIR`` keeps each variant's measured weights as an inference artifact, so that a promising one can
+be measured further (``bench/payload_visibility.py --checkpoint DIR/NAME.pt``: MTCNN on pasted-back photos)
+without training it again.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from g2face import training  # noqa: E402
 from g2face import train_step as ts  # noqa: E402
-from g2face.checkpoint import SHIPPED_ARTIFACT, load_artifact  # noqa: E402
+from g2face.checkpoint import SHIPPED_ARTIFACT, load_artifact, save_artifact  # noqa: E402
 from pipeline import align  # noqa: E402
 
 DEFAULT_COMMON = ",".join(("steps_per_epoch=100", *training.SHIPPED_RECIPE))
@@ -84,8 +85,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path)
+    ap.add_argument("--out", type=Path, help="JSON file for the table (its folder must exist)")
+    ap.add_argument("--save-dir", type=Path, help="write each variant's measured (training) weights here as an "
+                    "inference artifact <variant>.pt, for bench/payload_visibility.py or evaluate (scratch: not the repo)")
     args = ap.parse_args()
+    # check the outputs before half an hour of training, not after
+    if args.out and (args.out.is_dir() or not args.out.parent.is_dir()):
+        ap.error(f"--out {args.out}: give a file path in an existing folder (it writes one JSON file)")
+    if args.save_dir and args.save_dir.exists() and not args.save_dir.is_dir():
+        ap.error(f"--save-dir {args.save_dir}: exists and is not a folder")
     variants = [v.split(":", 1) if ":" in v else (v, "") for v in args.variant or ["official:"]]
     torch.set_num_threads(args.threads)
     config = load_artifact(args.warm_start).config if Path(args.warm_start).is_file() else \
@@ -116,6 +124,12 @@ def main() -> None:
                       f"BER {m['anonymize/hiding_ber']:.4f}", flush=True)
         rows.append({"variant": name, "settings": text, "steps": args.steps, "train_seconds": round(time.time() - t0),
                      **training.held_out_figures(state.model, priors, held_batch)})
+        if args.save_dir:
+            args.save_dir.mkdir(parents=True, exist_ok=True)
+            rows[-1]["artifact_sha256"] = save_artifact(
+                state.model, args.save_dir / f"{name}.pt",
+                metadata={"bench": "anonymize_recipe", "variant": name, "settings": text, "steps": args.steps,
+                          "common": args.common, "warm_start": str(args.warm_start), "weights": "generator"})
         print(json.dumps(rows[-1]), flush=True)
     cols = ["variant", "steps", "still_matching", "mean_distance", "recovered_matching", "recovered_psnr_db", "ber",
             "change_grey", "detected", "keyless_matching", "train_seconds"]
