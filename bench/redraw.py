@@ -17,12 +17,14 @@ count as the fallback's faces), and each line says how many faces the guard repl
 With ``--push 0 --push 0.5`` the runs differ only in ``anonymizer.identity_push``: faces that pass within
 the plain draws are the same in both, so the difference is what the push does to the faces no plain draw
 anonymized. ``--keys-from FILE`` restricts the slice to those samples (for example the keys an evaluation
-found still matching), where the push is all that changes.
+found still matching), where the push is all that changes. ``--push-hold off --push-hold on`` differ only in
+what a face gets after a pushed draw anonymized it but MTCNN missed it: plain draws, or more at that strength.
 
 Usage (CPU, 2 cores: about 0.55 s per image at 8 draws, 0.7 s at 16):
     python bench/redraw.py --data '../shared/data/val/*.tar' --skip 400 --limit 400 --draws 8 --draws 16
     python bench/redraw.py --data '../shared/data/val/*.tar' --limit 400 --draws 16 --guard off --guard fallback
     python bench/redraw.py --data '../shared/data/val/*.tar' --limit 1000 --draws 16 --push 0 --push 0.5
+    python bench/redraw.py --data '../shared/data/val/*.tar' --keys-from KEYS --draws 16 --push-hold off --push-hold on
 """
 from __future__ import annotations
 
@@ -72,12 +74,15 @@ def slice_samples(urls: list[str], skip: int, limit: int, out: Path, keys: set[s
 
 
 def run_draws(draws: int, shard: Path, scratch: Path, key: Path, checkpoint: Path, threads: int,
-              guard: str = "off", push: float | None = None) -> dict:
-    name = f"draws{draws}-guard-{guard}" + ("" if push is None else f"-push-{push:g}")
+              guard: str = "off", push: float | None = None, hold: bool | None = None) -> dict:
+    name = (f"draws{draws}-guard-{guard}" + ("" if push is None else f"-push-{push:g}")
+            + ("" if hold is None else f"-hold-{'on' if hold else 'off'}"))
     tree = job_tree("g2face", [str(shard)], scratch / name, key, 128, checkpoint, "cpu", threads, 0, draws)
     tree["anonymizer"]["identity_guard"] = guard
     if push is not None:
         tree["anonymizer"]["identity_push"] = push
+    if hold is not None:
+        tree["anonymizer"]["identity_push_hold"] = hold
     t = time.perf_counter()
     run_job(parse_spec(tree, f"<bench {name}>"), echo=lambda *_: None)
     seconds = time.perf_counter() - t
@@ -92,7 +97,8 @@ def run_draws(draws: int, shard: Path, scratch: Path, key: Path, checkpoint: Pat
     bers = [f["payload_ber"] for f in g2 if f.get("payload_ber") is not None]
     an = run.doc["spec"]["anonymizer"]
     return {"draws": draws, "identity_guard": guard, "identity_push": an.get("identity_push"),
-            "identity_push_after": an.get("identity_push_after"), "faces_pushed": pushed, "faces_guarded": guarded,
+            "identity_push_after": an.get("identity_push_after"),
+            "identity_push_hold": an.get("identity_push_hold"), "faces_pushed": pushed, "faces_guarded": guarded,
             "images": len(run.public), "faces": len(faces), "g2face_faces": model.get("faces", 0),
             "port_share_still_matching": privacy["share_still_matching"],
             "port_share_still_matching_g2face_only": model.get("share_still_matching"),
@@ -115,6 +121,8 @@ def main(argv=None) -> int:
                     help="anonymizer.identity_guard (repeatable; default off, as evaluate measures the model)")
     ap.add_argument("--push", type=float, action="append", default=[],
                     help="anonymizer.identity_push (repeatable; default: the job default)")
+    ap.add_argument("--push-hold", action="append", default=[], choices=["on", "off"],
+                    help="anonymizer.identity_push_hold (repeatable; default: the job default)")
     ap.add_argument("--keys-from", help="take only the samples whose keys are listed in this file (one per line), "
                     "e.g. the faces an evaluation found still matching; --skip and --limit then apply to those")
     ap.add_argument("--checkpoint", default=str(ROOT / "g2face" / "weights" / "g2face-lite-128.pt"))
@@ -135,8 +143,10 @@ def main(argv=None) -> int:
         for d in args.draws or [8, 16]:
             for guard in args.guard or ["off"]:
                 for push in args.push or [None]:
-                    results.append(run_draws(d, shard, scratch, key, Path(args.checkpoint), args.threads, guard, push))
-                    print(json.dumps(results[-1]), flush=True)
+                    for hold in [h == "on" for h in args.push_hold] or [None]:
+                        results.append(run_draws(d, shard, scratch, key, Path(args.checkpoint), args.threads,
+                                                 guard, push, hold))
+                        print(json.dumps(results[-1]), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"samples": n, "skip": args.skip, "runs": results}, indent=2) + "\n")
     return 0

@@ -354,7 +354,9 @@ def _draws(run) -> dict:
     draws, after = an.get("draws", 1), an.get("identity_push_after")
     # runs from before the identity push have no such fields and pushed nothing; nor do runs with too few draws
     push = an.get("identity_push", 0.0) if after is not None and draws > after else 0.0
-    return {"draws": draws, "identity_push": push, "identity_push_after": after,
+    # runs from before push_hold pushed plain draws after a pushed one anonymized (False)
+    hold = bool(an.get("identity_push_hold", False)) if push > 0 else None
+    return {"draws": draws, "identity_push": push, "identity_push_after": after, "identity_push_hold": hold,
             "faces_pushed": pushed,
             "faces_by_kept_draw": dict(sorted(kept.items(), key=lambda kv: int(kv[0])))}
 

@@ -65,6 +65,9 @@ def quality_record(artifact_sha256: str) -> dict:
             "draws": redraw.get("draws", 1),
             "identity_push": redraw.get("identity_push", 0.0),
             "identity_push_after": redraw.get("identity_push_after"),
+            # evaluations from before the field pushed plain draws after a pushed one anonymized
+            "identity_push_hold": (bool(redraw.get("identity_push_hold", False))
+                                   if redraw.get("identity_push", 0.0) > 0 else None),
             "payload_reinforce_steps": reinforcement.get("steps", 0),
             "payload_reinforce_max_change": reinforcement.get("max_change_grey_levels"),
             # None: an evaluation from before evaluate recorded it (the card then says what it was)

@@ -34,8 +34,12 @@ because the encoder carries the original's appearance into every draw. From draw
 no draw has yet got past the identity check is drawn with its style code pushed past its dummy's, away from the
 original's (``g2face.model.push_from_original``, strength ``push_strength``). That changes which face the
 generator draws, never pixels. Faces that failed only the detection check keep plain draws: pushed draws are
-found less often by MTCNN. Each face's kept push is recorded (manifest ``identity_push``), so that (seed, draw,
-push) reproduces it.
+found less often by MTCNN. A face that only a pushed draw anonymized, and that MTCNN then missed, is drawn on
+with weaker pushes (``push_hold``, the job's ``anonymizer.identity_push_hold``): each halfway between the
+strongest push that left it matching (at first its plain draws, strength 0) and the weakest that anonymized it,
+since the weaker the push, the more often MTCNN finds the draw; its plain draws all still matched, so going back
+to them rarely anonymizes it. Each face's kept push is recorded (manifest ``identity_push``), so that (seed,
+draw, push) reproduces it.
 
 Recovery is unaffected: a reversible payload never depends on the draw, and the recover pass draws its noise
 and placeholder bits from the face's own seed on its own stream (``g2face.model.STREAM_RECOVER``), never from
@@ -286,15 +290,17 @@ def _best_iou(boxes: np.ndarray, reference: np.ndarray, min_iou: float) -> int |
 
 def redraw(anonymize, checker: DrawChecker, reference: DrawReference, x: torch.Tensor, y: torch.Tensor,
            seeds: list[int], draws: int, push: float = 0.0, push_after: int | None = None,
-           **inputs) -> tuple[torch.Tensor, np.ndarray, DrawJudgement, np.ndarray]:
+           push_hold: bool = True, **inputs) -> tuple[torch.Tensor, np.ndarray, DrawJudgement, np.ndarray]:
     """Draw again each face of ``y`` (the draw-0 outputs of ``x`` under ``seeds``) that fails a check against
     ``reference`` (``checker.reference`` of the same faces), up to ``draws`` draws in all.
     ``anonymize(x_subset, seeds_subset, **inputs_subset)`` makes draws; ``inputs`` are per-face tensors (payload
     bits, identity) passed along row-aligned. From draw ``push_after`` on, a face none of whose draws so far got
     past the identity check is drawn with its style code pushed away from the original's (``push_strength``,
     passed to ``anonymize`` as ``identity_push``); faces that only failed detection keep plain draws, which
-    the push would make harder to find. Returns (kept outputs, index of the kept draw per face, the checker's
-    verdicts on the kept draws: the identity guard reads them, see ``AnonymizeStage``; the push strength of
+    the push would make harder to find. A face that a pushed draw anonymized but that failed detection is,
+    with ``push_hold``, drawn on with pushes halfway between the strongest that left it matching (0 at first)
+    and the weakest that anonymized it; without, plainly. Returns (kept outputs, index of the kept draw per
+    face, the checker's verdicts on the kept draws: the identity guard reads them, see ``AnonymizeStage``; the push strength of
     each kept draw, 0 for a plain one)."""
     assert x.shape == y.shape and len(seeds) == x.shape[0] == len(reference.boxes), (x.shape, y.shape, len(seeds))
     n = x.shape[0]
@@ -307,7 +313,9 @@ def redraw(anonymize, checker: DrawChecker, reference: DrawReference, x: torch.T
     verdict = checker.judge(reference, y, rows)
     best = verdict.rank()
     final = {k: getattr(verdict, k).copy() for k in ("distance", "anonymized", "detected", "confident")}
-    ever_anonymized = verdict.anonymized.copy()
+    plain_anonymized = verdict.anonymized.copy()  # draw 0 is always plain
+    held = np.full(n, np.inf)  # weakest push strength that anonymized each face (inf: none did)
+    below = np.zeros(n)  # strongest push weaker than ``held`` that did not anonymize it (0: the plain draws)
     pending = np.flatnonzero(~verdict.passed)
     y = y.clone()
     for k in range(1, draws):
@@ -315,13 +323,22 @@ def redraw(anonymize, checker: DrawChecker, reference: DrawReference, x: torch.T
             break
         idx = torch.as_tensor(pending, device=x.device)
         sub = {name: (v[idx.to(v.device)] if isinstance(v, torch.Tensor) else v) for name, v in inputs.items()}
-        strength = np.where(ever_anonymized[pending], 0.0, push_strength(k, draws, push, push_after))
+        strength = np.where(plain_anonymized[pending], 0.0, push_strength(k, draws, push, push_after))
+        pushed_through = np.isfinite(held[pending])  # a pushed draw anonymized it, no plain one did
+        if push_hold:  # halfway between the strongest push that left it matching and the weakest that did not
+            strength = np.where(pushed_through, (below[pending] + held[pending]) / 2, strength)
+        else:  # plain draws from then on (before push_hold)
+            strength = np.where(pushed_through, 0.0, strength)
         if strength.any():  # else the plain call, bit for bit the paper's draw
             sub["identity_push"] = torch.from_numpy(strength).float()
         cand = anonymize(x[idx], [draw_seed(seeds[j], k) for j in pending], **sub)
         assert cand.shape == (len(pending), *x.shape[1:]), cand.shape
         verdict = checker.judge(reference, cand, pending)
-        ever_anonymized[pending] |= verdict.anonymized
+        plain_anonymized[pending] |= verdict.anonymized & (strength == 0)
+        held[pending] = np.where(verdict.anonymized & (strength > 0), np.minimum(held[pending], strength),
+                                 held[pending])
+        missed = ~verdict.anonymized & (strength > 0) & (strength < held[pending])
+        below[pending] = np.where(missed, np.maximum(below[pending], strength), below[pending])
         rank = verdict.rank()
         better = rank > best[pending]
         if better.any():

@@ -189,14 +189,14 @@ class ShardWorker:
         settings = ReinforceSettings(an.payload_reinforce_steps, an.payload_reinforce_max_change)
         return PayloadReinforcer(anonymizer, settings, self.spec.resources.anonymize.batch_size)
 
-    def _draws(self, det) -> tuple[int, DrawChecker | None, float, int]:
+    def _draws(self, det) -> tuple[int, DrawChecker | None, float, int, bool]:
         an = self.spec.anonymizer
         if an.method != "g2face" or an.draws <= 1:
-            return 1, None, 0.0, 1
+            return 1, None, 0.0, 1, False
         m = self.spec.metrics  # judged as the metrics stage will measure the published face
         return (an.draws, DrawChecker(an.resolution, an.identity_guard_distance, det.stage_thresholds,
                                       det.scale_factor, m.match_iou, m.resolution, self.spec.input.aligned),
-                an.identity_push, an.identity_push_after)
+                an.identity_push, an.identity_push_after, an.identity_push_hold)
 
     def _identity_guard(self) -> IdentityGuard | None:
         an = self.spec.anonymizer

@@ -199,6 +199,14 @@ class AnonymizerSpec:
         description="Method g2face: draws made as the paper draws them before identity_push starts (faces that "
         "pass within them are published exactly as without the push).",
     )
+    identity_push_hold: bool = Field(
+        default=True,
+        description="Method g2face with identity_push: a face that only a pushed draw got past the identity check, "
+        "and that MTCNN then missed, is drawn on with weaker pushes, each halfway between the strongest push that "
+        "left it matching (at first its plain draws, 0) and the weakest that anonymized it (weaker pushes are "
+        "found more often; its plain draws all still matched). false: plain draws from then on, as before this "
+        "field. Measured with bench/redraw.py --push-hold off --push-hold on (see the README).",
+    )
     payload_reinforce_steps: int = Field(
         default=12, ge=0, le=20,
         description="Method g2face with the shipped priors, reversible payload: up to this many projected-gradient "
@@ -557,6 +565,7 @@ def spec_to_dict(spec: JobSpec) -> dict:
 # Anonymizer keys only a g2face job reads (the model, its payload, its redraws and guard).
 G2FACE_ONLY_KEYS = ("checkpoint", "weights", "official", "payload", "on_unverified", "identity_guard",
                     "identity_guard_distance", "draws", "identity_push", "identity_push_after",
+                    "identity_push_hold",
                     "payload_reinforce_steps", "payload_reinforce_max_change")
 
 
@@ -620,6 +629,8 @@ def fingerprint_fields(spec: JobSpec, weight_paths: bool = False) -> dict:
     if not push_applies(spec.anonymizer):  # jobs that never push keep the fingerprints of before the field
         d["anonymizer"].pop("identity_push")
         d["anonymizer"].pop("identity_push_after")
+    if not (push_applies(spec.anonymizer) and spec.anonymizer.identity_push_hold):
+        d["anonymizer"].pop("identity_push_hold")  # plain draws after a push: the bytes of before the field
     if not reinforcement_applies(spec.anonymizer):  # jobs whose bytes it does not touch keep their fingerprints
         d["anonymizer"].pop("payload_reinforce_steps")
         d["anonymizer"].pop("payload_reinforce_max_change")

@@ -362,6 +362,8 @@ class AnonymizeStage(_Stage):
         draw_checker: a ``pipeline.redraw.DrawChecker`` (needed when ``draws`` > 1).
         identity_push, identity_push_after: from draw ``identity_push_after`` on, faces that no draw anonymized
             yet are drawn pushed away from the original (``pipeline.redraw.push_strength``; 0: never).
+        identity_push_hold: a face only a pushed draw anonymized is drawn on with weaker pushes, not plainly
+            (``pipeline.redraw.redraw``'s ``push_hold``).
         image_format: the job's ``output.image_format`` ('keep', 'png', 'jpeg'): with it the draw checker
             knows which images are written in grey (``imaging.writes_grey``) and judges their draws in grey.
 
@@ -372,7 +374,7 @@ class AnonymizeStage(_Stage):
     def __init__(self, anonymizers: dict, batch_size: int, device: str, fail_fast: bool = False,
                  payload_mode: str | None = None, identity_guard=None, fallback: str = "pixelate",
                  draws: int = 1, draw_checker=None, identity_push: float = 0.0, identity_push_after: int = 8,
-                 image_format: str = "keep"):
+                 identity_push_hold: bool = True, image_format: str = "keep"):
         super().__init__(fail_fast)
         if draws > 1 and draw_checker is None:
             raise ValueError("draws > 1 needs a draw_checker (pipeline.redraw.DrawChecker)")
@@ -387,6 +389,7 @@ class AnonymizeStage(_Stage):
         self.draw_checker = draw_checker
         self.identity_push = float(identity_push)
         self.identity_push_after = int(identity_push_after)
+        self.identity_push_hold = bool(identity_push_hold)
         self.image_format = image_format
 
     def _g2face(self, model, x: torch.Tensor, chunk: list) -> tuple[torch.Tensor, np.ndarray | None]:
@@ -428,7 +431,8 @@ class AnonymizeStage(_Stage):
                 reference = checker.reference([(s.image.rgb, f.transform, f.box) for s, _, f in chunk],
                                               [self.published_in_grey(s.image) for s, _, _ in chunk])
                 y, kept, verdict, pushed = redraw(model.anonymize, checker, reference, x, y, seeds, self.draws,
-                                                  self.identity_push, self.identity_push_after, **inputs)
+                                                  self.identity_push, self.identity_push_after,
+                                                  self.identity_push_hold, **inputs)
                 published = np.where(verdict.anonymized, "", "identity_match")
                 del reference, verdict
             except Exception as e:

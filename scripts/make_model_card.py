@@ -128,7 +128,9 @@ def _redraw(ev: dict) -> str:
     push, after = r.get("identity_push") or 0.0, r.get("identity_push_after")
     if push > 0 and after is not None and draws > after:
         text += (f" and identity push {_fmt(push)} from draw {after} for faces no earlier draw anonymized "
-                 f"(`anonymizer.identity_push`: {r.get('faces_pushed', 0)} faces kept a pushed draw)")
+                 f"(`anonymizer.identity_push`: {r.get('faces_pushed', 0)} faces kept a pushed draw"
+                 + ("; a face a push anonymized but MTCNN missed was drawn on with weaker pushes, "
+                    "`identity_push_hold`)" if r.get("identity_push_hold") else ")"))
     else:
         text += " and no identity push"
     return text

@@ -359,6 +359,9 @@ def test_model_card_states_exactly_the_evaluated_numbers(evaluated, artifact, tm
     written = json.loads(eval_json.read_text())["payload"]["format_version"]  # the format bar 3 rests on
     assert written in FORMAT_VERSIONS and f"payload format {written};" in text
     assert "identity push 0.5 from draw 8" in text
+    # the job default holds pushes; evaluate records it and the card says so
+    assert json.loads(eval_json.read_text())["model"]["redraw"]["identity_push_hold"] is True
+    assert "drawn on with weaker pushes, `identity_push_hold`" in text
     g2 = next(r for r in json.loads(eval_json.read_text())["privacy_rows"] if r["method"] == "g2face")
     split = {m["method"]: m for m in g2["by_method"]}
     assert sum(m["faces"] for m in split.values()) == g2["faces"] and "g2face" in split

@@ -161,6 +161,7 @@ def test_quality_record_of_the_shipped_model_is_its_evaluation():
     assert record["evaluated_with"] == {"draws": redraw["draws"],  # the settings behind the figures
                                         "identity_push": redraw.get("identity_push", 0.0),
                                         "identity_push_after": redraw.get("identity_push_after"),
+                                        "identity_push_hold": bool(redraw.get("identity_push_hold")),
                                         "payload_reinforce_steps": reinforcement["steps"],
                                         "payload_reinforce_max_change": reinforcement["max_change_grey_levels"],
                                         "payload_format": ev["payload"].get("format_version")}
@@ -181,13 +182,18 @@ def test_quality_record_names_the_settings_its_evaluation_ran_at(tmp_path, monke
     monkeypatch.setattr(method, "shipped_evaluation_path", lambda: path)
     record = quality_record("ab" * 32)
     assert record["evaluated_with"] == {"draws": 5, "identity_push": 0.5, "identity_push_after": 3,
+                                        "identity_push_hold": False,  # evaluated before the field
                                         "payload_reinforce_steps": 3, "payload_reinforce_max_change": 2,
                                         "payload_format": 5}
     assert (record["bars_met"], record["bars_not_yet_met"]) == (["6_pixel_change"], ["1_anonymization_port"])
+    ev["model"]["redraw"]["identity_push_hold"] = True
+    path.write_text(json.dumps(ev))
+    assert quality_record("ab" * 32)["evaluated_with"]["identity_push_hold"] is True
     for k in ("redraw", "reinforcement", "format_version"):  # an evaluation from before these fields
         (ev["model"] if k == "redraw" else ev["payload"]).pop(k)
     path.write_text(json.dumps(ev))
     assert quality_record("ab" * 32)["evaluated_with"] == {"draws": 1, "identity_push": 0.0, "identity_push_after": None,
+                                                           "identity_push_hold": None,
                                                            "payload_reinforce_steps": 0,
                                                            "payload_reinforce_max_change": None,
                                                            "payload_format": None}

@@ -243,6 +243,10 @@ def test_the_push_shapes_fingerprints_only_where_a_draw_can_be_pushed(tmp_path):
     # no draw is ever pushed: the fingerprint of before the fields, whatever they say
     assert fp(draws=16, identity_push=0) == fp(draws=16, identity_push=0, identity_push_after=3)
     assert fp(draws=8) == fp(draws=8, identity_push=1.5)
+    # holding a push changes the bytes of pushing jobs only; without it a job keeps its fingerprint of before
+    assert pushing != fp(draws=16, identity_push_hold=False)
+    assert fp(draws=16, identity_push=0) == fp(draws=16, identity_push=0, identity_push_hold=False)
+    assert fp(draws=8) == fp(draws=8, identity_push_hold=False)
     for bad in ({"identity_push": -0.1}, {"identity_push": 3}, {"identity_push_after": 0}):
         with pytest.raises(JobSpecError, match="anonymizer.identity_push"):
             parse_spec(job_tree(tmp_path, DEMO_SHARDS[0], anonymizer=bad))
@@ -399,3 +403,42 @@ def test_axis_reach_spans_exactly_the_pixels_mirrored_reads_touch():
                     continue  # no read on the axis: face_patch refuses such a face
                 touched = [cv2.borderInterpolate(p, size, cv2.BORDER_REFLECT_101) for p in range(lo, hi)]
                 assert _axis_reach(lo, hi, size) == (min(touched), max(touched) + 1), (lo, hi, size)
+
+
+@pytest.mark.parametrize("hold", [True, False])
+def test_a_face_only_a_push_anonymized_is_drawn_on_with_weaker_pushes(faces, model, hold):
+    """With push_hold, a face whose plain draw still matched and whose first pushed draw got past the identity
+    check (but was not found) is drawn on halfway between the strongest push that left it matching and the
+    weakest that anonymized it; without, it goes back to plain draws."""
+    _, items = faces
+    x, seeds, refs = _inputs(items)
+    n = len(items)
+    found_by_none = _checker(match_iou=1.01)  # nothing is found: every face uses all its draws
+    reference = found_by_none.reference(refs)
+    with torch.inference_mode():
+        y0 = model.anonymize(x, seeds)
+        pushed1 = model.anonymize(x, [draw_seed(s, 1) for s in seeds], identity_push=[0.5] * n)
+    d0 = found_by_none.judge(reference, y0, np.arange(n)).distance
+    d1 = found_by_none.judge(reference, pushed1, np.arange(n)).distance
+    i = int(np.argmax(d1 - d0))
+    assert d1[i] > d0[i] + 0.02, (d0, d1)  # the push moves the draw away from the original
+    # identity threshold halfway: face i's plain draw still matches, its first pushed draw is anonymized
+    checker = _checker(match_iou=1.01, identity_margin=(d0[i] + d1[i]) / 2 - 0.6)
+    anonymize, calls = _recording(model)
+    with torch.inference_mode():
+        _, kept, verdict, pushed = redraw(anonymize, checker, checker.reference(refs), x, y0, seeds, 4,
+                                          push=0.5, push_after=1, push_hold=hold)
+        strengths = [c if c is not None else [0.0] * n for c in calls]
+        draw2 = model.anonymize(x, [draw_seed(s, 2) for s in seeds], identity_push=strengths[1])
+    plain0 = checker.judge(reference, y0, np.arange(n)).anonymized
+    push1 = checker.judge(reference, pushed1, np.arange(n)).anonymized
+    assert not plain0[i] and push1[i]
+    assert len(strengths) == 3 and strengths[0] == [0.0 if a else 0.5 for a in plain0]
+    if hold:  # 0.25 (between 0 and 0.5), then 0.125 if that anonymized it, else 0.375
+        third = 0.125 if checker.judge(reference, draw2[i:i + 1], np.array([i])).anonymized[0] else 0.375
+        assert [strengths[1][i], strengths[2][i]] == [0.25, third], strengths
+    else:
+        assert [strengths[1][i], strengths[2][i]] == [0.0, 0.0], strengths
+    assert verdict.anonymized[i] and kept[i] >= 1 and pushed[i] == strengths[kept[i] - 1][i]
+    for j in np.flatnonzero(~plain0 & ~push1):  # no draw anonymized yet: the rising schedule either way
+        assert strengths[1][j] == pytest.approx(push_strength(2, 4, 0.5, 1))
