@@ -18,7 +18,7 @@ With ``--push 0 --push 0.5`` the runs differ only in ``anonymizer.identity_push`
 the plain draws are the same in both, so the difference is what the push does to the faces no plain draw
 anonymized. ``--keys-from FILE`` restricts the slice to those samples (for example the keys an evaluation
 found still matching), where the push is all that changes. ``--push-hold off --push-hold on`` differ only in
-what a face gets after a pushed draw anonymized it but MTCNN missed it: plain draws, or more at that strength.
+what a face gets after a pushed draw anonymized it but MTCNN missed it: plain draws, or weaker pushes.
 
 Usage (CPU, 2 cores: about 0.55 s per image at 8 draws, 0.7 s at 16):
     python bench/redraw.py --data '../shared/data/val/*.tar' --skip 400 --limit 400 --draws 8 --draws 16

@@ -33,12 +33,12 @@ person through every plain draw (shipped model, all 6000 val images, 16 plain dr
 because the encoder carries the original's appearance into every draw. From draw ``push_after`` on, a face that
 no draw has yet got past the identity check is drawn with its style code pushed past its dummy's, away from the
 original's (``g2face.model.push_from_original``, strength ``push_strength``). That changes which face the
-generator draws, never pixels. Faces that failed only the detection check keep plain draws: pushed draws are
-found less often by MTCNN. A face that only a pushed draw anonymized, and that MTCNN then missed, is drawn on
-with weaker pushes (``push_hold``, the job's ``anonymizer.identity_push_hold``): each halfway between the
-strongest push that left it matching (at first its plain draws, strength 0) and the weakest that anonymized it,
-since the weaker the push, the more often MTCNN finds the draw; its plain draws all still matched, so going back
-to them rarely anonymizes it. Each face's kept push is recorded (manifest ``identity_push``), so that (seed,
+generator draws, never pixels. Faces that a plain draw got past the identity check and that failed only the
+detection check keep plain draws: pushed draws are found less often by MTCNN. A face that only a pushed draw
+anonymized, and that MTCNN then missed, is drawn on with weaker pushes (``push_hold``, the job's
+``anonymizer.identity_push_hold``): each halfway between the strongest weaker push that left it matching (0,
+its plain draws, when none did) and the weakest that anonymized it, since the weaker the push, the more often
+MTCNN finds the draw; its plain draws all still matched, so going back to them rarely anonymizes it. Each face's kept push is recorded (manifest ``identity_push``), so that (seed,
 draw, push) reproduces it.
 
 Recovery is unaffected: a reversible payload never depends on the draw, and the recover pass draws its noise
@@ -298,8 +298,8 @@ def redraw(anonymize, checker: DrawChecker, reference: DrawReference, x: torch.T
     past the identity check is drawn with its style code pushed away from the original's (``push_strength``,
     passed to ``anonymize`` as ``identity_push``); faces that only failed detection keep plain draws, which
     the push would make harder to find. A face that a pushed draw anonymized but that failed detection is,
-    with ``push_hold``, drawn on with pushes halfway between the strongest that left it matching (0 at first)
-    and the weakest that anonymized it; without, plainly. Returns (kept outputs, index of the kept draw per
+    with ``push_hold``, drawn on with pushes halfway between the strongest weaker one that left it matching
+    (0 when none did: its plain draws) and the weakest that anonymized it; without, plainly. Returns (kept outputs, index of the kept draw per
     face, the checker's verdicts on the kept draws: the identity guard reads them, see ``AnonymizeStage``; the push strength of
     each kept draw, 0 for a plain one)."""
     assert x.shape == y.shape and len(seeds) == x.shape[0] == len(reference.boxes), (x.shape, y.shape, len(seeds))
@@ -325,7 +325,7 @@ def redraw(anonymize, checker: DrawChecker, reference: DrawReference, x: torch.T
         sub = {name: (v[idx.to(v.device)] if isinstance(v, torch.Tensor) else v) for name, v in inputs.items()}
         strength = np.where(plain_anonymized[pending], 0.0, push_strength(k, draws, push, push_after))
         pushed_through = np.isfinite(held[pending])  # a pushed draw anonymized it, no plain one did
-        if push_hold:  # halfway between the strongest push that left it matching and the weakest that did not
+        if push_hold:  # halfway between the strongest weaker push that left it matching and the weakest that did not
             strength = np.where(pushed_through, (below[pending] + held[pending]) / 2, strength)
         else:  # plain draws from then on (before push_hold)
             strength = np.where(pushed_through, 0.0, strength)
@@ -337,8 +337,8 @@ def redraw(anonymize, checker: DrawChecker, reference: DrawReference, x: torch.T
         plain_anonymized[pending] |= verdict.anonymized & (strength == 0)
         held[pending] = np.where(verdict.anonymized & (strength > 0), np.minimum(held[pending], strength),
                                  held[pending])
-        missed = ~verdict.anonymized & (strength > 0) & (strength < held[pending])
-        below[pending] = np.where(missed, np.maximum(below[pending], strength), below[pending])
+        still_matching = ~verdict.anonymized & (strength > 0) & (strength < held[pending])
+        below[pending] = np.where(still_matching, np.maximum(below[pending], strength), below[pending])
         rank = verdict.rank()
         better = rank > best[pending]
         if better.any():

@@ -187,8 +187,9 @@ class AnonymizerSpec:
         description="Method g2face with draws > identity_push_after: from draw identity_push_after on, a face that "
         "no draw so far got past the identity check is drawn with its style code pushed away from the "
         "original's (w_dummy + s * (w_dummy - w_original), s rising linearly from this value towards twice it "
-        "over the remaining draws: 0.5 to 0.94 at the defaults); faces that passed the identity check and failed "
-        "only the detection check get plain draws. It moves which face the "
+        "over the remaining draws: 0.5 to 0.94 at the defaults); faces that a plain draw got past the identity "
+        "check and that failed only the detection check get plain draws (faces only a push got past it: "
+        "identity_push_hold). It moves which face the "
         "generator draws, never pixels; not in the paper. The manifest's `identity_push` gives each kept draw's "
         "s. 0 turns it off (every draw as the paper draws it). Measured with bench/redraw.py --push (faces no "
         "earlier draw anonymized: most of them no longer match, at some cost in MTCNN re-detection; see the "
@@ -202,8 +203,8 @@ class AnonymizerSpec:
     identity_push_hold: bool = Field(
         default=True,
         description="Method g2face with identity_push: a face that only a pushed draw got past the identity check, "
-        "and that MTCNN then missed, is drawn on with weaker pushes, each halfway between the strongest push that "
-        "left it matching (at first its plain draws, 0) and the weakest that anonymized it (weaker pushes are "
+        "and that MTCNN then missed, is drawn on with weaker pushes, each halfway between the strongest weaker push "
+        "that left it matching (0, its plain draws, when none did) and the weakest that anonymized it (weaker pushes are "
         "found more often; its plain draws all still matched). false: plain draws from then on, as before this "
         "field. Measured with bench/redraw.py --push-hold off --push-hold on (see the README).",
     )

@@ -161,7 +161,8 @@ def test_quality_record_of_the_shipped_model_is_its_evaluation():
     assert record["evaluated_with"] == {"draws": redraw["draws"],  # the settings behind the figures
                                         "identity_push": redraw.get("identity_push", 0.0),
                                         "identity_push_after": redraw.get("identity_push_after"),
-                                        "identity_push_hold": bool(redraw.get("identity_push_hold")),
+                                        "identity_push_hold": (bool(redraw.get("identity_push_hold"))
+                                                               if redraw.get("identity_push", 0.0) > 0 else None),
                                         "payload_reinforce_steps": reinforcement["steps"],
                                         "payload_reinforce_max_change": reinforcement["max_change_grey_levels"],
                                         "payload_format": ev["payload"].get("format_version")}
