@@ -38,8 +38,8 @@ detection check keep plain draws: pushed draws are found less often by MTCNN. A 
 anonymized, and that MTCNN then missed, is drawn on with weaker pushes (``push_hold``, the job's
 ``anonymizer.identity_push_hold``): each halfway between the strongest weaker push that left it matching (0,
 its plain draws, when none did) and the weakest that anonymized it, since the weaker the push, the more often
-MTCNN finds the draw; its plain draws all still matched, so going back to them rarely anonymizes it. Each face's kept push is recorded (manifest ``identity_push``), so that (seed,
-draw, push) reproduces it.
+MTCNN finds the draw; its plain draws all still matched, so going back to them rarely anonymizes it. Each
+face's kept push is recorded (manifest ``identity_push``), so that (seed, draw, push) reproduces it.
 
 Recovery is unaffected: a reversible payload never depends on the draw, and the recover pass draws its noise
 and placeholder bits from the face's own seed on its own stream (``g2face.model.STREAM_RECOVER``), never from
@@ -299,9 +299,9 @@ def redraw(anonymize, checker: DrawChecker, reference: DrawReference, x: torch.T
     passed to ``anonymize`` as ``identity_push``); faces that only failed detection keep plain draws, which
     the push would make harder to find. A face that a pushed draw anonymized but that failed detection is,
     with ``push_hold``, drawn on with pushes halfway between the strongest weaker one that left it matching
-    (0 when none did: its plain draws) and the weakest that anonymized it; without, plainly. Returns (kept outputs, index of the kept draw per
-    face, the checker's verdicts on the kept draws: the identity guard reads them, see ``AnonymizeStage``; the push strength of
-    each kept draw, 0 for a plain one)."""
+    (0 when none did: its plain draws) and the weakest that anonymized it; without, plainly. Returns (kept
+    outputs, index of the kept draw per face, the checker's verdicts on the kept draws: the identity guard
+    reads them, see ``AnonymizeStage``; the push strength of each kept draw, 0 for a plain one)."""
     assert x.shape == y.shape and len(seeds) == x.shape[0] == len(reference.boxes), (x.shape, y.shape, len(seeds))
     n = x.shape[0]
     kept, kept_push = np.zeros(n, np.int64), np.zeros(n, np.float64)

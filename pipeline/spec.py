@@ -204,7 +204,8 @@ class AnonymizerSpec:
         default=True,
         description="Method g2face with identity_push: a face that only a pushed draw got past the identity check, "
         "and that MTCNN then missed, is drawn on with weaker pushes, each halfway between the strongest weaker push "
-        "that left it matching (0, its plain draws, when none did) and the weakest that anonymized it (weaker pushes are "
+        "that left it matching (0, its plain draws, when none did) and the weakest that anonymized it "
+        "(weaker pushes are "
         "found more often; its plain draws all still matched). false: plain draws from then on, as before this "
         "field. Measured with bench/redraw.py --push-hold off --push-hold on (see the README).",
     )
