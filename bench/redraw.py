@@ -96,6 +96,7 @@ def run_draws(draws: int, shard: Path, scratch: Path, key: Path, checkpoint: Pat
     g2 = [f for f in faces if f["method"] == "g2face"]
     bers = [f["payload_ber"] for f in g2 if f.get("payload_ber") is not None]
     an = run.doc["spec"]["anonymizer"]
+    utility = utility_row(name, run)
     return {"draws": draws, "identity_guard": guard, "identity_push": an.get("identity_push"),
             "identity_push_after": an.get("identity_push_after"),
             "identity_push_hold": an.get("identity_push_hold"), "faces_pushed": pushed, "faces_guarded": guarded,
@@ -103,7 +104,8 @@ def run_draws(draws: int, shard: Path, scratch: Path, key: Path, checkpoint: Pat
             "port_share_still_matching": privacy["share_still_matching"],
             "port_share_still_matching_g2face_only": model.get("share_still_matching"),
             "mean_identity_distance": (privacy["identity_distance"] or {}).get("mean"),
-            "mtcnn_detection_rate": utility_row(name, run)["mtcnn_detection_rate"],
+            "mtcnn_detection_rate": utility["mtcnn_detection_rate"],
+            "mtcnn_missed_by": utility["mtcnn_missed_by"],  # fallback reason or the redraw check's verdict
             # the payload of a pushed draw must read back as well as a plain one's (bar 4)
             "payload_verified_share": sum(bool(f.get("payload_ok")) for f in g2) / max(len(g2), 1),
             "payload_ber_mean": sum(bers) / len(bers) if bers else None,

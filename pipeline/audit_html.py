@@ -14,6 +14,16 @@ import numpy as np
 from schemas import load_json
 
 _SIZE_CLASSES = load_json("status.json")["size_class"]
+# utility rows' mtcnn_missed_by keys (privacy_metrics.mtcnn_misses), in words
+_MISS_CAUSES = {
+    "g2face/not_detected": "model faces of which no draw was both anonymized and found by the redraw check",
+    "g2face/weak_detection": "model faces found by the redraw check only below its margin score",
+    "g2face/passed": "model faces the redraw check found, lost after it (payload reinforcement, encoding, "
+                     "neighbouring faces)",
+    "g2face/identity_match": "model faces of which no draw was anonymized (identity guard off)",
+    "g2face/unchecked": "model faces whose redraw failed",
+    "g2face": "model faces without a redraw verdict",
+}
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1080px;padding:1.5em;
@@ -345,6 +355,10 @@ def render_html(doc: dict, figures: dict[str, bytes], grid: bytes | None) -> str
             "both crops); shape and expression: 3DMM fits to the 68 points, RMS 3D distance; pose: rotation angle "
             "between the fitted head poses. A dash: not defined (no face re-detected by that detector).</p>"
         )
+        missed = util["rows"][0].get("mtcnn_missed_by") or {}
+        if missed:
+            parts_missed = ", ".join(f"{_MISS_CAUSES.get(k, html.escape(k))}: {n}" for k, n in missed.items())
+            sec.append(f"<p class='note'>Faces MTCNN no longer finds in this run, by cause: {parts_missed}.</p>")
     else:
         sec.append(
             "<p class='warn'>No utility metrics: the metrics stage was off in this run (metrics.enabled: false).</p>"

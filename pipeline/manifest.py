@@ -13,8 +13,8 @@ import pyarrow as pa
 from schemas import face_methods, load_json, sample_statuses
 
 # 2: per-face metrics struct and per-sample metrics_error; 3: per-face payload verification; 4: per-face draw and
-# per-sample warnings; 5: per-face identity_push
-MANIFEST_VERSION = 5
+# per-sample warnings; 5: per-face identity_push; 6: per-face draw_check
+MANIFEST_VERSION = 6
 STATUSES = sample_statuses()
 FACE_METHODS = face_methods()
 _STATUS = load_json("status.json")
@@ -54,6 +54,11 @@ FACE_TYPE = pa.struct(
         # g2face only: how far that draw's style code was pushed away from the original's (0: the paper's plain
         # draw; pipeline/redraw.py push_strength). Reproducing a published face needs the draw and this.
         ("identity_push", pa.float32()),
+        # g2face with redraws only: what the redraw check concluded about the kept draw, judged pasted into its
+        # photo before payload reinforcement and encoding (pipeline/redraw.py DRAW_CHECK_OUTCOMES): 'passed',
+        # 'weak_detection', 'not_detected' (no draw was both anonymized and found by MTCNN), 'identity_match',
+        # 'unchecked' (the redraw failed). A verdict, never a distance or an embedding.
+        ("draw_check", pa.string()),
     ]
 )
 
@@ -113,6 +118,7 @@ _ENUMS = {
     "faces[].size_class": list(_STATUS["size_class"]),
     "faces[].payload_mode": ["reversible", "irreversible"],
     "faces[].payload_status": ["ok", "uncorrectable", "authentication_failed"],
+    "faces[].draw_check": list(_STATUS["draw_check"]),
 }
 
 

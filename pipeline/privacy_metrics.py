@@ -215,6 +215,7 @@ def utility_row(label: str, run) -> dict:
         row[f"{det}_detection_rate"] = row[f"{det}_redetected"] / len(found) if found else None
         row[f"{det}_box_distance"] = mean(f"{det}_box_distance")
         row[f"{det}_box_iou"] = mean(f"{det}_box_iou")
+    row["mtcnn_missed_by"] = mtcnn_misses(run)
     for key in (
         "mtcnn_landmark_distance",
         "landmark68_distance",
@@ -226,6 +227,26 @@ def utility_row(label: str, run) -> dict:
     ):
         row[key] = mean(key)
     return row
+
+
+def mtcnn_misses(run) -> dict[str, int]:
+    """Where MTCNN's misses (faces found in the original, not in the published image) come from, counted by
+    the face's method and, for a fallback, its reason ('pixelate/too_small'), for a g2face face with redraws,
+    what the redraw check concluded about its kept draw ('g2face/not_detected': no draw was both anonymized
+    and found; 'g2face/passed': found at the check, lost after it); 'g2face' alone where the manifest has no
+    verdict (no redraws, or written before manifest version 6)."""
+    out: dict[str, int] = {}
+    for r in run.public:
+        if not r["published"]:
+            continue
+        for f in r["faces"]:
+            m = f.get("metrics")
+            if not m or not m["mtcnn_original"] or m["mtcnn_redetected"]:
+                continue
+            detail = f.get("fallback_reason") or (f.get("draw_check") if f["method"] == "g2face" else None)
+            key = f"{f['method']}/{detail}" if detail else f["method"]
+            out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items()))
 
 
 def mean_of(values) -> float | None:

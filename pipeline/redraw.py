@@ -57,8 +57,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from schemas import load_json
+
 from . import align
 from .imaging import as_written_grey, crops_uint8
+
+
+# What the check concluded about each published face's kept draw (manifest ``draw_check``, listed in
+# schemas/status.json): see ``DrawJudgement.outcomes``; 'unchecked' when the redraw itself failed and the first
+# draws were kept.
+DRAW_CHECK_OUTCOMES = tuple(load_json("status.json")["draw_check"])
 
 
 def draw_seed(seed: int, draw: int) -> int:
@@ -82,6 +90,13 @@ class DrawJudgement:
     @property
     def passed(self) -> np.ndarray:
         return self.anonymized & self.confident
+
+    def outcomes(self) -> np.ndarray:
+        """Per draw, what the check concluded (manifest ``draw_check``, one of ``DRAW_CHECK_OUTCOMES``): 'passed'
+        (anonymized, found with the margin score), 'weak_detection' (anonymized, found only below that score),
+        'not_detected' (anonymized, MTCNN misses it) or 'identity_match' (still within the margin of the person)."""
+        out = np.where(self.confident, "passed", np.where(self.detected, "weak_detection", "not_detected"))
+        return np.where(self.anonymized, out, "identity_match").astype(object)
 
     def rank(self) -> np.ndarray:
         """Higher is better: anonymized first, then found by MTCNN, then found with the margin, then distance."""

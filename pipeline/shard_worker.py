@@ -368,6 +368,7 @@ class ShardWorker:
                 "payload_ber": f.payload_ber,
                 "draw": f.draw if f.method == "g2face" else None,
                 "identity_push": f.identity_push if f.method == "g2face" else None,
+                "draw_check": f.draw_check if f.method == "g2face" else None,
             }
             for f in s.faces
         ]

@@ -81,6 +81,7 @@ class Face:
     payload_ber: float | None = None
     draw: int | None = None  # g2face: which draw of the face's seed sequence is published (pipeline.redraw)
     identity_push: float | None = None  # g2face: that draw's push away from the original (0: the paper's draw)
+    draw_check: str | None = None  # g2face with redraws: the check's verdict on the kept draw (redraw.DRAW_CHECK_OUTCOMES)
     payload_sent: np.ndarray | None = None  # the hidden bits (ciphertext + ECC, or random), memory only, until verified
 
 
@@ -424,7 +425,7 @@ class AnonymizeStage(_Stage):
         redraws): 'identity_match' (the kept draw still shows the person), 'identity_unchecked' (the redraw
         failed, so nothing judged it) or '' (anonymized)."""
         kept, pushed = np.zeros(len(chunk), np.int64), np.zeros(len(chunk))
-        published = None
+        published, checked = None, [None] * len(chunk)
         if self.draws > 1:
             checker = self.draw_checker
             try:
@@ -434,6 +435,7 @@ class AnonymizeStage(_Stage):
                                                   self.identity_push, self.identity_push_after,
                                                   self.identity_push_hold, **inputs)
                 published = np.where(verdict.anonymized, "", "identity_match")
+                checked = list(verdict.outcomes())
                 del reference, verdict
             except Exception as e:
                 # Redrawing only improves on the first draws, which are real outputs: keep them rather than
@@ -445,10 +447,11 @@ class AnonymizeStage(_Stage):
                              type(e).__name__, e)
                 kept, pushed = np.zeros(len(chunk), np.int64), np.zeros(len(chunk))
                 published = np.full(len(chunk), "identity_unchecked")
+                checked = ["unchecked"] * len(chunk)
                 for sample in {id(s): s for s, _, _ in chunk}.values():
                     sample.warnings.append(f"redraw failed, first draws kept: {_brief(e)}")
-        for (_, _, f), k, p in zip(chunk, kept, pushed):
-            f.draw, f.identity_push = int(k), float(p)
+        for (_, _, f), k, p, c in zip(chunk, kept, pushed, checked):
+            f.draw, f.identity_push, f.draw_check = int(k), float(p), c
         return y, published
 
     def published_in_grey(self, image: DecodedImage) -> bool:
@@ -487,8 +490,8 @@ class AnonymizeStage(_Stage):
         y[idx] = self.anonymizers[self.fallback].anonymize(x[idx], [chunk[j][2].seed for j in idx])
         for j in idx:
             f = chunk[j][2]
-            f.method, f.fallback_reason, f.payload_sent, f.draw, f.identity_push = (
-                self.fallback, str(reasons[j]), None, None, None)
+            f.method, f.fallback_reason, f.payload_sent, f.draw, f.identity_push, f.draw_check = (
+                self.fallback, str(reasons[j]), None, None, None, None)
         return y
 
     def process(self, batch: list[Sample]) -> list[Sample]:

@@ -124,6 +124,19 @@ def test_numbers_agree_with_an_independent_computation(evaluated):
         eye = np.linalg.norm(align.template(256)[0] - align.template(256)[1])
         assert doc["utility"][key]["nme"] == pytest.approx(np.mean(lm) / eye)
 
+    # MTCNN's misses, by where they come from: every miss counted once; the model's faces carry the redraw
+    # check's verdict (the job redraws), the baseline's only its method.
+    from pipeline.redraw import DRAW_CHECK_OUTCOMES
+
+    for key in ("model", "blur"):
+        util = doc["utility"][key]
+        missed = util["mtcnn_missed_by"]
+        assert sum(missed.values()) == util["mtcnn_original_found"] - util["mtcnn_redetected"]
+    assert all(k.split("/")[0] in ("g2face", "pixelate") for k in doc["utility"]["model"]["mtcnn_missed_by"])
+    assert all(k.split("/")[1] in DRAW_CHECK_OUTCOMES for k in doc["utility"]["model"]["mtcnn_missed_by"]
+               if k.startswith("g2face"))
+    assert set(doc["utility"]["blur"]["mtcnn_missed_by"]) <= {"blur"}
+
     # dlib C++ route: every face is accounted for; the perturbed route measures every face.
     dl = doc["identity"]["dlib_cpp"]
     assert dl["faces"] + dl["original_not_found"] + dl["anonymized_not_found"] == 12
@@ -189,6 +202,11 @@ def test_evaluate_and_audit_report_the_same_numbers(evaluated):
     assert ak["identity_distance"] == keyless["identity_distance"]
     for e, a in zip(doc["utility"]["rows"], audit["utility"]["rows"]):
         assert {k: v for k, v in e.items() if k != "label"} == {k: v for k, v in a.items() if k != "label"}
+    # the report states the run's misses by cause, with the counts of its audit.json
+    html_text = (evaluated["tmp"] / "report" / "report.html").read_text()
+    missed = audit["utility"]["rows"][0]["mtcnn_missed_by"]
+    assert missed and "no longer finds in this run, by cause" in html_text
+    assert all(f": {n}" in html_text for n in missed.values())
 
 
 def test_the_keyless_attack_uses_the_seeds_and_crops_the_run_used(evaluated):

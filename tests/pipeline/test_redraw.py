@@ -8,7 +8,7 @@ import torch
 from conftest import DEMO_SHARDS, job_tree
 from pipeline.anonymizers import PixelateAnonymizer
 from pipeline.g2face_method import G2FaceAnonymizer
-from pipeline.redraw import DrawChecker, draw_seed, push_strength, redraw
+from pipeline.redraw import DRAW_CHECK_OUTCOMES, DrawChecker, DrawJudgement, draw_seed, push_strength, redraw
 from pipeline.shardio import read_webdataset
 from pipeline.spec import JobSpecError, parse_spec, spec_fingerprint
 from pipeline.stages import AlignStage, AnonymizeStage, DecodeStage, DetectStage, PasteEncodeStage, Sample
@@ -55,6 +55,14 @@ def test_draw_seeds_start_at_the_face_seed_and_differ():
     assert len(set(seeds)) == 8 and all(0 <= s < 2**64 for s in seeds)
     assert seeds == [draw_seed(12345, k) for k in range(8)]  # deterministic
     assert draw_seed(12346, 1) != seeds[1]
+
+
+def test_the_check_outcome_names_what_failed_identity_first():
+    t, f = True, False
+    v = DrawJudgement(np.array([0.7, 0.7, 0.7, 0.3, 0.3]), np.array([t, t, t, f, f]), np.array([t, t, f, t, f]),
+                      np.array([t, f, f, t, f]))
+    assert list(v.outcomes()) == ["passed", "weak_detection", "not_detected", "identity_match", "identity_match"]
+    assert set(v.outcomes()) < set(DRAW_CHECK_OUTCOMES) and "unchecked" in DRAW_CHECK_OUTCOMES
 
 
 def test_an_unchanged_face_still_matches_and_is_found(faces):
@@ -199,6 +207,10 @@ def test_stage_records_the_kept_draw_reproduces_it_and_verifies_its_bits(faces, 
     first, redrawn, pushed = run(1), run(3), run(3, push=0.5)
     originals = [f for s in samples for f in s.faces if f.method == "g2face"]
     assert [f.draw for f in first] == [0] * len(first)
+    assert [f.draw_check for f in first] == [None] * len(first)  # one draw: nothing checked
+    # no detection reaches IoU 1.01: every kept draw is recorded as missed by MTCNN, or as still the person
+    assert {f.draw_check for f in redrawn} <= {"not_detected", "identity_match"}, [f.draw_check for f in redrawn]
+    assert any(f.draw_check == "not_detected" for f in redrawn + pushed)
     assert [f.identity_push for f in first + redrawn] == [0.0] * (len(first) + len(redrawn))
     assert any(f.identity_push for f in pushed)  # margin 0.3: some face no draw anonymized gets pushed draws
     for o, p in zip(originals, pushed):
@@ -268,7 +280,7 @@ def test_a_failing_redraw_keeps_the_first_draws_and_says_so(faces, model):
     for s, before in zip(out, samples):
         assert s.live and s.status == "ok"
         g2 = [f for f in s.faces if f.method == "g2face"]
-        assert all(f.draw == 0 for f in g2)
+        assert all(f.draw == 0 and f.draw_check == "unchecked" for f in g2)
         if g2:
             assert len(s.warnings) == 1 and s.warnings[0].startswith("redraw failed, first draws kept: AssertionError")
         else:
@@ -301,9 +313,10 @@ def test_the_guard_falls_back_on_kept_draws_the_checker_judged_still_matching_as
 
     lenient = g2face_faces(run(-0.6))  # every draw passes the checker: the bare-crop guard alone decides
     assert all(f.method == "g2face" for f in lenient), [f.fallback_reason for f in lenient]
+    assert {f.draw_check for f in lenient} <= {"passed", "weak_detection", "not_detected"}
     strict = g2face_faces(run(1.5))  # no draw reaches distance 2.1: every kept draw judged still matching
-    assert [(f.method, f.fallback_reason, f.draw, f.payload_sent) for f in strict] == \
-        [("pixelate", "identity_match", None, None)] * len(strict)
+    assert [(f.method, f.fallback_reason, f.draw, f.payload_sent, f.draw_check) for f in strict] == \
+        [("pixelate", "identity_match", None, None, None)] * len(strict)
     withheld = [s for s in run(1.5, fallback="withhold") if any(f.method == "g2face" for f in s.faces)]
     assert withheld and all(s.status == "withheld" and "margin of it as published" in s.error for s in withheld)
 
