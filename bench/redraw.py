@@ -6,7 +6,8 @@ the same slice, model, key and seed:
 a face's first draws are the same in every run, so a larger value only adds draws for the faces the smaller
 one gave up on. Per run it prints bar 1's port figure (share of the run's published faces whose written face
 is within dlib's 0.6 of the original, from the metrics stage), the same over the g2face faces alone (without
-the job's fallback faces, too small or scored too low for the model), bar 5's MTCNN re-detection rate, which
+the job's fallback faces, too small or scored too low for the model), bar 5's MTCNN re-detection rate and its
+misses by cause (fallback reason, or the redraw check's verdict on the kept draw: ``mtcnn_missed_by``), which
 draw the faces kept, and seconds per image of the whole run, metrics stage included (as ``evaluate`` runs it;
 a job without metrics spends a larger share of its time on redraws).
 

@@ -25,6 +25,14 @@ _MISS_CAUSES = {
     "g2face": "model faces without a redraw verdict",
 }
 
+
+def miss_cause(key: str) -> str:
+    """One ``mtcnn_missed_by`` key in words (HTML-escaped)."""
+    if key in _MISS_CAUSES:
+        return _MISS_CAUSES[key]
+    method, _, reason = key.partition("/")
+    return html.escape(f"{method} faces ({reason})" if reason else f"{method} faces")
+
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1080px;padding:1.5em;
   color:#1d232a}
@@ -357,7 +365,7 @@ def render_html(doc: dict, figures: dict[str, bytes], grid: bytes | None) -> str
         )
         missed = util["rows"][0].get("mtcnn_missed_by") or {}
         if missed:
-            parts_missed = ", ".join(f"{_MISS_CAUSES.get(k, html.escape(k))}: {n}" for k, n in missed.items())
+            parts_missed = ", ".join(f"{miss_cause(k)}: {n}" for k, n in missed.items())
             sec.append(f"<p class='note'>Faces MTCNN no longer finds in this run, by cause: {parts_missed}.</p>")
     else:
         sec.append(

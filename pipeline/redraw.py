@@ -47,7 +47,7 @@ the anonymize pass's. (An irreversible face hides random bits from its draw's se
 against that seed.)
 
 Embeddings and image patches live in a ``DrawReference`` only while a chunk is judged; only the verdicts (which
-draw is kept) leave the anonymize stage.
+draw is kept, and the check's outcome on it: manifest ``draw_check``) leave the anonymize stage.
 """
 from __future__ import annotations
 

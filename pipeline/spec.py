@@ -177,7 +177,8 @@ class AnonymizerSpec:
         "(a kept draw that failed the identity check gets the guard's action). "
         "The check cannot see what happens after it: other faces of the photo replaced, the payload "
         "reinforcement and a lossy output format (its margins leave room for the reinforcement). "
-        "The manifest's `draw` says which draw was kept. 1 keeps every first draw. Each extra draw costs a "
+        "The manifest's `draw` says which draw was kept, its `draw_check` what the check concluded about it. "
+        "1 keeps every first draw. Each extra draw costs a "
         "generator pass, an identity embedding and an MTCNN pass for the faces that need it (1200 CelebA val "
         "images, 2 CPU cores, 16 against 8 draws: MTCNN re-detection 0.92 against 0.88, published faces still "
         "matching 5.9% against 6.6%, about 25% more time per image with the metrics stage on; bench/redraw.py).",

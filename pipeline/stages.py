@@ -81,7 +81,7 @@ class Face:
     payload_ber: float | None = None
     draw: int | None = None  # g2face: which draw of the face's seed sequence is published (pipeline.redraw)
     identity_push: float | None = None  # g2face: that draw's push away from the original (0: the paper's draw)
-    draw_check: str | None = None  # g2face with redraws: the check's verdict on the kept draw (redraw.DRAW_CHECK_OUTCOMES)
+    draw_check: str | None = None  # g2face with redraws: the check's verdict on the kept draw (redraw.py)
     payload_sent: np.ndarray | None = None  # the hidden bits (ciphertext + ECC, or random), memory only, until verified
 
 
@@ -419,8 +419,8 @@ class AnonymizeStage(_Stage):
 
     def _drawn(self, model, x: torch.Tensor, chunk: list, seeds: list[int], y: torch.Tensor,
                **inputs) -> tuple[torch.Tensor, np.ndarray | None]:
-        """``y`` with each face that fails the draw checks drawn again (``pipeline.redraw``); records the draw
-        and its push.
+        """``y`` with each face that fails the draw checks drawn again (``pipeline.redraw``); records the draw,
+        its push and the check's verdict on it.
         Also returns, per face, what the published-look identity check says for the guard (None without
         redraws): 'identity_match' (the kept draw still shows the person), 'identity_unchecked' (the redraw
         failed, so nothing judged it) or '' (anonymized)."""
@@ -431,12 +431,14 @@ class AnonymizeStage(_Stage):
             try:
                 reference = checker.reference([(s.image.rgb, f.transform, f.box) for s, _, f in chunk],
                                               [self.published_in_grey(s.image) for s, _, _ in chunk])
-                y, kept, verdict, pushed = redraw(model.anonymize, checker, reference, x, y, seeds, self.draws,
-                                                  self.identity_push, self.identity_push_after,
-                                                  self.identity_push_hold, **inputs)
-                published = np.where(verdict.anonymized, "", "identity_match")
-                checked = list(verdict.outcomes())
+                redrawn, kept_now, verdict, pushed_now = redraw(
+                    model.anonymize, checker, reference, x, y, seeds, self.draws, self.identity_push,
+                    self.identity_push_after, self.identity_push_hold, **inputs)
+                published_now = np.where(verdict.anonymized, "", "identity_match")
+                checked_now = list(verdict.outcomes())
                 del reference, verdict
+                # taken together, so that a failure above leaves the first draws and their records
+                y, kept, pushed, published, checked = redrawn, kept_now, pushed_now, published_now, checked_now
             except Exception as e:
                 # Redrawing only improves on the first draws, which are real outputs: keep them rather than
                 # lose the images. Nothing judged how they look as published, so the guard gives them its

@@ -211,6 +211,13 @@ def test_stage_records_the_kept_draw_reproduces_it_and_verifies_its_bits(faces, 
     # no detection reaches IoU 1.01: every kept draw is recorded as missed by MTCNN, or as still the person
     assert {f.draw_check for f in redrawn} <= {"not_detected", "identity_match"}, [f.draw_check for f in redrawn]
     assert any(f.draw_check == "not_detected" for f in redrawn + pushed)
+    # the verdict recorded is the one on the kept draw: judging each published crop again gives it
+    checker = _checker(identity_margin=0.3, match_iou=1.01)
+    _, _, refs = _inputs(faces[1])
+    for kept in (redrawn, pushed):
+        crops = torch.from_numpy(np.stack([f.crop for f in kept])).permute(0, 3, 1, 2).float() / 255.0
+        again = checker.judge(checker.reference(refs), crops, np.arange(len(kept)))
+        assert [f.draw_check for f in kept] == list(again.outcomes())
     assert [f.identity_push for f in first + redrawn] == [0.0] * (len(first) + len(redrawn))
     assert any(f.identity_push for f in pushed)  # margin 0.3: some face no draw anonymized gets pushed draws
     for o, p in zip(originals, pushed):
