@@ -20,12 +20,18 @@ the plain draws are the same in both, so the difference is what the push does to
 anonymized. ``--keys-from FILE`` restricts the slice to those samples (for example the keys an evaluation
 found still matching), where the push is all that changes. ``--push-hold off --push-hold on`` differ only in
 what a face gets after a pushed draw anonymized it but MTCNN missed it: plain draws, or weaker pushes.
+``--reinforce-steps 0 --reinforce-steps 12`` differ only in payload reinforcement, which runs after the redraw
+check: what it changes in bar 5 shows in the misses the check had found (``passed``, ``weak_detection``).
+``--keep-detection off --keep-detection on`` differ only in whether a face that reinforcement loses to MTCNN
+keeps less of it (``anonymizer.payload_reinforce_keep_detection``; each line counts the faces scaled back).
 
 Usage (CPU, 2 cores: about 0.55 s per image at 8 draws, 0.7 s at 16):
     python bench/redraw.py --data '../shared/data/val/*.tar' --skip 400 --limit 400 --draws 8 --draws 16
     python bench/redraw.py --data '../shared/data/val/*.tar' --limit 400 --draws 16 --guard off --guard fallback
     python bench/redraw.py --data '../shared/data/val/*.tar' --limit 1000 --draws 16 --push 0 --push 0.5
     python bench/redraw.py --data '../shared/data/val/*.tar' --keys-from KEYS --draws 16 --push-hold off --push-hold on
+    python bench/redraw.py --data '../shared/data/val/*.tar' --limit 500 --draws 16 --reinforce-steps 0 --reinforce-steps 12
+    python bench/redraw.py --data '../shared/data/val/*.tar' --limit 500 --draws 16 --keep-detection off --keep-detection on
 """
 from __future__ import annotations
 
@@ -75,15 +81,22 @@ def slice_samples(urls: list[str], skip: int, limit: int, out: Path, keys: set[s
 
 
 def run_draws(draws: int, shard: Path, scratch: Path, key: Path, checkpoint: Path, threads: int,
-              guard: str = "off", push: float | None = None, hold: bool | None = None) -> dict:
+              guard: str = "off", push: float | None = None, hold: bool | None = None,
+              reinforce: int | None = None, keep: bool | None = None) -> dict:
     name = (f"draws{draws}-guard-{guard}" + ("" if push is None else f"-push-{push:g}")
-            + ("" if hold is None else f"-hold-{'on' if hold else 'off'}"))
+            + ("" if hold is None else f"-hold-{'on' if hold else 'off'}")
+            + ("" if reinforce is None else f"-reinforce-{reinforce}")
+            + ("" if keep is None else f"-keep-detection-{'on' if keep else 'off'}"))
     tree = job_tree("g2face", [str(shard)], scratch / name, key, 128, checkpoint, "cpu", threads, 0, draws)
     tree["anonymizer"]["identity_guard"] = guard
     if push is not None:
         tree["anonymizer"]["identity_push"] = push
     if hold is not None:
         tree["anonymizer"]["identity_push_hold"] = hold
+    if reinforce is not None:
+        tree["anonymizer"]["payload_reinforce_steps"] = reinforce
+    if keep is not None:
+        tree["anonymizer"]["payload_reinforce_keep_detection"] = keep
     t = time.perf_counter()
     run_job(parse_spec(tree, f"<bench {name}>"), echo=lambda *_: None)
     seconds = time.perf_counter() - t
@@ -100,7 +113,12 @@ def run_draws(draws: int, shard: Path, scratch: Path, key: Path, checkpoint: Pat
     utility = utility_row(name, run)
     return {"draws": draws, "identity_guard": guard, "identity_push": an.get("identity_push"),
             "identity_push_after": an.get("identity_push_after"),
-            "identity_push_hold": an.get("identity_push_hold"), "faces_pushed": pushed, "faces_guarded": guarded,
+            "identity_push_hold": an.get("identity_push_hold"),
+            "payload_reinforce_steps": an.get("payload_reinforce_steps", 0),
+            "payload_reinforce_keep_detection": an.get("payload_reinforce_keep_detection"),
+            "faces_reinforcement_scaled": sum("to keep MTCNN finding the face" in w
+                                              for r in run.public for w in r.get("warnings") or []),
+            "faces_pushed": pushed, "faces_guarded": guarded,
             "images": len(run.public), "faces": len(faces), "g2face_faces": model.get("faces", 0),
             "port_share_still_matching": privacy["share_still_matching"],
             "port_share_still_matching_g2face_only": model.get("share_still_matching"),
@@ -126,6 +144,10 @@ def main(argv=None) -> int:
                     help="anonymizer.identity_push (repeatable; default: the job default)")
     ap.add_argument("--push-hold", action="append", default=[], choices=["on", "off"],
                     help="anonymizer.identity_push_hold (repeatable; default: the job default)")
+    ap.add_argument("--reinforce-steps", type=int, action="append", default=[],
+                    help="anonymizer.payload_reinforce_steps (repeatable; default: the job default; 0: off)")
+    ap.add_argument("--keep-detection", action="append", default=[], choices=["on", "off"],
+                    help="anonymizer.payload_reinforce_keep_detection (repeatable; default: the job default)")
     ap.add_argument("--keys-from", help="take only the samples whose keys are listed in this file (one per line), "
                     "e.g. the faces an evaluation found still matching; --skip and --limit then apply to those")
     ap.add_argument("--checkpoint", default=str(ROOT / "g2face" / "weights" / "g2face-lite-128.pt"))
@@ -147,9 +169,11 @@ def main(argv=None) -> int:
             for guard in args.guard or ["off"]:
                 for push in args.push or [None]:
                     for hold in [h == "on" for h in args.push_hold] or [None]:
-                        results.append(run_draws(d, shard, scratch, key, Path(args.checkpoint), args.threads,
-                                                 guard, push, hold))
-                        print(json.dumps(results[-1]), flush=True)
+                        for steps in args.reinforce_steps or [None]:
+                            for keep in [k == "on" for k in args.keep_detection] or [None]:
+                                results.append(run_draws(d, shard, scratch, key, Path(args.checkpoint),
+                                                         args.threads, guard, push, hold, steps, keep))
+                                print(json.dumps(results[-1]), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"samples": n, "skip": args.skip, "runs": results}, indent=2) + "\n")
     return 0

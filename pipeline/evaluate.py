@@ -364,7 +364,10 @@ def _draws(run) -> dict:
 def _reinforcement(run) -> dict:
     """The payload reinforcement settings the model's run used (bar 4 depends on them)."""
     an = run.doc.get("spec", {}).get("anonymizer", {})
-    return {"steps": an.get("payload_reinforce_steps", 0), "max_change_grey_levels": an.get("payload_reinforce_max_change")}
+    steps = an.get("payload_reinforce_steps", 0)
+    # runs from before payload_reinforce_keep_detection kept every face's whole reinforcement (False)
+    keep = bool(an.get("payload_reinforce_keep_detection", False)) if steps else None
+    return {"steps": steps, "max_change_grey_levels": an.get("payload_reinforce_max_change"), "keep_detection": keep}
 
 
 def _payload_format(run) -> int | None:

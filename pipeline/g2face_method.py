@@ -70,6 +70,9 @@ def quality_record(artifact_sha256: str) -> dict:
                                    if redraw.get("identity_push", 0.0) > 0 else None),
             "payload_reinforce_steps": reinforcement.get("steps", 0),
             "payload_reinforce_max_change": reinforcement.get("max_change_grey_levels"),
+            # evaluations from before the field kept every face's whole reinforcement
+            "payload_reinforce_keep_detection": (bool(reinforcement.get("keep_detection", False))
+                                                 if reinforcement.get("steps") else None),
             # None: an evaluation from before evaluate recorded it (the card then says what it was)
             "payload_format": ev.get("payload", {}).get("format_version"),
         },

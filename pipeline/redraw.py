@@ -200,6 +200,8 @@ class DrawChecker:
 
         from .metrics_stage import crop_mtcnn
 
+        if self.mtcnn is not None:  # shared by the anonymize stage and the payload reinforcement: load once
+            return
         self.device = torch.device(device)
         self.net = load_dlib_face_resnet(device=self.device)
         self.template = align.template(self.check_resolution)
@@ -226,21 +228,47 @@ class DrawChecker:
         pixels) per face: the originals' embeddings and MTCNN boxes at the check resolution, and each face's
         patch of its photo that draws are pasted into (``face_patch``; ``grey``, per face: its image is
         published in grey, so its draws are judged in grey)."""
-        from .metrics_stage import ORIGINAL_MATCH_IOU, aligned_reference_box, box_in_crop, face_crops, metric_transform
+        from .metrics_stage import face_crops
 
         c = self.check_resolution
         crops = np.stack([face_crops(rgb, m, self.resolution, c) for rgb, m, _ in faces])
         originals = torch.from_numpy(crops).to(self.device)
-        boxes = []
-        for (_, m, box), (found, _) in zip(faces, self.boxes(originals)):
-            near = (aligned_reference_box(c) if self.aligned
-                    else box_in_crop(box, metric_transform(m, self.resolution, c)))
-            j = _best_iou(found, near, ORIGINAL_MATCH_IOU)
-            boxes.append(near if j is None else found[j])
+        boxes = self._reference_boxes(originals, [(m, box) for _, m, box in faces])
         grey = [False] * len(faces) if grey is None else list(grey)
         assert len(grey) == len(faces), (len(grey), len(faces))
         patches = [face_patch(rgb, m, self.resolution, c, g) for (rgb, m, _), g in zip(faces, grey)]
         return DrawReference(self.embeddings(originals), boxes, patches)
+
+    def reference_boxes(self, faces: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        """Only the boxes of ``reference`` (no embeddings, no patches), from the same (image, transform, box)."""
+        from .metrics_stage import face_crops
+
+        crops = np.stack([face_crops(rgb, m, self.resolution, self.check_resolution) for rgb, m, _ in faces])
+        return self._reference_boxes(torch.from_numpy(crops), [(m, box) for _, m, box in faces])
+
+    def _reference_boxes(self, originals: torch.Tensor, faces: list[tuple[np.ndarray, np.ndarray]]) -> list:
+        """The box each face's draws must overlap, in check-crop pixels, as the metrics stage matches them: the
+        original's MTCNN detection near the face's own box (``originals``: uint8 check crops), else that box."""
+        from .metrics_stage import ORIGINAL_MATCH_IOU, aligned_reference_box, box_in_crop, metric_transform
+
+        c = self.check_resolution
+        boxes = []
+        for (m, box), (found, _) in zip(faces, self.boxes(originals)):
+            near = (aligned_reference_box(c) if self.aligned
+                    else box_in_crop(box, metric_transform(m, self.resolution, c)))
+            j = _best_iou(found, near, ORIGINAL_MATCH_IOU)
+            boxes.append(near if j is None else found[j])
+        return boxes
+
+    def found(self, seen: np.ndarray, boxes: list[np.ndarray]) -> np.ndarray:
+        """(N,) whether MTCNN (the job's thresholds) finds each uint8 check crop ``seen`` (N, C, C, 3) with IoU
+        ``match_iou`` against its reference box: the metrics stage's re-detection, on the crops it will read."""
+        assert len(seen) == len(boxes) and seen.shape[1:] == (self.check_resolution, self.check_resolution, 3), \
+            (seen.shape, len(boxes))
+        if len(seen) == 0:
+            return np.zeros(0, bool)
+        return np.array([_best_iou(b, ref, self.match_iou) is not None
+                         for (b, _), ref in zip(self.boxes(torch.from_numpy(np.ascontiguousarray(seen))), boxes)])
 
     def as_published(self, draws: torch.Tensor, patches: list[FacePatch]) -> torch.Tensor:
         """``render_as_published`` at this checker's resolutions: uint8 (B, C, C, 3) on its device."""

@@ -148,6 +148,7 @@ class ShardWorker:
         check_model_id(an, self.model_id, self.expected_model_id)
         verifier = self._payload_setup(anonymizers, payload_mode)
         det = spec.detection
+        draws, draw_checker, *push = self._draws(det)
         self.stages = [
             DecodeStage(spec.input.max_pixels, spec.output.metadata.exif == "keep", fail_fast),
             DetectStage(
@@ -166,10 +167,11 @@ class ShardWorker:
                 spec.policy.on_no_face, fail_fast,
             ),
             AnonymizeStage(anonymizers, spec.resources.anonymize.batch_size, device, fail_fast, payload_mode,
-                           self._identity_guard(), an.fallback, *self._draws(det),
+                           self._identity_guard(), an.fallback, draws, draw_checker, *push,
                            image_format=spec.output.image_format),
             PasteEncodeStage(spec.output.image_format, spec.output.jpeg_quality, spec.policy.on_no_face, fail_fast,
-                             self._reinforcer(anonymizers["g2face"] if payload_mode else None, payload_mode)),
+                             self._reinforcer(anonymizers["g2face"] if payload_mode else None, payload_mode,
+                                              draw_checker), device),
         ]
         if payload_mode:  # always on for g2face, whatever metrics.enabled says; before metrics, which measure the final bytes
             self.stages.append(
@@ -182,21 +184,28 @@ class ShardWorker:
         for st in self.stages:
             st.setup()
 
-    def _reinforcer(self, anonymizer, payload_mode: str | None) -> PayloadReinforcer | None:
+    def _reinforcer(self, anonymizer, payload_mode: str | None, draw_checker) -> PayloadReinforcer | None:
         an = self.spec.anonymizer
         if not reinforcement_applies(an) or payload_mode != "reversible":
             return None  # irreversible bits are never read
         settings = ReinforceSettings(an.payload_reinforce_steps, an.payload_reinforce_max_change)
-        return PayloadReinforcer(anonymizer, settings, self.spec.resources.anonymize.batch_size)
+        detection = None
+        if an.payload_reinforce_keep_detection:  # the redraw's checker when there is one (set up once)
+            detection = draw_checker or self._draw_checker(self.spec.detection)
+        return PayloadReinforcer(anonymizer, settings, self.spec.resources.anonymize.batch_size, detection)
+
+    def _draw_checker(self, det) -> DrawChecker:
+        m = self.spec.metrics  # judged as the metrics stage will measure the published face
+        an = self.spec.anonymizer
+        return DrawChecker(an.resolution, an.identity_guard_distance, det.stage_thresholds, det.scale_factor,
+                           m.match_iou, m.resolution, self.spec.input.aligned)
 
     def _draws(self, det) -> tuple[int, DrawChecker | None, float, int, bool]:
         an = self.spec.anonymizer
         if an.method != "g2face" or an.draws <= 1:
             return 1, None, 0.0, 1, False
-        m = self.spec.metrics  # judged as the metrics stage will measure the published face
-        return (an.draws, DrawChecker(an.resolution, an.identity_guard_distance, det.stage_thresholds,
-                                      det.scale_factor, m.match_iou, m.resolution, self.spec.input.aligned),
-                an.identity_push, an.identity_push_after, an.identity_push_hold)
+        return (an.draws, self._draw_checker(det), an.identity_push, an.identity_push_after,
+                an.identity_push_hold)
 
     def _identity_guard(self) -> IdentityGuard | None:
         an = self.spec.anonymizer

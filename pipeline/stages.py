@@ -541,15 +541,22 @@ class PasteEncodeStage(_Stage):
         image_format: 'keep' | 'png' | 'jpeg'.
         jpeg_quality: quality of JPEG/WebP output.
         on_no_face: 'pass' or 'withhold' for images without faces.
+        reinforcer: a ``pipeline.payload_reinforce.PayloadReinforcer`` (None: no payload reinforcement).
+        device: torch device of the reinforcer's detection check.
     """
 
     def __init__(self, image_format: str, jpeg_quality: int, on_no_face: str, fail_fast: bool = False,
-                 reinforcer=None):
+                 reinforcer=None, device: str = "cpu"):
         super().__init__(fail_fast)
         self.image_format = image_format
         self.jpeg_quality = jpeg_quality
         self.on_no_face = on_no_face
         self.reinforcer = reinforcer
+        self.device = torch.device(device)
+
+    def setup(self) -> None:
+        if self.reinforcer is not None:
+            self.reinforcer.setup(self.device)
 
     def _reinforce(self, batch: list[Sample]) -> None:
         """Payload reinforcement (``pipeline.payload_reinforce``) of the batch's reversible g2face faces."""

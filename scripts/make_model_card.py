@@ -109,7 +109,9 @@ def _reinforcement(ev: dict) -> str:
     r = (ev.get("payload") or {}).get("reinforcement") or {}
     if not r.get("steps"):
         return "off"
-    return f"{r['steps']} steps, at most {_fmt(r.get('max_change_grey_levels'))} grey levels"
+    kept = (", scaled back on faces MTCNN would lose (`payload_reinforce_keep_detection`)" if r.get("keep_detection")
+            else "")
+    return f"{r['steps']} steps, at most {_fmt(r.get('max_change_grey_levels'))} grey levels{kept}"
 
 
 def _payload_format(ev: dict) -> str:

@@ -373,6 +373,9 @@ def test_model_card_states_exactly_the_evaluated_numbers(evaluated, artifact, tm
     assert "1 warm-up + 2 full-objective steps (last: step 3, 2.5 min)" in text  # time summed over the runs
     assert "Recipe: weights.dissimilar_margin=0.8" in text
     assert "payload reinforcement 12 steps, at most 6 grey levels" in text  # the pipeline setting bar 4 rests on
+    # and the faces it would lose to MTCNN scaled back, which bar 5 rests on
+    assert json.loads(eval_json.read_text())["payload"]["reinforcement"]["keep_detection"] is True
+    assert "grey levels, scaled back on faces MTCNN would lose" in text
     assert "redraws up to 16 draws" in text  # and the redraws that bars 1 and 5 rest on
     from pipeline.payload import FORMAT_VERSIONS
 

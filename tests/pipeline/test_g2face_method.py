@@ -165,6 +165,9 @@ def test_quality_record_of_the_shipped_model_is_its_evaluation():
                                                                if redraw.get("identity_push", 0.0) > 0 else None),
                                         "payload_reinforce_steps": reinforcement["steps"],
                                         "payload_reinforce_max_change": reinforcement["max_change_grey_levels"],
+                                        "payload_reinforce_keep_detection": (
+                                            bool(reinforcement.get("keep_detection", False))
+                                            if reinforcement["steps"] else None),
                                         "payload_format": ev["payload"].get("format_version")}
     card = (shipped_evaluation_path().parents[2] / record["card"]).read_text()
     assert SHIPPED_SHA256 in json.dumps(ev) and all(k in card for k in record["bars_not_yet_met"])
@@ -185,7 +188,11 @@ def test_quality_record_names_the_settings_its_evaluation_ran_at(tmp_path, monke
     assert record["evaluated_with"] == {"draws": 5, "identity_push": 0.5, "identity_push_after": 3,
                                         "identity_push_hold": False,  # evaluated before the field
                                         "payload_reinforce_steps": 3, "payload_reinforce_max_change": 2,
+                                        "payload_reinforce_keep_detection": False,  # evaluated before the field
                                         "payload_format": 5}
+    ev["payload"]["reinforcement"]["keep_detection"] = True
+    path.write_text(json.dumps(ev))
+    assert quality_record("ab" * 32)["evaluated_with"]["payload_reinforce_keep_detection"] is True
     assert (record["bars_met"], record["bars_not_yet_met"]) == (["6_pixel_change"], ["1_anonymization_port"])
     ev["model"]["redraw"]["identity_push_hold"] = True
     path.write_text(json.dumps(ev))
@@ -197,5 +204,6 @@ def test_quality_record_names_the_settings_its_evaluation_ran_at(tmp_path, monke
                                                            "identity_push_hold": None,
                                                            "payload_reinforce_steps": 0,
                                                            "payload_reinforce_max_change": None,
+                                                           "payload_reinforce_keep_detection": None,
                                                            "payload_format": None}
     assert quality_record("cd" * 32)["evaluated"] is False  # another model: not evaluated

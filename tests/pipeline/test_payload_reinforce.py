@@ -174,6 +174,72 @@ def test_reinforce_settings_are_validated_and_fingerprinted_only_where_they_appl
     assert fp(method="g2face", payload_reinforce_steps=0) == fp(method="g2face", payload_reinforce_steps=0,
                                                                 payload_reinforce_max_change=2)
     assert fp(method="g2face") != fp(method="g2face", payload_reinforce_steps=3)
+    # keeping detection changes the bytes only where reinforcement runs; off, they are those of before the field
+    assert fp(method="g2face") != fp(method="g2face", payload_reinforce_keep_detection=False)
+    assert fp(method="blur") == fp(method="blur", payload_reinforce_keep_detection=False)
+    assert fp(method="g2face", payload_reinforce_steps=0) == fp(method="g2face", payload_reinforce_steps=0,
+                                                                payload_reinforce_keep_detection=False)
+
+
+def _found(checker, samples, keys, crops, fmt):
+    """Whether MTCNN finds each face of ``keys`` with ``crops`` pasted, as the metrics stage will cut it."""
+    refs = checker.reference_boxes([(samples[si].image.rgb, samples[si].faces[fi].transform,
+                                     samples[si].faces[fi].box) for si, fi in keys])
+    seen = published_crops(samples, crops, dict.fromkeys(range(len(samples)), fmt), 90, keys,
+                           check_resolution=checker.check_resolution)
+    return checker.found(np.stack([seen[k] for k in keys]), refs)
+
+
+def test_a_face_that_reinforcement_loses_to_mtcnn_keeps_the_largest_share_still_found(portraits, shipped):
+    from pipeline.redraw import DrawChecker
+
+    samples, bits = _samples(portraits, shipped, 6, ["reversible"] * 6)
+    checker = DrawChecker(128, 0.6, aligned=True)  # reference: the original's detection at the template's box
+    checker.setup(torch.device("cpu"))
+    keys = [(i, 0) for i in range(6)]
+    found = _found(checker, samples, keys, {k: s.faces[0].crop for k, s in zip(keys, samples)}, "PNG")
+    samples = [s for s, ok in zip(samples, found) if ok][:3]  # first draws MTCNN finds as published
+    assert len(samples) == 3, found
+    keys = keys[:3]
+    base = np.stack([s.faces[0].crop for s in samples]).astype(np.float32)
+    changed = base.copy()
+    changed[0] = 128.0  # a change that wipes the face out: MTCNN cannot find a flat grey crop
+    changed[1] += np.random.default_rng(0).choice([-1.0, 1.0], base[1].shape)  # a change MTCNN shrugs off
+    reinforcer = PayloadReinforcer(shipped, ReinforceSettings(), 4, detection=checker)
+    scale = reinforcer.keep_detection(samples, keys, base, changed, dict.fromkeys(range(3), "PNG"), 90)
+    assert scale[1] == 1.0 and scale[2] == 1.0, scale
+    assert scale[0] in (0.5, 0.25, 0.0), scale
+
+    def at(share):
+        return {k: np.clip(np.rint(base[j] + share[j] * (changed[j] - base[j])), 0, 255).astype(np.uint8)
+                for j, k in enumerate(keys)}
+
+    assert _found(checker, samples, keys, at(scale), "PNG").all()  # every face found as it will be published
+    assert not _found(checker, samples, keys, at(np.ones(3)), "PNG")[0]
+    if scale[0] < 0.5:  # the largest share found: twice the kept one was lost
+        assert not _found(checker, samples, keys, at(np.array([2 * scale[0] or 0.25, 1, 1])), "PNG")[0]
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_reinforcement_keeping_detection_loses_no_face_mtcnn_found(portraits, shipped, fmt):
+    from pipeline.redraw import DrawChecker
+
+    n = 5
+    samples, bits = _samples(portraits, shipped, n, ["reversible"] * n)
+    checker = DrawChecker(128, 0.6, aligned=True)
+    checker.setup(torch.device("cpu"))
+    keys = [(i, 0) for i in range(n)]
+    before = _found(checker, samples, keys, {k: s.faces[0].crop for k, s in zip(keys, samples)}, fmt)
+    start = [s.faces[0].crop.copy() for s in samples]
+    changed = PayloadReinforcer(shipped, ReinforceSettings(), 4, detection=checker).reinforce(
+        samples, dict.fromkeys(range(n), fmt), 90)
+    assert changed >= 1
+    after = _found(checker, samples, keys, {k: s.faces[0].crop for k, s in zip(keys, samples)}, fmt)
+    assert after[before].all(), (before, after)
+    for s, b in zip(samples, start):  # still within the cap, and a scaled face says so
+        d = np.abs(s.faces[0].crop.astype(int) - b.astype(int))
+        assert d.max() <= ReinforceSettings().max_change
+        assert all("to keep MTCNN finding the face" in w for w in s.warnings)
 
 
 def test_run_with_reinforcement_reads_back_better_and_changes_only_the_faces(tmp_path):

@@ -237,18 +237,23 @@ def test_runs_begun_while_weight_paths_were_hashed_still_resume(tmp_path):
     from pipeline.evaluate import job_tree as evaluate_tree
     from pipeline.spec import accepted_fingerprints, spec_fingerprint
 
-    def spec(method, checkpoint, push=None):
+    def spec(method, checkpoint, push=None, keep_detection=None):
         tree = evaluate_tree(method, ["/data/a.tar"], Path("/out"), Path("/k.key"), 128, checkpoint, "cpu", 0, 0, 16)
         if push is not None:
             tree["anonymizer"]["identity_push"] = push
+        if keep_detection is not None:
+            tree["anonymizer"]["payload_reinforce_keep_detection"] = keep_detection
         return parse_spec(tree)
 
-    # 8e57449 had no identity push: with it off, the same job resumes; with it on (the default since), the
-    # stubborn faces are drawn differently, so those shards must not be resumed into
-    g2face = spec("g2face", Path("/models/lite.pt"), push=0)
+    # 8e57449 had no identity push nor payload_reinforce_keep_detection: with both off, the same job resumes;
+    # with either on (the defaults since), some faces are published differently, so those shards must not be
+    # resumed into
+    g2face = spec("g2face", Path("/models/lite.pt"), push=0, keep_detection=False)
     assert "7e36e6907e4c6f7f" in accepted_fingerprints(g2face) and spec_fingerprint(g2face) != "7e36e6907e4c6f7f"
-    assert accepted_fingerprints(spec("g2face", Path("/elsewhere/lite.pt"), push=0)) != accepted_fingerprints(g2face)
-    assert "7e36e6907e4c6f7f" not in accepted_fingerprints(spec("g2face", Path("/models/lite.pt")))
+    assert accepted_fingerprints(spec("g2face", Path("/elsewhere/lite.pt"), push=0, keep_detection=False)) != \
+        accepted_fingerprints(g2face)
+    assert "7e36e6907e4c6f7f" not in accepted_fingerprints(spec("g2face", Path("/models/lite.pt"), keep_detection=False))
+    assert "7e36e6907e4c6f7f" not in accepted_fingerprints(spec("g2face", Path("/models/lite.pt"), push=0))
     assert accepted_fingerprints(spec("blur", None)) == {spec_fingerprint(spec("blur", None)), "ba97d44d3477a365"} \
         == {"ba97d44d3477a365"}
 
