@@ -116,8 +116,8 @@ def run_draws(draws: int, shard: Path, scratch: Path, key: Path, checkpoint: Pat
             "identity_push_hold": an.get("identity_push_hold"),
             "payload_reinforce_steps": an.get("payload_reinforce_steps", 0),
             "payload_reinforce_keep_detection": an.get("payload_reinforce_keep_detection"),
-            "faces_reinforcement_scaled": sum("to keep MTCNN finding the face" in w
-                                              for r in run.public for w in r.get("warnings") or []),
+            "faces_reinforcement_scaled": sum(f.get("reinforce_share") is not None and f["reinforce_share"] < 1
+                                              for f in faces),
             "faces_pushed": pushed, "faces_guarded": guarded,
             "images": len(run.public), "faces": len(faces), "g2face_faces": model.get("faces", 0),
             "port_share_still_matching": privacy["share_still_matching"],

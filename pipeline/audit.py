@@ -130,7 +130,7 @@ def coverage(public: list[dict]) -> dict:
     sizes = {name: {"faces": 0, "anonymized": 0, "fallback": 0} for name in _SIZE_CLASSES}
     reasons: dict[str, int] = {}
     by_method: dict[str, int] = {}
-    risky = low = tiny = redrawn = pushed = warned = 0
+    risky = low = tiny = redrawn = pushed = warned = scaled = 0
     for r in public:
         warned += bool(r.get("warnings"))  # manifests before version 4 have no warnings and no draws
         sh = by_shard.setdefault(r["shard"], blank())
@@ -154,6 +154,7 @@ def coverage(public: list[dict]) -> dict:
                 by_method[f["method"]] = by_method.get(f["method"], 0) + 1
                 redrawn += f["method"] == "g2face" and (f.get("draw") or 0) > 0
                 pushed += f["method"] == "g2face" and (f.get("identity_push") or 0) > 0  # manifests from version 5
+                scaled += f.get("reinforce_share") is not None and f["reinforce_share"] < 1  # from version 7
                 if size in sizes:
                     sizes[size]["anonymized"] += 1
                     sizes[size]["fallback"] += bool(f["fallback_reason"])
@@ -178,6 +179,7 @@ def coverage(public: list[dict]) -> dict:
         "fallback_reasons": dict(sorted(reasons.items())),
         "redrawn_faces": redrawn,
         "pushed_faces": pushed,
+        "reinforcement_scaled_faces": scaled,
         "samples_with_warnings": warned,
         "risky_faces": {"tiny": tiny, "low_score": low, "total": risky, "share": share, "statement": statement},
     }

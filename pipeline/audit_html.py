@@ -225,6 +225,10 @@ def render_html(doc: dict, figures: dict[str, bytes], grid: bytes | None) -> str
     if cov.get("pushed_faces"):
         sec.append(f"<p>Of those, kept a draw pushed away from the original (<code>anonymizer.identity_push</code>): "
                    f"{cov['pushed_faces']}</p>")
+    if cov.get("reinforcement_scaled_faces"):
+        sec.append("<p>G2Face faces that kept only part of their payload reinforcement, so that MTCNN still finds "
+                   "them (<code>anonymizer.payload_reinforce_keep_detection</code>; manifest "
+                   f"<code>reinforce_share</code>): {cov['reinforcement_scaled_faces']}</p>")
     if cov.get("samples_with_warnings"):
         sec.append(f"<p class='warn'>Samples published with a step skipped (manifest column <code>warnings</code>): "
                    f"{cov['samples_with_warnings']}</p>")

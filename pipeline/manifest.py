@@ -13,8 +13,8 @@ import pyarrow as pa
 from schemas import face_methods, load_json, sample_statuses
 
 # 2: per-face metrics struct and per-sample metrics_error; 3: per-face payload verification; 4: per-face draw and
-# per-sample warnings; 5: per-face identity_push; 6: per-face draw_check
-MANIFEST_VERSION = 6
+# per-sample warnings; 5: per-face identity_push; 6: per-face draw_check; 7: per-face reinforce_share
+MANIFEST_VERSION = 7
 STATUSES = sample_statuses()
 FACE_METHODS = face_methods()
 _STATUS = load_json("status.json")
@@ -59,6 +59,10 @@ FACE_TYPE = pa.struct(
         # 'weak_detection', 'not_detected' (no draw was both anonymized and found by MTCNN), 'identity_match',
         # 'unchecked' (the redraw failed). A verdict, never a distance or an embedding.
         ("draw_check", pa.string()),
+        # reversible g2face with anonymizer.payload_reinforce_keep_detection only: the share of its payload
+        # reinforcement the face kept (1: all of it; 0.5, 0.25 or 0: scaled back because MTCNN found the face
+        # without it and not with it; pipeline/payload_reinforce.py keep_detection). Null where nothing judged it.
+        ("reinforce_share", pa.float32()),
     ]
 )
 

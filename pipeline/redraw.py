@@ -201,6 +201,7 @@ class DrawChecker:
         from .metrics_stage import crop_mtcnn
 
         if self.mtcnn is not None:  # shared by the anonymize stage and the payload reinforcement: load once
+            assert torch.device(device) == self.device, (device, self.device)
             return
         self.device = torch.device(device)
         self.net = load_dlib_face_resnet(device=self.device)

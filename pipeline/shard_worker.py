@@ -378,6 +378,7 @@ class ShardWorker:
                 "draw": f.draw if f.method == "g2face" else None,
                 "identity_push": f.identity_push if f.method == "g2face" else None,
                 "draw_check": f.draw_check if f.method == "g2face" else None,
+                "reinforce_share": f.reinforce_share if f.method == "g2face" else None,
             }
             for f in s.faces
         ]

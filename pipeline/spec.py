@@ -226,13 +226,15 @@ class AnonymizerSpec:
     payload_reinforce_keep_detection: bool = Field(
         default=True,
         description="After payload reinforcement, MTCNN (the job's detection thresholds, metrics.match_iou) "
-        "judges each reinforced face as the metrics stage will see it; a face found without its reinforcement "
-        "but not with it keeps half, a quarter or none of its change, the largest share still found (the "
-        "sample gets a warning saying so). Its payload then reads back with less margin; verification decides "
-        "as for every face. Reinforcement's few grey levels lost faces that MTCNN found only narrowly (CelebA "
-        "val shard 0, 1000 images, 16 draws: re-detection 0.914 without this check against 0.937 with it, "
-        "payloads verified 99.5% both; "
-        "bench/redraw.py --keep-detection). false: reinforcement as before this field.",
+        "judges each reinforced face as the metrics stage will see it (every face of its image pasted, through "
+        "the output codec, cut at metrics.resolution); a face found without its reinforcement but not with it "
+        "keeps half, a quarter or none of its change, the largest share still found, and the faces of one image "
+        "are judged together at their final shares. The manifest's reinforce_share records each face's share. "
+        "A scaled face's payload reads back with less margin; verification decides as for every face. "
+        "Reinforcement's few grey levels lost faces that MTCNN found only narrowly (CelebA val shard 0, 1000 "
+        "images, 16 draws: re-detection 0.914 without this check against 0.937 with it, payloads verified "
+        "99.5% both; bench/redraw.py --keep-detection). With draws 1 it loads the redraw's checker for this. "
+        "false: reinforcement as before this field.",
     )
 
     _home = field_validator("checkpoint")(classmethod(lambda cls, v: _expand_home(v)))

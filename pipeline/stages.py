@@ -82,6 +82,7 @@ class Face:
     draw: int | None = None  # g2face: which draw of the face's seed sequence is published (pipeline.redraw)
     identity_push: float | None = None  # g2face: that draw's push away from the original (0: the paper's draw)
     draw_check: str | None = None  # g2face with redraws: the check's verdict on the kept draw (redraw.py)
+    reinforce_share: float | None = None  # reversible g2face: share of its payload reinforcement kept (1: all)
     payload_sent: np.ndarray | None = None  # the hidden bits (ciphertext + ECC, or random), memory only, until verified
 
 

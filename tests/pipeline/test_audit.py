@@ -198,9 +198,9 @@ def test_numbers_agree_with_an_independent_computation(audited):
 
 
 def test_coverage_counts_every_outcome_and_states_the_risky_share():
-    def face(size, reason=None, method="blur", draw=None):
+    def face(size, reason=None, method="blur", draw=None, share=None):
         return {"size_class": size, "fallback_reason": reason, "method": "pixelate" if reason else method,
-                "draw": draw}
+                "draw": draw, "reinforce_share": share}
 
     rows = [
         {
@@ -211,7 +211,7 @@ def test_coverage_counts_every_outcome_and_states_the_risky_share():
             "faces": [face("large"), face("tiny", "too_small"), face("medium", "low_score")],
         },
         {"shard": "a", "status": "ok", "published": True, "n_faces": 2, "warnings": ["redraw failed, ..."],
-         "faces": [face("large", method="g2face", draw=3), face("large", method="g2face", draw=0)]},
+         "faces": [face("large", method="g2face", draw=3, share=0.0), face("large", method="g2face", draw=0, share=1.0)]},
         {"shard": "a", "status": "no_face", "published": True, "n_faces": 0, "faces": []},
         {"shard": "b", "status": "withheld", "published": False, "n_faces": 1, "faces": [face("tiny", "too_small")]},
         {"shard": "b", "status": "error", "published": False, "n_faces": 0, "faces": []},
@@ -221,7 +221,7 @@ def test_coverage_counts_every_outcome_and_states_the_risky_share():
     assert (c["withheld"], c["errors"], c["no_face"]) == (1, 1, 1)
     assert c["by_method"] == {"blur": 1, "g2face": 2, "pixelate": 2}
     assert c["fallback_reasons"] == {"low_score": 1, "too_small": 2}
-    assert (c["redrawn_faces"], c["samples_with_warnings"]) == (1, 1)
+    assert (c["redrawn_faces"], c["samples_with_warnings"], c["reinforcement_scaled_faces"]) == (1, 1, 1)
     sizes = {x["size_class"]: x for x in c["by_size_class"]}
     assert sizes["tiny"] == {"size_class": "tiny", "faces": 2, "anonymized": 1, "fallback": 1}
     assert [s["withheld"] for s in c["by_shard"]] == [0, 1]

@@ -236,10 +236,38 @@ def test_reinforcement_keeping_detection_loses_no_face_mtcnn_found(portraits, sh
     assert changed >= 1
     after = _found(checker, samples, keys, {k: s.faces[0].crop for k, s in zip(keys, samples)}, fmt)
     assert after[before].all(), (before, after)
-    for s, b in zip(samples, start):  # still within the cap, and a scaled face says so
+    for s, b in zip(samples, start):  # still within the cap; each face says how much of it it kept
         d = np.abs(s.faces[0].crop.astype(int) - b.astype(int))
         assert d.max() <= ReinforceSettings().max_change
-        assert all("to keep MTCNN finding the face" in w for w in s.warnings)
+        assert s.faces[0].reinforce_share in (1.0, 0.5, 0.25, 0.0) and s.warnings == []
+        if s.faces[0].reinforce_share == 0.0:
+            assert np.array_equal(s.faces[0].crop, b)
+
+
+def test_faces_sharing_an_image_are_judged_together_at_their_final_shares(portraits, shipped):
+    """Two faces pasted into one photo: one change wipes its face out, the other is harmless; the wiped one
+    keeps the largest share MTCNN still finds, judged with its neighbour as published, and nothing is lost."""
+    from pipeline.redraw import DrawChecker
+
+    samples, bits = _samples(portraits, shipped, 6, ["reversible"] * 6)
+    checker = DrawChecker(128, 0.6, aligned=True)
+    checker.setup(torch.device("cpu"))
+    keys = [(i, 0) for i in range(6)]
+    found = _found(checker, samples, keys, {k: s.faces[0].crop for k, s in zip(keys, samples)}, "JPEG")
+    pair = [s for s, ok in zip(samples, found) if ok][:2]
+    assert len(pair) == 2, found
+    s = _side_by_side(pair)
+    keys = [(0, 0), (0, 1)]
+    base = np.stack([f.crop for f in s.faces]).astype(np.float32)
+    changed = base.copy()
+    changed[0] = 128.0
+    changed[1] += np.random.default_rng(1).choice([-1.0, 1.0], base[1].shape)
+    share = PayloadReinforcer(shipped, ReinforceSettings(), 4, detection=checker).keep_detection(
+        [s], keys, base, changed, {0: "JPEG"}, 90)
+    assert share[0] in (0.5, 0.25, 0.0) and share[1] in (1.0, 0.0), share
+    final = {k: np.clip(np.rint(base[j] + share[j] * (changed[j] - base[j])), 0, 255).astype(np.uint8)
+             for j, k in enumerate(keys)}
+    assert _found(checker, [s], keys, final, "JPEG").all()
 
 
 def test_run_with_reinforcement_reads_back_better_and_changes_only_the_faces(tmp_path):
@@ -266,6 +294,9 @@ def test_run_with_reinforcement_reads_back_better_and_changes_only_the_faces(tmp
     faces = {s: [f for r in rows[s] for f in r["faces"] if f["method"] == "g2face"] for s in rows}
     assert faces[0] and len(faces[0]) == len(faces[on.steps])
     assert all(f["payload_mode"] == "reversible" and f["payload_ok"] for f in faces[on.steps])
+    # with reinforcement each reversible face records the share of it kept (the job keeps detection); without, none
+    assert all(f["reinforce_share"] in (1.0, 0.5, 0.25, 0.0) for f in faces[on.steps])
+    assert all(f["reinforce_share"] is None for f in faces[0])
     ber = {s: np.mean([f["payload_ber"] for f in faces[s]]) for s in faces}
     assert ber[on.steps] < 0.5 * ber[0] or ber[on.steps] == ber[0] == 0.0, ber
     boxes = {r["key"]: [f["paste_box"] for f in r["faces"]] for r in rows[on.steps]}
