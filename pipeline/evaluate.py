@@ -36,7 +36,7 @@ from .evaluate_recovery import payload_figures, recovery_figures
 from .fid import MAX_FID_FACES, FidCollector
 from .metrics_stage import FaceMeasurer
 from .privacy_metrics import FAR_TARGET, privacy_row, utility_row, verification
-from .spec import AnonymizerSpec, JobSpecError, parse_spec
+from .spec import MAX_DRAWS, AnonymizerSpec, JobSpecError, parse_spec
 
 EVAL_FORMAT = 1
 BASELINES = ("blur", "pixelate")
@@ -222,8 +222,8 @@ def evaluate(
         raise EvaluateError(f"--baselines {','.join(bad)}: choose from {','.join(BASELINES)}")
     if limit is not None and limit < 1:
         raise EvaluateError(f"--limit {limit}: give a positive number of samples")
-    if draws is not None and not 1 <= draws <= 16:
-        raise EvaluateError(f"--draws {draws}: give 1 (first draws only) to 16")
+    if draws is not None and not 1 <= draws <= MAX_DRAWS:
+        raise EvaluateError(f"--draws {draws}: give 1 (first draws only) to {MAX_DRAWS}")
     ckpt = resolve_checkpoint(checkpoint)
     try:
         model = load_artifact(ckpt)

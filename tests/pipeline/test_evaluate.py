@@ -49,8 +49,9 @@ def evaluated(tmp_path_factory, artifact):
     shards = [str(DEMO_SHARDS[0]), str(_copies_shard(tmp / "copies-000000.tar"))]
     pairs = _pairs_csv(tmp / "pairs.csv")
     lines: list[str] = []
+    # 16 draws, not the default 32: this untrained model's faces go through every draw allowed
     doc = evaluate(shards, str(pairs), str(tmp / "eval.json"), checkpoint=str(artifact), baselines=("blur",),
-                   work_dir=str(tmp / "work"), torch_threads=1, echo=lines.append)
+                   work_dir=str(tmp / "work"), torch_threads=1, echo=lines.append, draws=16)
     _, audit_json = write_audit(str(tmp / "work" / "g2face"), str(tmp / "report" / "report.html"), pairs=str(pairs),
                                 baselines=[str(tmp / "work" / "blur")], examples=False)
     return {"tmp": tmp, "doc": doc, "pairs": pairs, "audit": json.loads(audit_json.read_text()),
@@ -293,7 +294,7 @@ def test_a_killed_evaluation_resumes_in_its_work_dir_with_the_same_options(evalu
     shards = [str(DEMO_SHARDS[0]), str(evaluated["tmp"] / "copies-000000.tar")]
     lines: list[str] = []
     doc = evaluate(shards, str(evaluated["pairs"]), None, checkpoint=str(artifact), baselines=("blur",),
-                   work_dir=str(work), torch_threads=1, echo=lines.append)
+                   work_dir=str(work), torch_threads=1, echo=lines.append, draws=16)
     assert lines[0] == f"evaluate: resuming the evaluation in {work} (finished shards are kept)"
     assert [line.split()[1:4] for line in lines if " done " in line] == [["blur", "done", "copies-000000.tar:"]]
     assert (work / "g2face" / "shards" / f"{DEMO_SHARDS[0].name}").stat().st_mtime_ns == kept

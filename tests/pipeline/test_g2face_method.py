@@ -13,7 +13,7 @@ from pipeline.anonymizers import AnonymizerUnavailable, build_anonymizer
 from pipeline.g2face_method import (G2FaceAnonymizer, G2FaceUnavailable, irreversible_bits, quality_record,
                                     shipped_evaluation_path)
 from pipeline.runner import run_job
-from pipeline.spec import parse_spec
+from pipeline.spec import AnonymizerSpec, parse_spec
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -33,9 +33,11 @@ def artifact(tmp_path_factory):
 
 def test_g2face_job_runs_the_model_with_shipped_priors(tmp_path, artifact):
     out = tmp_path / "out"
+    # 16 draws, not the default 32: this untrained model's faces go through every draw the job allows
     tree = job_tree(out, DEMO_SHARDS[0], anonymizer={"method": "g2face", "checkpoint": str(artifact),
-                                                     "payload": "irreversible"}, output={"image_format": "png"})
-    assert parse_spec(tree).anonymizer.draws == 16  # the default
+                                                     "payload": "irreversible", "draws": 16},
+                    output={"image_format": "png"})
+    assert AnonymizerSpec().draws == 32  # the default
     run_job(parse_spec(tree), echo=lambda *_: None)
     rows = pq.read_table(out / "manifests" / f"{DEMO_SHARDS[0].name}.parquet").to_pylist()
     src, dst = read_tar(DEMO_SHARDS[0]), read_tar(out / "shards" / DEMO_SHARDS[0].name)
@@ -47,11 +49,11 @@ def test_g2face_job_runs_the_model_with_shipped_priors(tmp_path, artifact):
         a, b = decode(src[r["key"]]["jpg"]), decode(dst[r["key"]]["png"])
         assert all(f["method"] == "g2face" for f in r["faces"])
         assert all(f["payload_mode"] == "irreversible" and f["payload_ok"] is None for f in r["faces"])
-        assert all(0 <= f["draw"] < 16 for f in r["faces"]) and r["warnings"] == []  # redraw ran (default 16 draws)
+        assert all(0 <= f["draw"] < 16 for f in r["faces"]) and r["warnings"] == []  # redraw ran
         assert np.abs(a.astype(int) - b.astype(int)).mean() > 0.5
     again = tmp_path / "again"
     run_job(parse_spec(job_tree(again, DEMO_SHARDS[0], anonymizer={"method": "g2face", "checkpoint": str(artifact),
-                                                                   "payload": "irreversible"},
+                                                                   "payload": "irreversible", "draws": 16},
                                 output={"image_format": "png"})), echo=lambda *_: None)
     assert (again / "shards" / DEMO_SHARDS[0].name).read_bytes() == (out / "shards" / DEMO_SHARDS[0].name).read_bytes()
 

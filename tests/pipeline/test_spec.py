@@ -86,7 +86,7 @@ def test_set_overrides_parse_yaml_values(tmp_path):
         load_spec(job, ["anonymizer.nope=1"])
     with pytest.raises(JobSpecError) as err:  # the error names the --set that wrote the key, not the file alone
         load_spec(job, ["output.image_format=png", "anonymizer.draws=99"])
-    assert "anonymizer.draws: Input should be less than or equal to 16 (from --set anonymizer.draws=99)" in str(err.value)
+    assert "anonymizer.draws: Input should be less than or equal to 64 (from --set anonymizer.draws=99)" in str(err.value)
     assert "image_format=png" not in str(err.value)
     # an error about the whole job is not pinned on an override of one key in it
     job.write_text(yaml.safe_dump(job_tree(tmp_path / "out", DEMO_SHARDS, input={"format": "parquet", "paths": "x.parquet"})))
@@ -131,7 +131,7 @@ def test_dry_run_shows_only_the_anonymizer_keys_the_job_reads(tmp_path):
 
     g2 = parse_spec(job_tree(tmp_path, DEMO_SHARDS, anonymizer={"method": "g2face", "fallback": "pixelate"}))
     text = dry_run_text(g2, [])
-    assert "draws: 16" in text and "identity_push: 0.5" in text and "pixelate_blocks" in text
+    assert "draws: 32" in text and "identity_push: 0.5" in text and "pixelate_blocks" in text
     assert "blur_sigma" in text and "left out: anonymizer.blur_sigma," in text  # named as left out, not shown
     assert "\n  blur_sigma" not in text
     px = parse_spec(job_tree(tmp_path, DEMO_SHARDS, anonymizer={"method": "pixelate", "fallback": "withhold"}))
