@@ -3,8 +3,8 @@
 For each ``--draws`` value (and ``--guard`` setting), one reversible g2face run of ``g2face-pipe run``
 (identity guard off by default, as ``g2face-pipe evaluate`` runs it, so every face keeps a model output) on
 the same slice, model, key and seed:
-a face's first draws are the same in every run, so a larger value only adds draws for the faces the smaller
-one gave up on. Per run it prints bar 1's port figure (share of the run's published faces whose written face
+a face's plain draws are the same in every run, so a larger value adds draws for the faces the smaller one
+gave up on (and, with the identity push, grows the push more slowly: ``pipeline.redraw.push_strength``). Per run it prints bar 1's port figure (share of the run's published faces whose written face
 is within dlib's 0.6 of the original, from the metrics stage), the same over the g2face faces alone (without
 the job's fallback faces, too small or scored too low for the model), bar 5's MTCNN re-detection rate and its
 misses by cause (fallback reason, or the redraw check's verdict on the kept draw: ``mtcnn_missed_by``), which

@@ -59,9 +59,10 @@ FACE_TYPE = pa.struct(
         # 'weak_detection', 'not_detected' (no draw was both anonymized and found by MTCNN), 'identity_match',
         # 'unchecked' (the redraw failed). A verdict, never a distance or an embedding.
         ("draw_check", pa.string()),
-        # reversible g2face with anonymizer.payload_reinforce_keep_detection only: the share of its payload
-        # reinforcement the face kept (1: all of it; 0.5, 0.25 or 0: scaled back because MTCNN found the face
-        # without it and not with it; pipeline/payload_reinforce.py keep_detection). Null where nothing judged it.
+        # g2face faces reinforced as reversible (verification may have made them irreversible since), with
+        # anonymizer.payload_reinforce_keep_detection only: the share of its payload reinforcement the face kept
+        # (1: all of it, or nothing moved; 0.5, 0.25 or 0: scaled back because MTCNN found the face without it
+        # and not with it; pipeline/payload_reinforce.py keep_detection). Null where the check did not run.
         ("reinforce_share", pa.float32()),
     ]
 )

@@ -371,6 +371,8 @@ class PayloadReinforcer:
         lost = found_unreinforced([j for j, ok in zip(rows, found(share, rows)) if not ok])
         for si in {keys[j][0] for j in lost}:  # judged found with every face of the image unreinforced
             share[[j for j in range(n) if keys[j][0] == si]] = 0.0
+        unmoved = [j for j in range(n) if np.array_equal(_as_uint8(reinforced[j]), _as_uint8(base[j]))]
+        share[unmoved] = 1.0  # nothing of theirs to scale back: their share stays 1
         return share
 
     def _gradient(self, crops: np.ndarray, bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
