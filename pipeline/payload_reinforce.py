@@ -338,7 +338,8 @@ class PayloadReinforcer:
             raise RuntimeError("payload reinforcement's detection check is not set up (PayloadReinforcer.setup)")
         n = len(keys)
         share = np.ones(n)
-        moved = {keys[j][0] for j in range(n) if not np.array_equal(_as_uint8(reinforced[j]), _as_uint8(base[j]))}
+        unmoved = np.array([np.array_equal(_as_uint8(reinforced[j]), _as_uint8(base[j])) for j in range(n)], bool)
+        moved = {keys[j][0] for j in np.flatnonzero(~unmoved)}
         judged = [j for j in range(n) if keys[j][0] in moved]  # every face of an image where one moved
         if not judged:
             return share
@@ -371,7 +372,6 @@ class PayloadReinforcer:
         lost = found_unreinforced([j for j, ok in zip(rows, found(share, rows)) if not ok])
         for si in {keys[j][0] for j in lost}:  # judged found with every face of the image unreinforced
             share[[j for j in range(n) if keys[j][0] == si]] = 0.0
-        unmoved = [j for j in range(n) if np.array_equal(_as_uint8(reinforced[j]), _as_uint8(base[j]))]
         share[unmoved] = 1.0  # nothing of theirs to scale back: their share stays 1
         return share
 
